@@ -168,6 +168,7 @@ def _make_placeholders(tracer: Tracer, args: tuple, names: list[str],
         leaves = pytree.tree_leaves(a)
         for leaf in leaves:
             node = tracer.graph.placeholder(f"{names[i]}_1")
+            node.target = node.name  # NOTE: primals_1, primals_2, ... as in PyTorch
             value = _to_traced_input(leaf, fake_mode)
             tracer.bind(value, node)
             if isinstance(value, FakeTensor) and fake_mode is not None \

@@ -130,6 +130,7 @@ class Tracer:
             "call_function", target, self.proxy_tree(tuple(args)),
             self.proxy_tree(dict(kwargs)), name=name,
         )
+        _stamp_meta(node, target)
         self.bind_outputs(node, out)
         return node
 
@@ -167,6 +168,24 @@ class Tracer:
 
     def __exit__(self, *a: Any) -> None:
         _TRACER_STACK.remove(self)
+
+
+def _stamp_meta(node: fx.Node, target: Any) -> None:
+    """Record the ATen op and the autograd sequence number on the node.
+
+    NOTE: forward and backward ops that belong together share a sequence
+    number: in forward it is the number of the grad_fn just created for the
+    op (autograd creates it before the op reaches the Python dispatcher); in
+    backward it is the number of the autograd node being run.
+    """
+    if isinstance(target, torch._ops.OpOverload):
+        node.meta["original_aten"] = target
+    bw_node = torch._C._current_autograd_node()
+    if bw_node is not None:
+        node.meta["seq_nr"] = bw_node._sequence_nr()
+        node.meta["autograd_backward"] = True
+    else:
+        node.meta["seq_nr"] = torch.autograd._get_sequence_nr() - 1
 
 
 def _node_name(func: Any) -> str:
