@@ -110,6 +110,10 @@ class BackendCompilerFailed(KilnError):
         )
 
 
+class GraphInvariantError(KilnError):
+    """The verifier (KILN_CHECK=1) found a malformed graph after a pass."""
+
+
 class InvalidBackend(KilnError):
     """An unknown backend name, or a backend that returned a non-callable."""
 
@@ -138,6 +142,7 @@ __all__ = [
     "FunctionalizationError",
     "BackendCompilerFailed",
     "InvalidBackend",
+    "GraphInvariantError",
     "Unsupported",
     "RecompileLimitExceeded",
     "user_location",
