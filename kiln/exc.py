@@ -96,8 +96,8 @@ class FunctionalizationError(KilnError):
     """A mutation or view pattern could not be made functional."""
 
 
-class BackendCompilerFailed(KilnError):
-    """A backend raised while compiling a graph."""
+class BackendCompilerFailed(KilnError, RuntimeError):
+    """A backend raised while compiling a graph (a RuntimeError, as in PyTorch)."""
 
     def __init__(self, backend_name: str, inner: BaseException, where: str = ""):
         self.backend_name = backend_name
