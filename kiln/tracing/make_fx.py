@@ -14,6 +14,8 @@ from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from torch.fx.experimental.symbolic_shapes import ShapeEnv
 
 from kiln import exc
+from kiln.passes import run_pipeline
+from kiln.tracing.dce import eliminate_dead_code
 from kiln.tracing.tracer import Tracer
 
 TRACING_MODES = ("real", "fake", "symbolic")
@@ -148,7 +150,8 @@ def _trace(fn: Callable, args: tuple, tracing_mode: str,
     _check_outputs(fn, out)
     tracer.graph.output(tracer.proxy_tree(out))
     _use_pytree_codegen(tracer.graph, names, args, spec)
-    return _build_module(fn, tracer)
+    gm = _build_module(fn, tracer)
+    return run_pipeline("tracing", gm, [eliminate_dead_code])
 
 
 def _use_pytree_codegen(graph: fx.Graph, names: list[str], args: tuple,
