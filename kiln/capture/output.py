@@ -1,0 +1,250 @@
+"""The graph under construction: fx nodes, fake tensors, inputs, side effects.
+
+In: symbolic calls from the interpreter.  Out: a torch-level fx.GraphModule
+(call_function / call_method nodes of torch functions, operator.* and Tensor
+methods; one placeholder per distinct input tensor, named after its source)
+handed to the backend, plus the bookkeeping the runner codegen needs.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import torch
+import torch.fx as fx
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from kiln.exc import BackendCompilerFailed, Unsupported
+
+from .guards import GuardSet
+from .sources import ObjectTable, Source
+from .variables.base import VT, ConstantVT, const_vt, unsupported
+from .variables.containers import ListVT, TupleVT
+from .variables.tensor import TensorVT, fake_value, node_value
+
+
+@dataclass
+class GraphCompileReason:
+    """Why a graph was compiled (PyTorch's name and fields)."""
+
+    reason: str
+    user_stack: list = field(default_factory=list)
+    graph_break: bool = True
+
+
+class SideEffects:
+    """Python-state mutations seen while tracing, replayed after the graph."""
+
+    def __init__(self, output: "OutputGraph"):
+        self.output = output
+        self.containers: list = []
+        self.attrs: list = []  # (obj_vt, name, value_vt)
+        self.globals: dict = {}  # name -> (source, vt)
+        self.hooks: list = []  # (tensor_vt, fn_vt, handle_name)
+
+    def track(self, vt: VT) -> None:
+        if all(c is not vt for c in self.containers):
+            self.containers.append(vt)
+
+    def track_attr(self, obj: VT, name: str, value: VT) -> None:
+        self.attrs.append((obj, name, value))
+
+    def store_global(self, source: Source, name: str, value: VT) -> None:
+        self.globals[name] = (source, value)
+
+    def register_hook(self, tensor: TensorVT, fn: VT) -> VT:
+        from .variables.objects import HandleVT
+
+        name = f"___h{len(self.hooks)}"
+        self.hooks.append((tensor, fn, name))
+        return HandleVT(name)
+
+    def size(self) -> tuple:
+        return (len(self.containers), len(self.attrs), len(self.globals), len(self.hooks),
+                sum(len(c.items) for c in self.containers))
+
+    def values(self) -> list:
+        vals = [v for _, _, v in self.attrs] + [v for _, v in self.globals.values()]
+        vals += [f for _, f, _ in self.hooks] + [t for t, _, _ in self.hooks]
+        for c in self.containers:
+            vals += list(c.items.values()) if isinstance(c.items, dict) else list(c.items)
+        return vals
+
+    def codegen(self, cg) -> None:
+        """Read every new value into temps first, then mutate (sources may alias)."""
+        n = [0]
+
+        def temp(expr: str) -> str:
+            name = f"___v{n[0]}"
+            n[0] += 1
+            cg.line(f"{name} = {expr}")
+            return name
+
+        targets = [temp(c.source.expr) for c in self.containers]
+        conts = []
+        for c in self.containers:
+            if isinstance(c, ListVT):
+                conts.append(temp("[" + ", ".join(cg.expr(i) for i in c.items) + "]"))
+            else:
+                conts.append(temp("{" + ", ".join(f"{k!r}: {cg.expr(v)}" for k, v in c.items.items()) + "}"))
+        attrs = [(temp(o.source.expr), name, temp(cg.expr(v))) for o, name, v in self.attrs]
+        globs = [(src.expr, temp(cg.expr(v))) for src, v in self.globals.values()]
+        hooks = [(temp(cg.expr(t)), temp(cg.expr(fn)), h) for t, fn, h in self.hooks]
+        for c, tgt, new in zip(self.containers, targets, conts):
+            if isinstance(c, ListVT):
+                cg.line(f"{tgt}[:] = {new}")
+            else:
+                cg.line(f"{tgt}.clear(); {tgt}.update({new})")
+        for obj, name, value in attrs:
+            cg.line(f"setattr({obj}, {name!r}, {value})")
+        for expr, value in globs:
+            cg.line(f"{expr} = {value}")
+        for t, fn, h in hooks:
+            cg.line(f"{h} = {t}.register_hook({fn})")
+
+
+class FakeCallError(Unsupported, RuntimeError):
+    """A torch call failed on fake tensors (a RuntimeError under fullgraph, else a graph break)."""
+
+
+def _placeholder_name(source: Source) -> str:
+    n = re.sub(r"[^0-9a-zA-Z_]", "_", source.name)
+    return re.sub(r"_+", "_", n) + ("_" if not n.endswith("_") else "")
+
+
+class OutputGraph:
+    def __init__(self, ctx, root_globals: dict):
+        self.ctx = ctx
+        self.root_globals = root_globals
+        self.graph = fx.Graph()
+        self.fake_mode = FakeTensorMode()
+        # NOTE: like torch.compile, reading data pointers of fake tensors is an error here.
+        self.fake_mode._allow_unsafe_data_ptr_access = False
+        self.objects = ObjectTable()
+        self.guards = GuardSet(self.objects)
+        self.side_effects = SideEffects(self)
+        self.inputs: list = []  # (source, real_value, TensorVT)
+        self._by_id: dict[int, TensorVT] = {}
+        self.initial_grad = torch.is_grad_enabled()
+        self.grad_enabled = self.initial_grad
+        self.guards.grad_mode(self.initial_grad)
+        self.module_params: set = set()
+
+    # ------------------------------------------------------------ inputs
+    def add_tensor_input(self, value: torch.Tensor, source: Source, from_module: bool = False) -> TensorVT:
+        prev = self._by_id.get(id(value))
+        if prev is not None:
+            if prev.source.name != source.name:
+                self.guards.alias(prev.source, source)
+            return prev
+        self.guards.tensor(source, value)
+        fake = self.fake_mode.from_tensor(value)
+        node = self._make_placeholder(source)
+        node.meta["example_value"] = fake
+        node.meta["source"] = source.name
+        vt = TensorVT(node, fake, source, type(value))
+        self._by_id[id(value)] = vt
+        self.inputs.append((source, value, vt, from_module))
+        return vt
+
+    def _make_placeholder(self, source: Source) -> fx.Node:
+        name = _placeholder_name(source)
+        last = None
+        for n in self.graph.nodes:
+            if n.op == "placeholder":
+                last = n
+        if last is None:
+            first = next(iter(self.graph.nodes), None)
+            if first is None:
+                return self.graph.placeholder(name)
+            with self.graph.inserting_before(first):
+                return self.graph.placeholder(name)
+        with self.graph.inserting_after(last):
+            return self.graph.placeholder(name)
+
+    # ------------------------------------------------------------ grad mode
+    def set_grad_enabled(self, mode: bool) -> None:
+        if mode == self.grad_enabled:
+            return
+        self.grad_enabled = mode
+        torch._C._set_grad_enabled(mode)
+        self.graph.call_function(torch._C._set_grad_enabled, (mode,))
+
+    # ------------------------------------------------------------ calls
+    def call_graph(self, kind: str, target: Any, args: list, kwargs: dict) -> VT:
+        fargs = [fake_value(a) for a in args]
+        fkw = {k: fake_value(v) for k, v in kwargs.items()}
+        try:
+            with self.fake_mode:
+                if kind == "call_method":
+                    res = getattr(fargs[0], target)(*fargs[1:], **fkw)
+                else:
+                    res = target(*fargs, **fkw)
+        except Unsupported:
+            raise
+        except Exception as e:  # noqa: BLE001 - any failure on fake tensors becomes a graph break
+            name = target if isinstance(target, str) else getattr(target, "__name__", str(target))
+            raise FakeCallError(f"call to {name} failed on fake tensors: {type(e).__name__}: {e}",
+                                why="the operation cannot be traced with fake tensors (data-dependent or "
+                                    "unsupported); without fullgraph it runs eagerly",
+                                hint="use fullgraph=False, or make the operation traceable") from e
+        node = self.graph.create_node(kind, target, tuple(node_value(a) for a in args),
+                                      {k: node_value(v) for k, v in kwargs.items()})
+        return self._wrap_result(res, node)
+
+    def _wrap_result(self, res: Any, node: fx.Node) -> VT:
+        import operator
+
+        if isinstance(res, torch.Tensor):
+            node.meta["example_value"] = res
+            return TensorVT(node, res)
+        if isinstance(res, (tuple, list)) and any(isinstance(r, torch.Tensor) for r in res):
+            node.meta["example_value"] = res
+            items = []
+            for i, r in enumerate(res):
+                if isinstance(r, torch.Tensor):
+                    items.append(self._wrap_result(r, self.graph.call_function(operator.getitem, (node, i))))
+                else:
+                    items.append(const_vt(r))
+            return ListVT(items) if isinstance(res, list) else TupleVT(items)
+        if res is None:
+            return ConstantVT(None)
+        self.graph.erase_node(node)
+        return const_vt(res)
+
+    # ------------------------------------------------------------ compile
+    def op_count(self) -> int:
+        return sum(1 for n in self.graph.nodes if n.op in ("call_function", "call_method", "call_module"))
+
+    def compile(self, outputs: list, reason: GraphCompileReason) -> Optional[Callable]:
+        """Finish the graph with ``outputs`` (TensorVTs) and run the backend."""
+        if self.grad_enabled != self.initial_grad:
+            self.graph.call_function(torch._C._set_grad_enabled, (self.initial_grad,))
+        self.graph.output(tuple(o.node for o in outputs))
+        if self.op_count() == 0 and not outputs:
+            return None
+        gm = fx.GraphModule(torch.nn.Module(), self.graph)
+        gm.compile_subgraph_reason = reason
+        gm.meta["kiln_sources"] = [s.name for s, *_ in self.inputs]
+        example = [v for _, v, *_ in self.inputs]
+        return self.ctx.run_backend(gm, example)
+
+
+def call_backend(backend: Callable, name: str, gm: fx.GraphModule, example: list, fullgraph: bool) -> Callable:
+    """Run the backend; failures are reported with its name (eager fallback unless fullgraph)."""
+    try:
+        fn = backend(gm, example)
+    except Exception as e:  # noqa: BLE001
+        if fullgraph:
+            raise BackendCompilerFailed(name, e) from e
+        import warnings
+
+        warnings.warn(f"kiln: backend '{name}' failed ({type(e).__name__}: {e}); running the graph eagerly")
+        return gm.forward
+    if not callable(fn):
+        from kiln.exc import InvalidBackend
+
+        raise InvalidBackend(f"backend '{name}' returned {type(fn).__name__}, not a callable",
+                             hint="a backend must return a callable that runs the graph")
+    return fn
