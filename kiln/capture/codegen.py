@@ -15,6 +15,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from .guard_cse import hoist_guard
 from .ops_binary import NB_OPS
 from .variables.base import VT, NullVT, unsupported
 
@@ -102,6 +103,7 @@ def signature_params(fn: Callable, ns: dict) -> str:
 def build_entry(fn: Callable, guard_expr: str, why_lines: list, body: list, ns: dict, label: str):
     """exec the generated entry and why functions; returns (entry, why, source)."""
     params = signature_params(fn, ns)
+    guard_expr, body = hoist_guard(guard_expr, body)
     src = [f"def ___entry({params}):",
            "    try:",
            f"        if not ({guard_expr}):",
