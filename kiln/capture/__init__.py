@@ -55,9 +55,19 @@ the generated code, then a compiled resume function continues.  Inside a
 frame's own exception handling stays in charge), but a breaking call's
 callee is still compiled as a frame of its own.
 
-Not yet: dynamic shapes (``dynamic=`` is accepted; shapes are specialised and
-a new shape recompiles, up to ``config.cache_size_limit``), hooks on
-intermediate tensors (a break), ``torch.autocast`` regions (a break).
+Dynamic shapes (capture/dynamic.py): ``dynamic=None`` (default) compiles static
+first and, when a recompile is caused by a changed size, makes the dims that
+changed symbolic (SymInts of a ``ShapeEnv``; ``config.automatic_dynamic_shapes``);
+``dynamic=True`` makes every dim symbolic from the first compile (sizes 0 and 1
+specialised); ``dynamic=False`` specialises every shape.  Symbolic dims get one
+graph input per size symbol (``s0``, fed ``x.size(0)``), placeholders carry fake
+tensors with SymInt sizes in ``meta["val"]``, symbolic graphs get fake example
+inputs, and the entry's guards are the ShapeEnv's guards printed over the
+inputs' sizes (duck-sized equal dims share a symbol).  Python uses of a size
+(``range(n)``, ``if n > 4``) are decided by the ShapeEnv and guarded.
+
+Not yet: hooks on intermediate tensors (a break), ``torch.autocast`` regions
+(a break), unbacked (data-dependent) sizes (a break).
 """
 from __future__ import annotations
 

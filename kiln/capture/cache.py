@@ -53,6 +53,7 @@ class FunctionCache:
         _ALL_CACHES.add(self)
 
     def clear(self) -> None:
+        self.ctx._frame_states.pop(self.fn.__code__, None)
         self.entries.clear()
         self.whys.clear()
         self.skip = False
@@ -122,11 +123,23 @@ class CompileContext:
         self.backend_name = backend_name
         self.fullgraph = fullgraph
         self.guard_fail_fn = guard_fail_fn
-        self.dynamic = dynamic
+        from .dynamic import effective_mode
+
+        self.dynamic = effective_mode(dynamic, backend_name)
         self.enabled = True
         self._wrappers: dict = {}
         self._resumes: dict = {}
         self.break_reasons: list = []
+        self._frame_states: dict = {}
+
+    def frame_state(self, code: types.CodeType):
+        """Sizes seen by this code object's compiles (automatic dynamic shapes)."""
+        from .dynamic import FrameState
+
+        st = self._frame_states.get(code)
+        if st is None:
+            st = self._frame_states[code] = FrameState()
+        return st
 
     def wrapper_for(self, fn: types.FunctionType) -> Callable:
         w = self._wrappers.get(fn)

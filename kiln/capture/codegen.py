@@ -25,8 +25,9 @@ _SIMPLE = (int, str, bool, type(None), bytes)
 class Codegen:
     """Turns VTs into Python expressions (``collect`` mode finds graph outputs)."""
 
-    def __init__(self, objects, out_index: Optional[dict] = None):
+    def __init__(self, objects, out_index: Optional[dict] = None, symbols=None):
         self.objects = objects
+        self.symbols = symbols
         self.out_index = out_index
         self.needed: list = []
         self.lines: list[str] = []
@@ -49,6 +50,14 @@ class Codegen:
                 self.needed.append(vt.node)
             return "___o[0]"
         return f"___o[{self.out_index[vt.node]}]"
+
+    def sym_expr(self, sym: Any) -> str:
+        """A symbolic size as Python over the inputs' sizes (``(x.size(0)) * 2``)."""
+        from .dynamic import sym_expr_of
+
+        if self.symbols is None:
+            unsupported("a symbolic size cannot be rebuilt here")
+        return "(" + self.symbols.py(sym_expr_of(sym)) + ")"
 
     def const_expr(self, v: Any) -> str:
         if type(v) in _SIMPLE or (type(v) is float and math.isfinite(v)):

@@ -7,6 +7,10 @@ from typing import Any, Iterator
 # Compiled entries kept per function before falling back to eager.
 cache_size_limit: int = 8
 
+# dynamic=None: after a recompile caused by a changed size, compile that dim as a
+# symbolic size (PyTorch's automatic_dynamic_shapes).  False: dynamic=None is static.
+automatic_dynamic_shapes: bool = True
+
 
 @contextlib.contextmanager
 def patch(**changes: Any) -> Iterator[None]:

@@ -42,7 +42,7 @@ class Done(Exception):
 class RootTranslator(Translator):
     def __init__(self, ctx, fn: types.FunctionType, bound: inspect.BoundArguments, break_step, break_error):
         code = fn.__code__
-        output = OutputGraph(ctx, fn.__globals__)
+        output = OutputGraph(ctx, fn.__globals__, ctx.frame_state(code))
         locals_ = {n: LazyLocal(v, local_source(n)) for n, v in bound.arguments.items()}
         cells = dict(zip(code.co_freevars, fn.__closure__ or ()))
         super().__init__(code, fn.__globals__, output, locals_, cells)
@@ -93,7 +93,7 @@ class RootTranslator(Translator):
     def _emit_graph(self, values: list, reason: GraphCompileReason) -> None:
         """Compile the graph with the tensors ``values`` need, emit its call."""
         out = self.output
-        collect = Codegen(out.objects)
+        collect = Codegen(out.objects, symbols=out.symbols)
         for v in values + out.side_effects.values():
             if not isinstance(v, NullVT):
                 collect.expr(v)
@@ -103,7 +103,7 @@ class RootTranslator(Translator):
         compiled = out.compile(outputs, reason)
         self.compiled = compiled
         self.out_nodes = nodes
-        self.cg = Codegen(out.objects, {n: i for i, n in enumerate(nodes)})
+        self.cg = Codegen(out.objects, {n: i for i, n in enumerate(nodes)}, symbols=out.symbols)
         if compiled is not None:
             args = ", ".join(s.expr for s, *_ in out.inputs)
             self.cg.line(f"___o = ___graph({args})")
@@ -375,6 +375,12 @@ def _finish(ctx, fn, tx: RootTranslator):
     ns = base_namespace(tx.output, ctx)
     ns["___graph"] = tx.compiled
     guards = tx.output.guards
+    if tx.output.fake_mode.shape_env is not None:
+        from .dynamic import shape_guards
+
+        for expr, reason in shape_guards(tx.output.fake_mode.shape_env, tx.output.symbols):
+            guards.custom(("shape", expr), expr, reason)
+    tx.output.frame_state.compiles += 1
     entry, why, _ = build_entry(fn, guards.fast_expr(), guards.why_lines(), tx.body, ns, fn.__qualname__)
     entry.__kiln_guards__ = list(guards.names)
     entry.__kiln_export__ = getattr(tx, "export_info", None)

@@ -39,7 +39,8 @@ class GuardSet:
         self.checks.append((expr, reason))
         self.names.append(human)
 
-    def tensor(self, src: Source, t: torch.Tensor) -> None:
+    def tensor(self, src: Source, t: torch.Tensor, dyn: Any = None) -> None:
+        """Tensor metadata; ``dyn`` = (shape checks, stride checks) when some dims are symbolic."""
         e, n = src.expr, src.name
         o = self.objects
         tn = f"tensor '{n}'"
@@ -49,9 +50,15 @@ class GuardSet:
             (f"{e}.device == {o.name_of(t.device)}", f"{tn} device mismatch. expected {t.device}"),
             (f"{e}.requires_grad is {bool(t.requires_grad)}",
              f"{tn} requires_grad mismatch. expected requires_grad={int(t.requires_grad)}"),
-            (f"{e}.shape == {tuple(t.shape)!r}", f"{tn} size mismatch. expected {tuple(t.shape)}"),
-            (f"{e}.stride() == {tuple(t.stride())!r}", f"{tn} stride mismatch. expected {tuple(t.stride())}"),
         ]
+        if dyn is None:
+            parts += [
+                (f"{e}.shape == {tuple(t.shape)!r}", f"{tn} size mismatch. expected {tuple(t.shape)}"),
+                (f"{e}.stride() == {tuple(t.stride())!r}", f"{tn} stride mismatch. expected {tuple(t.stride())}"),
+            ]
+        else:
+            parts += [(p, f"{tn} size mismatch. expected {p}") for p in dyn[0]]
+            parts += [(p, f"{tn} stride mismatch. expected {p}") for p in dyn[1]]
         expr = " and ".join(p for p, _ in parts)
         self._add(("tensor", n), expr, "", f"TENSOR_MATCH: {n}")
         # NOTE: the fast path uses the joined expression; the reason path checks each part.

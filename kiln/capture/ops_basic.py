@@ -4,6 +4,7 @@ from __future__ import annotations
 import operator
 
 from .bytecode import handles
+from .variables.symbolic import SymNodeVT
 from .ops_binary import COMPARE, NB_OPS, binary_op, contains, is_same, unary_op
 from .variables.base import ConstantVT, NullVT, const_vt, is_const_value, unsupported
 from .variables.callables import CellVT, RealCellVT
@@ -285,7 +286,8 @@ class BasicOps:
         b, a = self.pop(), self.pop()
         op = COMPARE[inst.argval]
         if op in (operator.eq, operator.ne) and not isinstance(a, TensorVT) and not isinstance(b, TensorVT) \
-                and not (a.is_const() and b.is_const()):
+                and not (a.is_const() and b.is_const()) \
+                and not (isinstance(a, SymNodeVT) or isinstance(b, SymNodeVT)):
             same = is_same(a, b)
             self.push(ConstantVT(same if op is operator.eq else not same))
             return

@@ -7,7 +7,17 @@ from typing import Callable
 
 from .variables.base import VT, ConstantVT, const_vt, unsupported
 from .variables.containers import DictVT, ListVT, SequenceVT, TupleVT
+from .variables.symbolic import SymNodeVT
 from .variables.tensor import TensorVT
+
+
+def _int_valued(op: Callable, a: VT, b: VT) -> bool:
+    """Size arithmetic that stays an integer (symbolic floats are specialised instead:
+    the graph stays free of SymFloat expressions backends cannot rebuild)."""
+    if op in (operator.truediv, operator.itruediv, operator.pow, operator.ipow):
+        return False
+    return all(isinstance(v, SymNodeVT) and v.python_type() is int
+               or (isinstance(v, ConstantVT) and type(v.value) in (int, bool)) for v in (a, b))
 
 _SYMBOLS: dict[str, Callable] = {
     "+": operator.add, "&": operator.and_, "//": operator.floordiv, "<<": operator.lshift,
@@ -59,6 +69,12 @@ def binary_op(tx, op: Callable, a: VT, b: VT) -> VT:
         if not isinstance(a, TensorVT) and op in _INPLACE:
             op = _INPLACE[op]  # NOTE: `n += t` with a Python number rebinds n: a plain op
         return tx.output.call_graph("call_function", op, [a, b], {})
+    if (isinstance(a, SymNodeVT) or isinstance(b, SymNodeVT)) and _int_valued(op, a, b):
+        # NOTE: size arithmetic stays symbolic; comparisons are decided (and guarded) by the ShapeEnv.
+        return tx.output.call_graph("call_function", _INPLACE.get(op, op), [a, b], {})
+    if isinstance(a, SymNodeVT) or isinstance(b, SymNodeVT):
+        a, b = (ConstantVT(v.const()) if isinstance(v, SymNodeVT) else v for v in (a, b))
+        return binary_op(tx, op, a, b)
     if isinstance(a, ConstantVT) and isinstance(b, ConstantVT):
         try:
             return const_vt(op(a.value, b.value))
@@ -86,6 +102,8 @@ def is_same(a: VT, b: VT) -> bool:
         return False
     if isinstance(a, TensorVT) and isinstance(b, TensorVT):
         return a.fake is b.fake
+    if isinstance(a, SymNodeVT) or isinstance(b, SymNodeVT):
+        unsupported("identity test on a symbolic size")
     ua, ub = underlying(a), underlying(b)
     if ua is a or ub is b:
         if type(a) is not type(b):
@@ -108,7 +126,7 @@ def contains(tx, item: VT, seq: VT) -> bool:
 
 
 def unary_op(tx, op: Callable, a: VT) -> VT:
-    if isinstance(a, TensorVT):
+    if isinstance(a, (TensorVT, SymNodeVT)):
         return tx.output.call_graph("call_function", op, [a], {})
     if a.is_const():
         return const_vt(op(a.const()))

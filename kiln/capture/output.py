@@ -13,14 +13,14 @@ from typing import Any, Callable, Optional
 
 import torch
 import torch.fx as fx
-from torch._subclasses.fake_tensor import FakeTensorMode
-
 from kiln.exc import BackendCompilerFailed, Unsupported
 
+from .dynamic import FrameState, SymbolTable, fake_with_dims, new_fake_mode, tensor_shape_checks
 from .guards import GuardSet
 from .sources import ObjectTable, Source
 from .variables.base import VT, ConstantVT, const_vt, unsupported
 from .variables.containers import ListVT, TupleVT
+from .variables.symbolic import SYM_TYPES, SymNodeVT, concrete, is_symbolic
 from .variables.tensor import TensorVT, fake_value, node_value
 
 
@@ -114,11 +114,20 @@ def _placeholder_name(source: Source) -> str:
 
 
 class OutputGraph:
-    def __init__(self, ctx, root_globals: dict):
+    def __init__(self, ctx, root_globals: dict, frame_state: Optional[FrameState] = None):
         self.ctx = ctx
         self.root_globals = root_globals
         self.graph = fx.Graph()
-        self.fake_mode = FakeTensorMode()
+        self.frame_state = frame_state or FrameState()
+        # NOTE: a ShapeEnv only where a dim may be symbolic (dynamic=True, or a
+        # recompile under automatic dynamic): static compiles stay exactly as before.
+        from . import config
+
+        dynamic = getattr(ctx, "dynamic", None)
+        self.fake_mode = new_fake_mode(dynamic is True or (dynamic is None and self.frame_state.compiles > 0
+                                                           and config.automatic_dynamic_shapes))
+        self.symbols = SymbolTable()
+        self.size_nodes: dict = {}  # sympy.Symbol -> its placeholder
         # NOTE: like torch.compile, reading data pointers of fake tensors is an error here.
         self.fake_mode._allow_unsafe_data_ptr_access = False
         self.objects = ObjectTable()
@@ -138,8 +147,22 @@ class OutputGraph:
             if prev.source.name != source.name:
                 self.guards.alias(prev.source, source)
             return prev
-        self.guards.tensor(source, value)
-        fake = self.fake_mode.from_tensor(value)
+        dims = self.frame_state.dynamic_dims(getattr(self.ctx, "dynamic", None), source.name, value,
+                                             isinstance(value, torch.nn.Parameter))
+        fake = fake_with_dims(self.fake_mode, value, dims)
+        checks = None
+        if any(is_symbolic(d) for d in list(fake.shape) + list(fake.stride())):
+            checks = tensor_shape_checks(source.expr, source.name, fake, self.symbols)
+            if checks is None:
+                # NOTE: strides not expressible over the sizes (a strided view of a bigger
+                # tensor): this input keeps static shapes.
+                fake = fake_with_dims(self.fake_mode, value, None)
+        if checks is not None:
+            self.guards.tensor(source, value, checks[:2])
+            for i, sym in checks[2]:
+                self._add_size_input(source, i, sym)
+        else:
+            self.guards.tensor(source, value)
         node = self._make_placeholder(source)
         node.meta["example_value"] = fake
         node.meta["source"] = source.name
@@ -147,6 +170,34 @@ class OutputGraph:
         self._by_id[id(value)] = vt
         self.inputs.append((source, value, vt, from_module))
         return vt
+
+    def _add_size_input(self, source: Source, dim: int, sym: torch.SymInt) -> None:
+        """A graph input for a new size symbol (PyTorch's ``s0: Sym(s0)`` placeholders)."""
+        src = Source(f"{source.name}.size()[{dim}]", f"{source.expr}.size({dim})")
+        node = self._make_placeholder(Source(str(sym.node.expr), ""))
+        node.meta["example_value"] = node.meta["val"] = sym
+        node.meta["source"] = src.name
+        vt = SymNodeVT(node, sym)
+        self.size_nodes[sym.node.expr] = node
+        self.inputs.append((src, sym, vt, True))
+
+    def sym_vt(self, value: Any, make_node: Callable) -> VT:
+        """A VT for a metadata answer: a constant, or a SymNodeVT (``make_node()`` builds its node)."""
+        if isinstance(value, (tuple, list)):
+            return TupleVT([self.sym_vt(v, lambda i=i: make_node(i)) for i, v in enumerate(value)],
+                           pytype=type(value) if isinstance(value, torch.Size) else tuple)
+        if not is_symbolic(value):
+            return const_vt(concrete(value))
+        if isinstance(value, torch.SymBool):
+            return ConstantVT(bool(value))
+        node = self.size_nodes.get(value.node.expr)
+        if node is None:
+            node = make_node()
+            node.meta["example_value"] = value
+        return SymNodeVT(node, value)
+
+    def has_symbols(self) -> bool:
+        return bool(self.size_nodes)
 
     def _make_placeholder(self, source: Source) -> fx.Node:
         name = _placeholder_name(source)
@@ -199,11 +250,14 @@ class OutputGraph:
         if isinstance(res, torch.Tensor):
             node.meta["example_value"] = res
             return TensorVT(node, res)
-        if isinstance(res, (tuple, list)) and any(isinstance(r, torch.Tensor) for r in res):
+        if isinstance(res, SYM_TYPES) and is_symbolic(res) and not isinstance(res, torch.SymBool):
+            node.meta["example_value"] = res
+            return SymNodeVT(node, res)
+        if isinstance(res, (tuple, list)) and any(isinstance(r, torch.Tensor) or is_symbolic(r) for r in res):
             node.meta["example_value"] = res
             items = []
             for i, r in enumerate(res):
-                if isinstance(r, torch.Tensor):
+                if isinstance(r, torch.Tensor) or is_symbolic(r):
                     items.append(self._wrap_result(r, self.graph.call_function(operator.getitem, (node, i))))
                 else:
                     items.append(const_vt(r))
@@ -211,7 +265,9 @@ class OutputGraph:
         if res is None:
             return ConstantVT(None)
         self.graph.erase_node(node)
-        return const_vt(res)
+        if isinstance(res, torch.Size):
+            return const_vt(torch.Size([concrete(r) for r in res]))
+        return const_vt(concrete(res))
 
     # ------------------------------------------------------------ compile
     def op_count(self) -> int:
@@ -222,13 +278,28 @@ class OutputGraph:
         if self.grad_enabled != self.initial_grad:
             self.graph.call_function(torch._C._set_grad_enabled, (self.initial_grad,))
         self.graph.output(tuple(o.node for o in outputs))
+        self._drop_unused_sizes()
         if self.op_count() == 0 and not outputs:
             return None
         gm = fx.GraphModule(torch.nn.Module(), self.graph)
         gm.compile_subgraph_reason = reason
         gm.meta["kiln_sources"] = [s.name for s, *_ in self.inputs]
-        example = [v for _, v, *_ in self.inputs]
+        if self.has_symbols():
+            # NOTE: symbolic graphs get fake example inputs (sizes as SymInts of this
+            # frame's ShapeEnv) so that backends trace them for every size the guards allow.
+            example = [vt.fake if isinstance(vt, TensorVT) else v for _, v, vt, _ in self.inputs]
+            for n in self.graph.find_nodes(op="placeholder"):
+                n.meta["val"] = n.meta.get("example_value")
+        else:
+            example = [v for _, v, *_ in self.inputs]
         return self.ctx.run_backend(gm, example)
+
+    def _drop_unused_sizes(self) -> None:
+        """Size reads and size arithmetic whose values were only used in Python (specialised)."""
+        for n in reversed(list(self.graph.nodes)):
+            if n.op in ("call_function", "call_method") and not n.users \
+                    and isinstance(n.meta.get("example_value"), SYM_TYPES):
+                self.graph.erase_node(n)
 
 
 def call_backend(backend: Callable, name: str, gm: fx.GraphModule, example: list, fullgraph: bool) -> Callable:

@@ -16,7 +16,9 @@ def _len(tx, x: VT) -> VT:
     if isinstance(x, (SequenceVT, DictVT)):
         return ConstantVT(len(x.items))
     if isinstance(x, TensorVT):
-        return ConstantVT(len(x.fake))
+        if x.fake.dim() == 0:
+            unsupported("len() of a 0-d tensor")
+        return x.call_method(tx, "size", [ConstantVT(0)], {})
     if x.is_const():
         return ConstantVT(len(x.const()))
     return x.call_method(tx, "__len__", [], {})

@@ -51,7 +51,7 @@ class TensorVT(VT):
         from .callables import BoundMethodVT
 
         if name == "shape":
-            return TupleVT([ConstantVT(int(s)) for s in self.fake.shape], pytype=torch.Size)
+            return self._meta(tx, "size", [])
         if name in _META_ATTRS:
             return const_vt(getattr(self.fake, name))
         if name in _GRAPH_ATTRS:
@@ -68,7 +68,9 @@ class TensorVT(VT):
         if name in _META_METHODS:
             fa = [a.const() for a in args]
             fk = {k: v.const() for k, v in kwargs.items()}
-            return const_vt(getattr(self.fake, name)(*fa, **fk))
+            if fk:
+                return const_vt(_concrete_all(getattr(self.fake, name)(*fa, **fk)))
+            return self._meta(tx, name, fa)
         if name == "register_hook" and self.source is not None and not kwargs and len(args) == 1:
             return tx.output.side_effects.register_hook(self, args[0])
         if name in _BREAKING_METHODS:
@@ -78,6 +80,23 @@ class TensorVT(VT):
         if name == "__getitem__":
             return tx.output.call_graph("call_function", _getitem(), [self, args[0]], {})
         return tx.output.call_graph("call_method", name, [self] + list(args), kwargs)
+
+    def _meta(self, tx, name: str, args: list) -> VT:
+        """A metadata answer (``size``, ``stride``, ``numel``...): constants, or symbolic sizes
+        read by graph nodes (``x.size(0)``) when the dims are dynamic."""
+        value = getattr(self.fake, name)(*args)
+        graph = tx.output.graph
+
+        def make(i=None):
+            if i is None:
+                return graph.call_method(name, (self.node, *args))
+            if name in ("size", "stride") and not args:
+                return graph.call_method(name, (self.node, i))
+            import operator
+
+            return graph.call_function(operator.getitem, (graph.call_method(name, (self.node, *args)), i))
+
+        return tx.output.sym_vt(value, make)
 
     def unpack(self, tx) -> list:
         if self.fake.dim() == 0:
@@ -94,6 +113,14 @@ class TensorVT(VT):
         return f"TensorVT({self.node}, {tuple(self.fake.shape)})"
 
 
+def _concrete_all(v: Any) -> Any:
+    from .symbolic import concrete
+
+    if isinstance(v, (tuple, list)):
+        return tuple(concrete(x) for x in v)
+    return concrete(v)
+
+
 def _getitem():
     import operator
 
@@ -106,6 +133,8 @@ def fake_value(v: VT) -> Any:
 
     if isinstance(v, TensorVT):
         return v.fake
+    if hasattr(v, "sym"):
+        return v.sym
     if isinstance(v, (TupleVT, ListVT)):
         vals = [fake_value(i) for i in v.items]
         return vals if isinstance(v, ListVT) else (tuple(vals) if v.pytype is not torch.Size else torch.Size(vals))
@@ -120,7 +149,7 @@ def node_value(v: VT) -> Any:
     """VT -> the fx argument (nodes, constants, nested)."""
     from .containers import ListVT, SliceVT
 
-    if isinstance(v, TensorVT):
+    if isinstance(v, TensorVT) or hasattr(v, "sym"):
         return v.node
     if isinstance(v, (TupleVT, ListVT)):
         vals = [node_value(i) for i in v.items]
