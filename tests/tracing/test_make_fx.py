@@ -240,3 +240,24 @@ def test_module_is_left_unchanged_by_fake_tracing():
 
 def test_public_name():
     assert kiln.make_fx is make_fx
+
+
+def test_symbolic_float_expressions_are_rebuilt():
+    # the attention scale 1/sqrt(E) is a SymFloat of the input's last size
+    def f(q, k, v):
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v) * (q.shape[-1] ** -0.5)
+
+    q, k, v = (torch.randn(2, 3, 5, 8) for _ in range(3))
+    gm = make_fx(f, tracing_mode="symbolic")(q, k, v)
+    q2, k2, v2 = (torch.randn(3, 2, 7, 6) for _ in range(3))
+    torch.testing.assert_close(gm(q2, k2, v2), f(q2, k2, v2))
+
+
+def test_symbolic_min_max_and_division():
+    def f(x):
+        n = x.shape[0]
+        return x.new_zeros(max(n, x.shape[1]) // 2 + n % 3)
+
+    gm = make_fx(f, tracing_mode="symbolic")(torch.randn(6, 4))
+    x = torch.randn(9, 5)
+    assert gm(x).shape == f(x).shape
