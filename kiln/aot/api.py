@@ -215,6 +215,35 @@ class _Entry:
         self.art = art
         self.out_spec = out_spec
         self.reason = reason
+        self.rebuild = _output_builder(out_spec) if art is not None else None
+
+
+def _output_builder(spec: Any) -> Callable[[list], Any]:
+    """Flat outputs -> the function's output structure; plain shapes (one leaf,
+    a flat tuple or list of leaves) skip pytree."""
+    n = spec.num_leaves
+    if spec == pytree.tree_structure(0):
+        return lambda outs: outs[0]
+    if spec == pytree.tree_structure(tuple(range(n))):
+        return tuple
+    if spec == pytree.tree_structure(list(range(n))):
+        return list
+    return lambda outs: pytree.tree_unflatten(outs, spec)
+
+
+_FLAT_SPECS: dict = {}
+_LEAF_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
+
+
+def _flatten_call(args: tuple, kw: dict) -> tuple[list, Any]:
+    """pytree.tree_flatten((args, kw)); positional tensors only: the spec is cached."""
+    # NOTE: exact types: a tensor subclass may be registered as a pytree node.
+    if not kw and all(type(a) in _LEAF_TENSOR_TYPES for a in args):
+        spec = _FLAT_SPECS.get(len(args))
+        if spec is None:
+            spec = _FLAT_SPECS[len(args)] = pytree.tree_flatten((args, kw))[1]
+        return list(args), spec
+    return pytree.tree_flatten((args, kw))
 
 
 def aot_function(fn: Callable, fw_compiler: Callable, bw_compiler: Optional[Callable] = None,
@@ -234,7 +263,7 @@ def aot_function(fn: Callable, fw_compiler: Callable, bw_compiler: Optional[Call
     cache: dict = {}
 
     def compiled(*args: Any, **kw: Any) -> Any:
-        flat, in_spec = pytree.tree_flatten((args, kw))
+        flat, in_spec = _flatten_call(args, kw)
         kept, where = _dedupe(flat)
         tensors = [flat[i] for i in kept]
         key = (in_spec, tuple(_arg_key(a) for a in flat), tuple(where), torch.is_grad_enabled(),
@@ -248,8 +277,7 @@ def aot_function(fn: Callable, fw_compiler: Callable, bw_compiler: Optional[Call
             return fn(*args, **kw)
         if config.debug_assert:
             _assert_inputs(entry.art, tensors)
-        outs = entry.art(tensors)
-        return pytree.tree_unflatten(outs, entry.out_spec)
+        return entry.rebuild(entry.art(tensors))
 
     compiled.__wrapped__ = fn
     compiled._kiln_cache = cache
@@ -358,9 +386,13 @@ def aot_module_simplified(mod: torch.nn.Module, args: list, fw_compiler: Callabl
     """Compile ``mod`` now for ``args`` (real or fake); returns ``forward(*runtime_args)``.
 
     ``mod`` (typically a captured GraphModule) takes and returns flat tensors;
-    its parameters and buffers are lifted to graph inputs.
+    its parameters and buffers are lifted to graph inputs (read from the module
+    at each call, so reassigned parameters are seen).  Compiled for the grad
+    mode of this call; a call that needs gradients where this one did not
+    compiles the training graphs then (once).
     """
     names, values, _ = _module_state(mod)
+    state = _state_reader(mod, names)
     n_state = len(values)
     flat_args = list(args)
     kept, where = _dedupe(values + flat_args)
@@ -373,42 +405,91 @@ def aot_module_simplified(mod: torch.nn.Module, args: list, fw_compiler: Callabl
 
     example = [all_flat[i] for i in kept]
     dupes = [i for i, w in enumerate(where) if w is not None and kept[w] != i]
+    # NOTE: no duplicates and no non-tensor inputs: the graph takes [*state, *args] as is.
+    identity = not dupes and kept == list(range(len(all_flat)))
     pattern = alias_pattern(example)
-    try:
-        art = compile_flat(flat_fn, example, fw_compiler, bw_compiler, partition_fn, decompositions,
-                           inference_compiler)
-        if art.meta.mutated_inputs and any(p >= 0 for p in pattern):
-            raise _AliasedMutatedInputs()
-    except _DATA_DEPENDENT as e:
-        if not config.fallback_to_eager_on_data_dependence:
-            raise
-        warnings.warn(f"kiln.aot: running the graph eagerly: {_reason(e)}", stacklevel=2)
-        art = None
+
+    def compile_for(tensors: list) -> Optional[CompiledArtifact]:
+        try:
+            art = compile_flat(flat_fn, tensors, fw_compiler, bw_compiler, partition_fn,
+                               decompositions, inference_compiler)
+            if art.meta.mutated_inputs and any(p >= 0 for p in pattern):
+                raise _AliasedMutatedInputs()
+        except _DATA_DEPENDENT as e:
+            if not config.fallback_to_eager_on_data_dependence:
+                raise
+            warnings.warn(f"kiln.aot: running the graph eagerly: {_reason(e)}", stacklevel=3)
+            return None
+        return art
+
+    compiled_for_grad = _needs_autograd(example)
+    art = compile_for(example)
+    arts = {compiled_for_grad: art}
+
     def forward(*runtime_args: Any) -> Any:
         if art is None:
             return mod(*runtime_args)
-        cur = _module_state(mod)[1] + list(runtime_args)
-        tensors = [cur[i] for i in kept]
-        # NOTE: always checked (cheap): running a graph traced for f(a, a) on
-        # f(a, b) would silently compute the wrong thing.
-        for i in dupes:
-            if cur[i] is not tensors[where[i]]:
-                raise AssertionError(
-                    f"aot_module_simplified: input {i - n_state} was traced as a duplicate of "
-                    f"input {kept[where[i]] - n_state} but is a different tensor now")
+        if identity:
+            tensors = [*state(), *runtime_args] if n_state else list(runtime_args)
+        else:
+            tensors = _gather(state() + list(runtime_args), kept, where, dupes, n_state)
+        cur = art
+        if not compiled_for_grad and _is_grad_enabled() and any(
+                t.requires_grad for t in tensors):
+            cur = _training_artifact(arts, compile_for, tensors)
+            if cur is None:
+                return mod(*runtime_args)
         if config.debug_assert:
-            _assert_inputs(art, tensors)
-        if art.meta.mutated_inputs and alias_pattern(tensors) != pattern:
+            _assert_inputs(cur, tensors)
+        if cur.meta.mutated_inputs and alias_pattern(tensors) != pattern:
             # NOTE: inputs share memory now that did not when traced: the graph's
             # write-backs would be wrong, eager is right.
             return mod(*runtime_args)
-        outs = art(tensors)
-        return outs
+        return cur(tensors)
 
     forward.zero_grad = mod.zero_grad
     forward.named_parameters = mod.named_parameters
     forward.named_buffers = mod.named_buffers
     return forward
+
+
+_is_grad_enabled = torch._C.is_grad_enabled
+
+
+def _training_artifact(arts: dict, compile_for: Callable, tensors: list) -> Optional[CompiledArtifact]:
+    """The artifact for calls that need gradients, compiled at the first such call.
+
+    NOTE: a graph compiled while grad mode was off (or for inputs that did not
+    require grad) has no backward; running it would silently drop gradients."""
+    if True not in arts:
+        arts[True] = compile_for(tensors)
+    return arts[True]
+
+
+def _gather(cur: list, kept: list, where: list, dupes: list, n_state: int) -> list:
+    """The graph inputs from the flat (state + runtime) inputs: duplicates dropped."""
+    tensors = [cur[i] for i in kept]
+    # NOTE: always checked (cheap): running a graph traced for f(a, a) on
+    # f(a, b) would silently compute the wrong thing.
+    for i in dupes:
+        if cur[i] is not tensors[where[i]]:
+            raise AssertionError(
+                f"aot_module_simplified: input {i - n_state} was traced as a duplicate of "
+                f"input {kept[where[i]] - n_state} but is a different tensor now")
+    return tensors
+
+
+def _state_reader(mod: torch.nn.Module, names: list) -> Callable[[], list]:
+    """A function returning the current values of ``mod``'s parameters/buffers
+    ``names`` (dotted), read from their owners' dicts (a reassigned parameter is seen)."""
+    slots = []
+    for name in names:
+        prefix, _, key = name.rpartition(".")
+        owner = mod.get_submodule(prefix) if prefix else mod
+        slots.append((owner._parameters if key in owner._parameters else owner._buffers, key))
+    if not slots:
+        return list
+    return lambda: [d[k] for d, k in slots]
 
 
 __all__ = ["aot_function", "aot_module", "aot_module_simplified", "compile_flat", "call_compiled",

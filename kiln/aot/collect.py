@@ -33,6 +33,7 @@ class AOTMeta:
     final_metadata: dict = field(default_factory=dict)  # input index -> (size, stride, offset)
     constant_outputs: dict = field(default_factory=dict)  # output index -> python value
     grad_enabled_after: bool = True
+    grad_enabled_before: bool = True  # grad mode when the function was traced
     num_tokens: int = 0
     # export: every tensor output is a graph output (no views regenerated at run time)
     export: bool = False
@@ -81,6 +82,7 @@ def collect_metadata(fn: Callable, fake_inputs: list, fake_mode, decompositions:
         # pass does not leak into the fakes the graph traces use.
         fresh = [t.detach().requires_grad_(t.requires_grad) for t in fake_inputs]
         inputs = prepare_inputs(fresh, pre_clone)
+        grad_before = torch.is_grad_enabled()
         mode, outs = run_functionalized(fn, inputs, decompositions, None, discover_tokens=True)
         infos, bases = describe_outputs(mode, outs)
         if export:
@@ -91,7 +93,7 @@ def collect_metadata(fn: Callable, fake_inputs: list, fake_mode, decompositions:
                                    num_tokens=len(mode.tokens or []),
                                    grad_enabled_after=mode.grad_after)
         meta = AOTMeta(fmeta=fmeta, grad_enabled_after=mode.grad_after,
-                       num_tokens=fmeta.num_tokens, export=export,
+                       grad_enabled_before=grad_before, num_tokens=fmeta.num_tokens, export=export,
                        external_requires_grad=mode.external_requires_grad)
         meta.input_requires_grad = input_requires_grad
         meta.mutated_inputs = [i for i, info in enumerate(mode.input_info)

@@ -166,8 +166,12 @@ def _size(n: fx.Node) -> float:
     val = n.meta.get("val")
     if isinstance(val, torch.Tensor):
         try:
-            numel = int(val.numel())
-        except Exception:  # noqa: BLE001 - symbolic sizes: use the hint
+            # NOTE: a size hint, not int(): int() of a symbolic numel would add a
+            # guard that specialises the dynamic sizes of the whole graph.
+            from torch.fx.experimental.symbolic_shapes import hint_int
+
+            numel = hint_int(val.numel(), fallback=1 << 20)
+        except Exception:  # noqa: BLE001 - symbolic sizes without a hint
             numel = 1 << 20
         return float(max(numel, 1) * val.element_size())
     if isinstance(val, (torch.SymInt, int, float, bool)):

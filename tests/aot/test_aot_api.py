@@ -382,3 +382,62 @@ def test_inference_mode_inputs_and_calls():
     with torch.inference_mode():
         torch.testing.assert_close(aot_function(f, nop)(d), f(c))
     torch.testing.assert_close(c, d)
+
+
+def test_aot_module_simplified_compiled_without_grad_then_needs_grad():
+    # NOTE: compiled while grad mode was off, then called with grad on: the
+    # training graphs are compiled then; outputs get a grad_fn and correct grads.
+    class M(torch.nn.Module):
+        def forward(self, a):
+            return (a.sin(),)
+
+    x = torch.randn(3, requires_grad=True)
+    with torch.no_grad():
+        f = aot_module_simplified(M(), [x], nop)
+        assert f(x)[0].grad_fn is None
+    out = f(x)[0]
+    assert out.grad_fn is not None
+    out.sum().backward()
+    torch.testing.assert_close(x.grad, x.detach().cos())
+
+
+def test_aot_module_simplified_leaves_callers_grad_mode():
+    class M(torch.nn.Module):
+        def forward(self, a):
+            return (a * 2,)
+
+    x = torch.randn(3, requires_grad=True)
+    f = aot_module_simplified(M(), [x], nop)
+    with torch.no_grad():
+        out = f(x)[0]
+        assert torch.is_grad_enabled() is False
+    assert out.grad_fn is None
+
+
+def test_aot_module_simplified_sees_reassigned_parameter():
+    lin = torch.nn.Linear(3, 2)
+
+    class M(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = lin
+
+        def forward(self, a):
+            return (self.lin(a),)
+
+    m, x = M(), torch.randn(4, 3)
+    f = aot_module_simplified(m, [x], nop)
+    lin.weight = torch.nn.Parameter(torch.randn(2, 3))
+    torch.testing.assert_close(f(x)[0], m(x)[0])
+
+
+def test_aot_function_output_structures():
+    f = aot_function(lambda a, b: (a + b, [a * b], {"k": a - b}), nop)
+    g = aot_function(lambda a: a + 1, nop)
+    a, b = torch.randn(3), torch.randn(3)
+    s, (p,), d = f(a, b)
+    torch.testing.assert_close(s, a + b)
+    torch.testing.assert_close(p, a * b)
+    torch.testing.assert_close(d["k"], a - b)
+    torch.testing.assert_close(g(a), a + 1)
+    assert isinstance(g(a), torch.Tensor)

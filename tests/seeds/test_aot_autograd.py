@@ -43,6 +43,7 @@ def _reset():
     kiln.reset()
 
 
+@kiln.capture.config.patch(automatic_dynamic_shapes=False)  # as the seed: static recompiles
 def test_multiple_aot_autograd_calls_dupe_args(custom_lib):
     class WrapperModule(torch.nn.Module):
         def __init__(self, mod):

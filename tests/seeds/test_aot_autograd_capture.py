@@ -450,8 +450,6 @@ def test_nn_parameter_construction():
     assert same(fn(x), opt_fn(x))
 
 
-@pytest.mark.xfail(strict=False, reason="needs aot: outputs computed under no_grad inside the graph "
-                   "must come back without grad_fn (capture's graph is right: passes with backend='eager')")
 def test_aot_grad_mode_mutation():
     for compiler in ["aot_eager", "inductor"]:
         def f(x):
