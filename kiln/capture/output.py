@@ -292,7 +292,15 @@ class OutputGraph:
                 n.meta["val"] = n.meta.get("example_value")
         else:
             example = [v for _, v, *_ in self.inputs]
-        return self.ctx.run_backend(gm, example)
+        # NOTE: the backend sees the grad mode the frame started with (the graph
+        # itself switches it where the code did), as PyTorch restores global
+        # state before compiling; AOT decides on a backward from it.
+        prior = torch.is_grad_enabled()
+        torch._C._set_grad_enabled(self.initial_grad)
+        try:
+            return self.ctx.run_backend(gm, example)
+        finally:
+            torch._C._set_grad_enabled(prior)
 
     def _drop_unused_sizes(self) -> None:
         """Size reads and size arithmetic whose values were only used in Python (specialised)."""
