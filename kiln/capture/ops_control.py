@@ -67,27 +67,29 @@ class ControlOps:
         v = self.pop()
         self.push(v if isinstance(v, IteratorVT) else IteratorVT(v.unpack(self)))
 
-    @handles("FOR_ITER", max_version=(3, 11))
-    def FOR_ITER(self, inst):
+    def _for_iter_next(self):
+        """The loop's next value, or None (iterator popped) when it is exhausted."""
         it = self.stack[-1]
         if not isinstance(it, IteratorVT):
             unsupported(f"iteration over {it}")
         v = it.next(self)
         if v is None:
             self.pop()
+        return v
+
+    @handles("FOR_ITER", max_version=(3, 11))
+    def FOR_ITER(self, inst):
+        v = self._for_iter_next()
+        if v is None:
             self.jump_to(inst.argval)
         else:
             self.push(v)
 
     @handles("FOR_ITER", min_version=(3, 12))
     def FOR_ITER_312(self, inst):
-        it = self.stack[-1]
-        if not isinstance(it, IteratorVT):
-            unsupported(f"iteration over {it}")
-        v = it.next(self)
+        v = self._for_iter_next()
         if v is None:
-            # NOTE: 3.12 jumps to the END_FOR and skips it, popping the iterator.
-            self.pop()
+            # NOTE: 3.12 jumps to the END_FOR and skips it (the iterator is popped).
             self.ip = self.idx[inst.argval] + 1
         else:
             self.push(v)
