@@ -22,7 +22,13 @@ def _strip_hop(code: str) -> str:
 def torchbind():
     from torch.testing._internal.torchbind_impls import init_torchbind_implementations
 
-    init_torchbind_implementations()
+    # NOTE: _TorchScriptTesting lives in a C++ test library that some torch
+    # wheels do not ship; the same path (an opaque-object op marked effectful)
+    # is covered by tests/ops/test_hops.py with an op of our own.
+    try:
+        init_torchbind_implementations()
+    except (OSError, RuntimeError) as e:
+        pytest.skip(f"torch's torchbind test library is not available: {e}")
 
 
 def test_print():
