@@ -10,7 +10,8 @@ pipeline is a flat list of passes run top to bottom by ``run_pipeline``:
 
 The verifier checks invariants every fx graph of kiln keeps: placeholders
 first, one output last, every argument defined before use, call targets
-callable, and (for functional graphs) no in-place or out= ops.  On failure it
+callable, and (for functional graphs) no op writes to a graph input
+(mutations of inputs are the runtime's job, after the call).  On failure it
 raises ``kiln.exc.GraphInvariantError`` showing the nodes around the bad one.
 """
 from __future__ import annotations
@@ -97,9 +98,20 @@ def _fail(nodes: list[fx.Node], i: int, what: str, after: str) -> None:
     )
 
 
-def _is_inplace(target: object) -> bool:
-    schema = getattr(target, "_schema", None)
-    return bool(schema is not None and schema.is_mutable)
+def _mutated_inputs(node: fx.Node) -> list[fx.Node]:
+    """Graph inputs (placeholders) that `node`'s op writes to, per its schema."""
+    schema = getattr(node.target, "_schema", None)
+    if schema is None or not schema.is_mutable:
+        return []
+    out = []
+    for i, arg in enumerate(schema.arguments):
+        if arg.alias_info is None or not arg.alias_info.is_write:
+            continue
+        value = node.args[i] if i < len(node.args) else node.kwargs.get(arg.name)
+        for v in value if isinstance(value, (list, tuple)) else [value]:
+            if isinstance(v, fx.Node) and v.op == "placeholder":
+                out.append(v)
+    return out
 
 
 def verify_graph(gm: fx.GraphModule, *, after: str = "?", functional: bool = False) -> None:
@@ -120,8 +132,10 @@ def verify_graph(gm: fx.GraphModule, *, after: str = "?", functional: bool = Fal
                 _fail(nodes, i, f"{n.name} uses {a.name} before it is defined", after)
         if n.op == "call_function" and not callable(n.target):
             _fail(nodes, i, f"{n.name} calls a non-callable {n.target!r}", after)
-        if functional and n.op == "call_function" and _is_inplace(n.target):
-            _fail(nodes, i, f"{n.name} is a mutating op ({n.target}) in a functional graph", after)
+        if functional and n.op == "call_function" and _mutated_inputs(n):
+            names = ", ".join(p.name for p in _mutated_inputs(n))
+            _fail(nodes, i, f"{n.name} ({n.target}) mutates graph input {names} in a functional graph",
+                  after)
         defined.add(n)
 
 

@@ -19,6 +19,7 @@ from kiln.aot.meta import SourceMetaInterpreter, propagate_meta
 from kiln.aot.partition import default_partition
 from kiln.aot.runtime import CompiledArtifact
 from kiln.aot.trace import trace_forward, trace_joint
+from kiln.passes import checking, log_graph, verify_graph
 
 
 def fake_mode_for(args: list) -> tuple[FakeTensorMode, list]:
@@ -107,7 +108,10 @@ def _compile_flat(flat_fn, args, fw_compiler, bw_compiler, partition_fn, decompo
         propagate_meta(joint)
         phs = [n for n in joint.graph.nodes if n.op == "placeholder"]
         joint.meta["mutated_primals"] = {phs[meta.num_tokens + i].name for i in meta.mutated_inputs}
+        show_graph("joint", joint)
         fw_gm, bw_gm = partition_fn(joint, None, num_fwd_outputs=meta.num_tokens + meta.num_fw_outputs)
+        show_graph("forward", fw_gm)
+        show_graph("backward", bw_gm)
         fw_example = [n.meta.get("val") for n in fw_gm.graph.nodes if n.op == "placeholder"]
         fw = fw_compiler(fw_gm, fw_example)
         return CompiledArtifact(meta, fw, bw_gm=bw_gm, bw_compiler=bw_compiler,
@@ -115,9 +119,21 @@ def _compile_flat(flat_fn, args, fw_compiler, bw_compiler, partition_fn, decompo
     with torch.no_grad() if not _needs_autograd(fakes) else contextlib.nullcontext():
         gm = trace_forward(flat_fn, meta, fakes, fake_mode, decompositions)
     propagate_meta(gm)
+    show_graph("inference", gm)
     example = [n.meta.get("val") for n in gm.graph.nodes if n.op == "placeholder"]
     fw = inference_compiler(gm, example)
     return CompiledArtifact(meta, fw, num_inputs=len(args))
+
+
+def show_graph(name: str, gm: fx.GraphModule) -> None:
+    """KILN_LOGS=aot prints each graph AOT makes; KILN_CHECK=1 verifies it.
+
+    NOTE: the graphs are functional: mutations of inputs are applied by the
+    runtime wrapper after the call, never by ops inside the graph.
+    """
+    log_graph("aot", name, gm)
+    if checking():
+        verify_graph(gm, after=f"aot.{name}", functional=True)
 
 
 # ---------------------------------------------------------------------------- keys

@@ -14,6 +14,7 @@ from typing import Any, Callable, Optional
 import torch
 import torch.fx as fx
 from kiln.exc import BackendCompilerFailed, Unsupported
+from kiln.passes import checking, log_graph, verify_graph
 
 from .dynamic import FrameState, SymbolTable, fake_with_dims, new_fake_mode, tensor_shape_checks
 from .guards import GuardSet
@@ -284,6 +285,9 @@ class OutputGraph:
         gm = fx.GraphModule(torch.nn.Module(), self.graph)
         gm.compile_subgraph_reason = reason
         gm.meta["kiln_sources"] = [s.name for s, *_ in self.inputs]
+        log_graph("capture", "output_graph", gm)
+        if checking():
+            verify_graph(gm, after="capture.output_graph")
         if self.has_symbols():
             # NOTE: symbolic graphs get fake example inputs (sizes as SymInts of this
             # frame's ShapeEnv) so that backends trace them for every size the guards allow.

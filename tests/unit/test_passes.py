@@ -49,12 +49,46 @@ def test_verifier_catches_use_before_def(monkeypatch):
 
 
 def test_verifier_functional_flag():
-    def f(x):
+    def mutates_input(x):
+        x.add_(1)
+        return x * 2
+
+    def mutates_own_buffer(x):
         y = x.clone()
         y.add_(1)
         return y
 
-    gm = make_fx(f, tracing_mode="fake")(torch.randn(2))
+    verify_graph(make_fx(mutates_own_buffer, tracing_mode="fake")(torch.randn(2)), functional=True)
+    gm = make_fx(mutates_input, tracing_mode="fake")(torch.randn(2))
     verify_graph(gm)
-    with pytest.raises(exc.GraphInvariantError, match="mutating op"):
+    with pytest.raises(exc.GraphInvariantError, match="mutates graph input x_1"):
         verify_graph(gm, functional=True)
+
+
+def test_aot_graphs_are_logged_and_verified(monkeypatch, capsys):
+    from kiln.aot import aot_function, nop
+
+    monkeypatch.setenv("KILN_LOGS", "aot")
+    monkeypatch.setenv("KILN_CHECK", "1")
+
+    def f(x):
+        x.mul_(2)
+        return x.sin()
+
+    x = torch.randn(3, requires_grad=True)
+    out = aot_function(f, nop)(x.clone())
+    out.sum().backward()
+    err = capsys.readouterr().err
+    assert "[kiln aot] after joint" in err and "[kiln aot] after forward" in err
+    assert "[kiln aot] after backward" in err
+
+
+def test_capture_graph_is_logged(monkeypatch, capsys):
+    import kiln
+
+    monkeypatch.setenv("KILN_LOGS", "capture")
+    monkeypatch.setenv("KILN_CHECK", "1")
+    kiln.reset()
+    out = kiln.compile(lambda x: x.cos() + 1, backend="eager")(torch.ones(2))
+    torch.testing.assert_close(out, torch.ones(2).cos() + 1)
+    assert "[kiln capture] after output_graph" in capsys.readouterr().err
