@@ -26,9 +26,7 @@ _LEAF_TYPES = (torch.Tensor, int, float, bool, str, complex, type(None), torch.d
 
 
 def make_fx(fn: Callable, tracing_mode: str = "real",
-            decomposition_table: Optional[dict] = None, *, pre_dispatch: bool = False,
-            _allow_non_fake_inputs: bool = False, record_module_stack: bool = False,
-            ) -> Callable[..., fx.GraphModule]:
+            decomposition_table: Optional[dict] = None) -> Callable[..., fx.GraphModule]:
     """Return a function that traces `fn` on given inputs into an fx.GraphModule.
 
     In: `fn` (function or nn.Module), `tracing_mode` ("real" runs ops on the
@@ -36,6 +34,9 @@ def make_fx(fn: Callable, tracing_mode: str = "real",
     an optional `decomposition_table` {OpOverload: fn} applied while tracing.
     Out: `wrapped(*args)` -> GraphModule whose nodes call ATen OpOverloads;
     every node has meta["val"] and (tensors) meta["tensor_meta"].
+
+    NOTE: tensors from outside the function (closures, globals) are accepted
+    in every mode: they become ``_tensor_constant`` attributes of the graph.
     """
     if tracing_mode not in TRACING_MODES:
         raise exc.TracingError(
