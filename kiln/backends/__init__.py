@@ -6,7 +6,7 @@ Out: a callable that runs the graph on inputs of the same kind, positionally.
 
 Invariants: a backend is exactly PyTorch's custom-backend convention
 ``callable(gm, example_inputs) -> callable``, so PyTorch's own backends plug into kiln
-and kiln's work as ``torch.compile(backend=lookup_backend(name))``.  Results equal
+and kiln's plug into PyTorch's own compiler as its ``backend=`` argument.  Results equal
 eager results (values, gradients, input mutations); a backend that cannot do better
 runs the graph eagerly and says so, never a wrong answer.
 

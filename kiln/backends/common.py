@@ -184,7 +184,7 @@ def aot_autograd(
     keep_inference_input_mutations: Optional[bool] = None,
     **kwargs: Any,
 ) -> AotAutograd:
-    """Build a backend from AOT compilers, like ``torch._dynamo.backends.common.aot_autograd``.
+    """Build a backend from AOT compilers, like PyTorch's ``aot_autograd`` backend helper.
 
     ``fw_compiler``/``bw_compiler``/``inference_compiler`` are ``(gm, example_inputs) -> callable``
     applied to the functional ATen forward/backward/inference graphs; ``bw_compiler`` and

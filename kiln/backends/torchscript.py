@@ -37,7 +37,7 @@ def _script_friendly_args(gm: torch.fx.GraphModule) -> None:
 def ts_compile(gm: torch.fx.GraphModule, example_inputs: list) -> CompiledFn:
     """Script ``gm`` with TorchScript; on failure warn and return ``gm.forward``."""
     try:
-        # NOTE: graphs from torch.compile are lazy GraphModules, whose class TorchScript
+        # NOTE: graphs from PyTorch's own capture are lazy GraphModules, whose class TorchScript
         # cannot compile; a plain GraphModule over the same graph scripts fine.
         gm = torch.fx.GraphModule(gm, gm.graph)
         _strip_overloads(gm)

@@ -129,7 +129,7 @@ class OutputGraph:
                                                            and config.automatic_dynamic_shapes))
         self.symbols = SymbolTable()
         self.size_nodes: dict = {}  # sympy.Symbol -> its placeholder
-        # NOTE: like torch.compile, reading data pointers of fake tensors is an error here.
+        # NOTE: as in PyTorch's own capture, reading data pointers of fake tensors is an error here.
         self.fake_mode._allow_unsafe_data_ptr_access = False
         self.objects = ObjectTable()
         self.guards = GuardSet(self.objects)

@@ -1,5 +1,5 @@
 """testing/: helpers that kiln's tests (and users' tests) use, with the meaning of
-PyTorch's ``torch._dynamo.testing`` helpers of the same names.
+PyTorch's dynamo testing helpers of the same names.
 
 In:  graphs, callables, results.  Out: counts, booleans, normalized strings, tensors.
 Invariants: nothing here changes global state except :func:`reset_rng_state`.

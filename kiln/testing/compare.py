@@ -1,4 +1,4 @@
-"""Result comparison: :func:`same` (as ``torch._dynamo.utils.same``) and
+"""Result comparison: :func:`same` (with the meaning of PyTorch's dynamo ``same``) and
 :func:`compare_equal_outs_and_grads` (as PyTorch's test helper of that name)."""
 from __future__ import annotations
 

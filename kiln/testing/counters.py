@@ -1,7 +1,7 @@
 """Backends that count and record what they are given (for tests).
 
 ``CompileCounter`` counts frames (calls) and ops (nodes whose op is call_function,
-call_method or call_module) exactly as ``torch._dynamo.testing.CompileCounter``.
+call_method or call_module) exactly as PyTorch's dynamo ``CompileCounter``.
 """
 from __future__ import annotations
 

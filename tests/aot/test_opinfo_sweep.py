@@ -67,7 +67,9 @@ def _ops():
 
 
 def _sampled_names():
-    return [op_name(op) for op in _ops()[::8]]
+    # NOTE: ops in KNOWN_FAILING are left out of the sample; the full sweep
+    # reports them, with their reasons, and bounds how many there may be.
+    return [op_name(op) for op in _ops()[::8] if op_name(op) not in KNOWN_FAILING]
 
 
 def test_sweep_enumerates_quickly():
@@ -85,8 +87,6 @@ def test_sampled_op_matches_eager(name, setup):
     op = next(o for o in _ops() if op_name(o) == name)
     report = sweep([op], aot_kwargs=_SETUPS[setup]())
     bad = [r for r in report.results if r.status in ("mismatch", "error")]
-    if name in KNOWN_FAILING:
-        pytest.xfail(KNOWN_FAILING[name])
     assert not bad, "; ".join(f"[{r.index}] {r.status}: {r.reason}" for r in bad)
 
 

@@ -14,16 +14,6 @@ from kiln.backends import aot_autograd, call_backend, list_backends, lookup_back
 from kiln.backends.debugging import ExplainOutput, ExplainWithBackend
 from kiln.testing import same
 
-def _has_aot() -> bool:
-    if importlib.util.find_spec("kiln.aot") is None:
-        return False
-    import kiln.aot
-
-    return all(hasattr(kiln.aot, n) for n in ("aot_module_simplified", "nop", "min_cut_rematerialization_partition"))
-
-
-HAS_AOT = _has_aot()
-needs_aot = pytest.mark.skipif(not HAS_AOT, reason="needs kiln.aot (AOT autograd stage)")
 
 
 class Seq(torch.nn.Module):
@@ -224,7 +214,7 @@ def test_cudagraphs_on_cuda_replays():
     assert torch.equal(y, torch.full((8,), 2.0, device="cuda"))
 
 
-@pytest.mark.skipif(not (torch.cuda.is_available() and HAS_AOT), reason="needs CUDA and kiln.aot")
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cudagraphs_on_cuda_with_autograd():
     torch._dynamo.reset()
     model = Seq().cuda()
@@ -302,7 +292,6 @@ def test_check_backend_works_through_torch_compile(name):
 # --------------------------------------------------------------------------- aot-based (need kiln.aot)
 
 
-@needs_aot
 @pytest.mark.parametrize("name", ["aot_eager", "aot_eager_decomp_partition", "aot_eager_default_partitioner", "aot_ts"])
 def test_aot_backends_on_fx_graph(name):
     gm, inputs = _graph_and_inputs()
@@ -319,7 +308,6 @@ def test_aot_backends_on_fx_graph(name):
     assert same([t.grad for t in inputs], [t.grad for t in ref_inputs])
 
 
-@needs_aot
 def test_aot_autograd_api_runs_compiler():
     from kiln.aot import make_boxed_func
 
@@ -337,7 +325,6 @@ def test_aot_autograd_api_runs_compiler():
     assert seen
 
 
-@needs_aot
 @pytest.mark.parametrize("name", ["aot_eager", "aot_eager_decomp_partition", "aot_ts", "inductor", "cudagraphs"])
 def test_aot_backends_through_torch_compile_with_grads(name):
     torch._dynamo.reset()
@@ -359,8 +346,6 @@ def test_aot_backends_through_torch_compile_with_grads(name):
 
 
 def test_aot_autograd_without_fw_compiler_is_an_error():
-    if not HAS_AOT:
-        pytest.skip("needs kiln.aot")
     gm, inputs = _graph_and_inputs()
     with pytest.raises(kiln.exc.InvalidBackend, match="fw_compiler"):
         aot_autograd()(gm, inputs)
@@ -406,7 +391,6 @@ def test_tvm_backend(options):
     assert same(compiled(*args), _fn(*args))
 
 
-@needs_aot
 def test_aot_autograd_flattens_nested_inputs():
     from kiln.aot import nop
 
@@ -422,7 +406,6 @@ def test_aot_autograd_flattens_nested_inputs():
     assert same(a.grad, b)
 
 
-@needs_aot
 @pytest.mark.parametrize(
     "fn",
     [lambda x: torch.relu(x), lambda x: (x.sin(), x.cos()), lambda x: {"a": x.sin(), "b": (x.cos(), x + 1)}],
