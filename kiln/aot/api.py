@@ -452,7 +452,7 @@ def aot_module_simplified(mod: torch.nn.Module, args: list, fw_compiler: Callabl
         cur = art
         if not compiled_for_grad and _is_grad_enabled() and any(
                 t.requires_grad for t in tensors):
-            cur = _training_artifact(arts, compile_for, tensors)
+            cur = _training_artifact(arts, compile_for, _training_inputs(example, tensors))
             if cur is None:
                 return mod(*runtime_args)
         if config.debug_assert:
@@ -480,6 +480,17 @@ def _training_artifact(arts: dict, compile_for: Callable, tensors: list) -> Opti
     if True not in arts:
         arts[True] = compile_for(tensors)
     return arts[True]
+
+
+def _training_inputs(example: list, tensors: list) -> list:
+    """What to trace the training graphs on: this call's tensors, or, when the
+    graph was compiled for symbolic (fake) inputs, those fakes with this call's
+    requires_grad: tracing the real tensors would give graphs specialised to
+    this call's sizes, later run for every size the caller allows."""
+    if not any(isinstance(e, FakeTensor) for e in example):
+        return tensors
+    return [e.detach().requires_grad_(bool(t.requires_grad)) if isinstance(e, FakeTensor) else t
+            for e, t in zip(example, tensors)]
 
 
 def _gather(cur: list, kept: list, where: list, dupes: list, n_state: int) -> list:

@@ -441,3 +441,27 @@ def test_aot_function_output_structures():
     torch.testing.assert_close(d["k"], a - b)
     torch.testing.assert_close(g(a), a + 1)
     assert isinstance(g(a), torch.Tensor)
+
+
+def test_training_graphs_for_symbolic_inputs_stay_symbolic():
+    # compiled for symbolic fakes with grad off; the first call that needs
+    # gradients compiles the training graphs, which must still take any size.
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+    from kiln.aot import aot_module_simplified, nop
+
+    class M(torch.nn.Module):
+        def forward(self, x):
+            return (x.sin().reshape(x.shape[0] * x.shape[1]) * 2,)
+
+    mode = FakeTensorMode(shape_env=ShapeEnv(), static_shapes=False)
+    fake = mode.from_tensor(torch.randn(4, 3))
+    with torch.no_grad():
+        compiled = aot_module_simplified(M(), [fake], nop)
+    for n in (5, 7):
+        x = torch.randn(n, 3, requires_grad=True)
+        (out,) = compiled(x)
+        out.sum().backward()
+        assert out.shape == (n * 3,)
+        torch.testing.assert_close(x.grad, 2 * x.detach().cos())
