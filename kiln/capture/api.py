@@ -45,6 +45,8 @@ class OptimizedModule(torch.nn.Module):
     def __init__(self, mod: torch.nn.Module, ctx):
         super().__init__()
         self._orig_mod = mod
+        # NOTE: a plain attribute too, so the per-call path skips Module.__getattr__.
+        self.__dict__["_kiln_mod"] = mod
         self.__dict__["_kiln_ctx"] = ctx
         fwd = mod.__dict__.get("forward")
         if isinstance(fwd, types.MethodType):
@@ -55,7 +57,7 @@ class OptimizedModule(torch.nn.Module):
             self.__dict__["_kiln_fwd"] = functools.partial(ctx.wrapper_for(type(mod).forward), mod)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        mod = self._orig_mod
+        mod = self._kiln_mod
         if mod._forward_hooks or mod._forward_pre_hooks:
             # NOTE: hooks run eagerly around the compiled forward.
             mod.forward = self._kiln_fwd
