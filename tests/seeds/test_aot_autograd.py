@@ -12,17 +12,10 @@ import torch.fx.traceback as fx_traceback
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 import kiln
+from conftest import maybe_dupe_op
 from kiln.aot import aot_export_joint_simple, aot_module_simplified, config, nop
 from kiln.aot.meta import setup_stacktrace_preservation_hooks
 from kiln.tracing import make_fx
-
-
-def maybe_dupe_op(x):
-    y = x + 1
-    z = x + 2
-    if x.numel() < 5:
-        return y, y
-    return y, z
 
 
 @pytest.fixture(scope="module")
@@ -32,15 +25,6 @@ def custom_lib():
     lib.impl("maybe_dupe_op", maybe_dupe_op, "CPU")
     lib.impl("maybe_dupe_op", maybe_dupe_op, "Meta")
     yield lib
-
-
-@pytest.fixture(autouse=True)
-def _reset():
-    kiln.reset()
-    prev = torch.is_grad_enabled()
-    yield
-    torch.set_grad_enabled(prev)
-    kiln.reset()
 
 
 @kiln.capture.config.patch(automatic_dynamic_shapes=False)  # as the seed: static recompiles

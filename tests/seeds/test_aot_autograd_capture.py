@@ -12,23 +12,6 @@ import kiln
 from kiln.testing import CompileCounter, CompileCounterWithBackend, compare_equal_outs_and_grads, rand_strided, same
 
 
-@pytest.fixture(autouse=True)
-def _reset():
-    kiln.reset()
-    prev = torch.is_grad_enabled()
-    yield
-    torch.set_grad_enabled(prev)
-    kiln.reset()
-
-
-def maybe_dupe_op(x):
-    y = x + 1
-    z = x + 2
-    if x.numel() < 5:
-        return y, y
-    return y, z
-
-
 def test_LSTM():
     class Repro(torch.nn.Module):
         def __init__(self):
