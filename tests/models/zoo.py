@@ -79,15 +79,20 @@ def bert(size: str = "tiny") -> Built:
     return _hf(BertForMaskedLM(cfg)), (ids, mask), "transformers"
 
 
+def _llama_like_dims(size: str) -> dict[str, Any]:
+    """Sizes shared by the LLaMA-family configs (grouped KV heads)."""
+    return _dims(size, dict(num_hidden_layers=2, hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
+                            intermediate_size=64, vocab_size=128),
+                 dict(num_hidden_layers=4, hidden_size=128, num_attention_heads=4, num_key_value_heads=2,
+                      intermediate_size=352, vocab_size=1024))
+
+
 def llama(size: str = "tiny") -> Built:
     """LLaMA causal LM (RMSNorm, rotary embeddings, SwiGLU, grouped KV heads)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(SEED)
-    d = _dims(size, dict(num_hidden_layers=2, hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
-                         intermediate_size=64, vocab_size=128),
-              dict(num_hidden_layers=4, hidden_size=128, num_attention_heads=4, num_key_value_heads=2,
-                   intermediate_size=352, vocab_size=1024))
+    d = _llama_like_dims(size)
     cfg = LlamaConfig(**d, max_position_embeddings=64, use_cache=False, bos_token_id=0, eos_token_id=0,
                       pad_token_id=0, attn_implementation=ATTN)
     return _hf(LlamaForCausalLM(cfg)), (_ids(d["vocab_size"], 2, 16),), "transformers"
@@ -98,10 +103,7 @@ def mistral(size: str = "tiny") -> Built:
     from transformers import MistralConfig, MistralForCausalLM
 
     torch.manual_seed(SEED)
-    d = _dims(size, dict(num_hidden_layers=2, hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
-                         intermediate_size=64, vocab_size=128),
-              dict(num_hidden_layers=4, hidden_size=128, num_attention_heads=4, num_key_value_heads=2,
-                   intermediate_size=352, vocab_size=1024))
+    d = _llama_like_dims(size)
     cfg = MistralConfig(**d, max_position_embeddings=64, sliding_window=8, use_cache=False, bos_token_id=0,
                         eos_token_id=0, pad_token_id=0, attn_implementation=ATTN)
     return _hf(MistralForCausalLM(cfg)), (_ids(d["vocab_size"], 2, 16),), "transformers"
