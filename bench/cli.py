@@ -6,6 +6,7 @@ In: command-line flags (see ``--help``). Out: ``<out>/results.json``, ``results.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shlex
 import shutil
@@ -57,7 +58,24 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--no-isolate", action="store_true",
                     help="run rows in this process (default: in a child process, so a crash fails one compiler, not the run)")
     ap.add_argument("--worker-timeout", type=float, default=300.0, help="seconds per compile-time subprocess")
+    ap.add_argument("--resume", action="store_true",
+                    help="keep the rows already in <out>/results.json (same device and profile) and run only "
+                         "the missing ones: finishes a run cut off by a time limit")
     return ap
+
+
+def _resumed_rows(out_dir: Path, s: Settings, plan: list[tuple[str, str]]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """(rows of an earlier run of the same device/profile that are in ``plan``, its meta); empty if none."""
+    path = out_dir / "results.json"
+    if not path.exists():
+        return [], {}
+    old = json.loads(path.read_text())
+    meta = old.get("meta", {})
+    if (meta.get("device"), meta.get("profile")) != (s.device, s.profile):
+        raise SystemExit(f"--resume: {path} holds a {meta.get('device')}/{meta.get('profile')} run, "
+                         f"not {s.device}/{s.profile}")
+    wanted = set(plan)
+    return [r for r in old.get("rows", []) if (r["case"], r["mode"]) in wanted], meta
 
 
 def _settings(args: argparse.Namespace, tmp: Path) -> Settings:
@@ -161,13 +179,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for n in notes:
         print(f"note: {n}", flush=True)
     results: dict[str, Any] = {"meta": meta, "rows": []}
+    prior_wall = 0.0
+    if args.resume:
+        kept, old_meta = _resumed_rows(out_dir, s, plan)
+        results["rows"] = kept
+        prior_wall = float(old_meta.get("wall_s", 0.0))
+        meta["resumed_from"] = old_meta.get("resumed_from", []) + [old_meta.get("date")] if kept else []
+        done = {(r["case"], r["mode"]) for r in kept}
+        plan = [p for p in plan if p not in done]
+        print(f"--resume: kept {len(kept)} rows of the run of {old_meta.get('date')}; {len(plan)} to run", flush=True)
     t0 = time.perf_counter()
     rows = (run_case(case, mode, comps, s) for case, mode in plan) if args.no_isolate else isolate.run_rows(plan, comps, s)
+    n_before = len(results["rows"])
     try:
         for i, row in enumerate(rows, 1):
             results["rows"].append(row)
-            print(_progress(i, len(plan), t0, row), flush=True)
-            meta["wall_s"] = time.perf_counter() - t0
+            print(_progress(n_before + i, n_before + len(plan), t0, row), flush=True)
+            meta["wall_s"] = prior_wall + time.perf_counter() - t0
             report.write_all(results, out_dir)  # NOTE: rewritten after each row, so a cut-off run leaves its numbers
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -113,7 +113,11 @@ def graph_stats(c: Compiler, model: Callable[..., Any], inputs: tuple[Any, ...],
     explain = getattr(kiln, "explain")
     with torch.set_grad_enabled(train):
         out = explain(model)(*inputs)
-    return {"graphs": int(out.graph_count), "breaks": int(out.graph_break_count)}
+    stats = {"graphs": int(out.graph_count), "breaks": int(out.graph_break_count)}
+    eager = [str(w)[:300] for w in getattr(out, "eager_frames", [])[:3]]
+    if eager:
+        stats["eager_frames"] = eager  # NOTE: functions kiln could not capture and ran uncompiled
+    return stats
 
 
 class DynamoCounters:

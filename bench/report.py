@@ -156,6 +156,9 @@ def _meta_lines(meta: dict[str, Any]) -> list[str]:
            f"match tolerance: relative L2 error <= {s['tolerance']:g} for outputs and grads; "
            f"cold/warm compile subprocesses: {_cold_word(s)}",
            f"- command: `{meta['command']}`"]
+    if meta.get("resumed_from"):
+        out.append(f"- resumed (`--resume`): rows measured in the run(s) of {', '.join(meta['resumed_from'])} are kept; "
+                   "each row's compilers were still measured side by side in one process")
     out += [f"- note: {n}" for n in meta.get("notes", [])]
     return out
 
@@ -224,6 +227,8 @@ def _problems(rows: list[dict[str, Any]], comps: list[str]) -> list[str]:
                     out.append(f"- {r['case']}/{r['mode']} {c}: {k.replace('_', ' ')}: {e[k]}")
             for w in e.get("warnings", []):
                 out.append(f"- {r['case']}/{r['mode']} {c}: warning: {w}")
+            for why in e.get("eager_frames", []):
+                out.append(f"- {r['case']}/{r['mode']} {c}: ran eagerly: {why}")
     return out
 
 

@@ -11,7 +11,8 @@ import sys
 import traceback
 from typing import Optional
 
-_KILN_DIR = os.path.dirname(os.path.abspath(__file__))
+# NOTE: folders end with the separator, so that torch's does not also match torchvision's.
+_KILN_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
 _TORCH_DIR: Optional[str] = None
 
 
@@ -20,7 +21,7 @@ def _torch_dir() -> str:
     if _TORCH_DIR is None:
         import torch
 
-        _TORCH_DIR = os.path.dirname(os.path.abspath(torch.__file__))
+        _TORCH_DIR = os.path.dirname(os.path.abspath(torch.__file__)) + os.sep
     return _TORCH_DIR
 
 

@@ -13,7 +13,7 @@ from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 
 from kiln import exc
 from kiln.aot import config
-from kiln.aot.collect import collect_metadata
+from kiln.aot.collect import AOTMeta, collect_metadata
 from kiln.aot.compilers import call_compiled
 from kiln.aot.meta import SourceMetaInterpreter, propagate_meta
 from kiln.aot.partition import default_partition
@@ -392,6 +392,30 @@ def aot_module(mod: torch.nn.Module, fw_compiler: Callable, bw_compiler: Optiona
     return AOTModule(mod, compiled)
 
 
+def check_output_shapes(mod: torch.nn.Module, meta: AOTMeta) -> None:
+    """Outputs traced at the ATen level must have the shapes the captured graph recorded.
+
+    NOTE: a Python decomposition with a bug in some PyTorch release (2.11's LSTM returns
+    h_n with an extra dim for bidirectional stacks) would otherwise be a wrong answer;
+    a mismatch fails the backend, and the graph then runs eagerly with a warning."""
+    if not isinstance(mod, fx.GraphModule):
+        return
+    out = next((n for n in reversed(mod.graph.nodes) if n.op == "output"), None)
+    vals = out.args[0] if out is not None else None
+    if not isinstance(vals, (list, tuple)) or len(vals) != len(meta.out_shapes):
+        return
+    for i, (n, got) in enumerate(zip(vals, meta.out_shapes)):
+        want = n.meta.get("val", n.meta.get("example_value")) if isinstance(n, fx.Node) else None
+        if isinstance(want, torch.Tensor) and got is not None and [str(d) for d in want.shape] != [str(d) for d in got]:
+            raise exc.TracingError(
+                f"output {i} traced with shape {list(got)}, but the captured graph says {list(want.shape)}",
+                why="a decomposition used while tracing ATen ops disagrees with the operator "
+                    f"'{n.target if n.op == 'call_function' else n.name}' as captured",
+                where=exc.user_location(),
+                hint="the graph runs eagerly; upgrading PyTorch may fix the decomposition",
+            )
+
+
 def aot_module_simplified(mod: torch.nn.Module, args: list, fw_compiler: Callable,
                           bw_compiler: Optional[Callable] = None,
                           partition_fn: Callable = default_partition,
@@ -429,6 +453,7 @@ def aot_module_simplified(mod: torch.nn.Module, args: list, fw_compiler: Callabl
         try:
             art = compile_flat(flat_fn, tensors, fw_compiler, bw_compiler, partition_fn,
                                decompositions, inference_compiler)
+            check_output_shapes(mod, art.meta)
             if art.meta.mutated_inputs and any(p >= 0 for p in pattern):
                 raise _AliasedMutatedInputs()
         except _DATA_DEPENDENT as e:

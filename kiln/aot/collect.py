@@ -6,6 +6,8 @@ gradients, and the grad mode the function leaves behind.
 """
 from __future__ import annotations
 
+import contextlib
+
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -39,6 +41,8 @@ class AOTMeta:
     export: bool = False
     # the function read a global/closure tensor that requires grad (its grad would be lost)
     external_requires_grad: bool = False
+    # per user output: its shape as traced here (None for non-tensors)
+    out_shapes: list = field(default_factory=list)
 
     @property
     def num_fw_outputs(self) -> int:
@@ -75,7 +79,14 @@ def run_functionalized(fn: Callable, inputs: list, decompositions: Optional[dict
 def collect_metadata(fn: Callable, fake_inputs: list, fake_mode, decompositions: Optional[dict],
                      real_is_leaf: list, export: bool = False) -> AOTMeta:
     """Run fn functionalized on fakes and describe mutations, aliases and grads."""
-    with fake_mode:
+    from torch._dispatch.python import enable_python_dispatcher
+
+    from kiln.tracing.make_fx import has_shape_env
+
+    # NOTE: the Python dispatcher exactly where make_fx uses it (symbolic sizes), so that
+    # this pass and the graph traces run the same kernels.
+    dispatcher = enable_python_dispatcher() if has_shape_env(fake_mode) else contextlib.nullcontext()
+    with dispatcher, fake_mode:
         pre_clone = [bool(t.requires_grad and not leaf) for t, leaf in zip(fake_inputs, real_is_leaf)]
         input_requires_grad = [bool(t.requires_grad) for t in fake_inputs]
         # NOTE: fresh leaves, so that autograd state set by in-place ops in this
@@ -96,6 +107,7 @@ def collect_metadata(fn: Callable, fake_inputs: list, fake_mode, decompositions:
                        grad_enabled_before=grad_before, num_tokens=fmeta.num_tokens, export=export,
                        external_requires_grad=mode.external_requires_grad)
         meta.input_requires_grad = input_requires_grad
+        meta.out_shapes = [tuple(o.shape) if isinstance(o, torch.Tensor) else None for o in outs]
         meta.mutated_inputs = [i for i, info in enumerate(mode.input_info)
                                if info.mutates_data or info.mutates_storage]
         for i, info in enumerate(mode.input_info):

@@ -22,6 +22,7 @@ import torch
 import torch.fx as fx
 
 from kiln.aot.maxflow import INF, FlowGraph
+from kiln.tracing.symbolic import size_hint
 
 aten = torch.ops.aten
 
@@ -165,14 +166,7 @@ _CHEAP_PACKETS = {
 def _size(n: fx.Node) -> float:
     val = n.meta.get("val")
     if isinstance(val, torch.Tensor):
-        try:
-            # NOTE: a size hint, not int(): int() of a symbolic numel would add a
-            # guard that specialises the dynamic sizes of the whole graph.
-            from torch.fx.experimental.symbolic_shapes import hint_int
-
-            numel = hint_int(val.numel(), fallback=1 << 20)
-        except Exception:  # noqa: BLE001 - symbolic sizes without a hint
-            numel = 1 << 20
+        numel = size_hint(val.numel(), fallback=1 << 20)
         return float(max(numel, 1) * val.element_size())
     if isinstance(val, (torch.SymInt, int, float, bool)):
         return 1.0

@@ -17,6 +17,7 @@ import torch
 import torch.utils._pytree as pytree
 
 from kiln.exc import BackendCompilerFailed, InvalidBackend, KilnError, user_location
+from kiln.tracing.symbolic import size_hint
 
 from .registry import CompiledFn, CompilerFn, backend_name, lookup_backend
 
@@ -205,22 +206,15 @@ def aot_autograd(
 # --------------------------------------------------------------------------- inputs
 
 
-def _size_hint(s: Any) -> Any:
-    if isinstance(s, torch.SymInt):
-        hint = getattr(s.node, "hint", None)
-        return int(hint) if hint is not None else 2  # NOTE: unbacked: any small size works
-    return s
-
-
 def _defake(x: Any) -> Any:
     from torch._subclasses.fake_tensor import is_fake
 
     if isinstance(x, torch.SymInt):
-        return _size_hint(x)
+        return size_hint(x)
     if not isinstance(x, torch.Tensor) or not is_fake(x):
         return x
-    size = [_size_hint(s) for s in x.size()]
-    stride = [_size_hint(s) for s in x.stride()]
+    size = [size_hint(s) for s in x.size()]
+    stride = [size_hint(s) for s in x.stride()]
     out = torch.empty_strided(size, stride, dtype=x.dtype, device=x.device)
     if x.dtype.is_floating_point or x.dtype.is_complex:
         out.normal_()

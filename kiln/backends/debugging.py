@@ -162,6 +162,8 @@ class ExplainOutput:
     ops_per_graph: Optional[list] = None
     out_guards: Optional[list] = None
     compile_times: Optional[str] = None
+    # NOTE: kiln's addition: functions that could not be captured at all and ran eagerly, with why.
+    eager_frames: list = dataclasses.field(default_factory=list)
 
     def __str__(self) -> str:
         lines = [
@@ -175,6 +177,9 @@ class ExplainOutput:
             lines.append(f"    Reason: {getattr(br, 'reason', br)}")
             lines.append("    User Stack:")
             lines.extend(f"      {fs}" for fs in getattr(br, "user_stack", ()) or ())
+        if self.eager_frames:
+            lines.append("Eager Frames:")
+            lines.extend(f"  {why}" for why in self.eager_frames)
         if self.ops_per_graph is not None:
             lines.append("Ops per Graph:")
             for idx, ops in enumerate(self.ops_per_graph):

@@ -28,8 +28,9 @@ MISS = object()
 GuardFail = namedtuple("GuardFail", ["reason", "orig_code"])
 
 _ALL_CACHES: "weakref.WeakSet" = weakref.WeakSet()
-_KILN_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_TORCH_DIR = os.path.dirname(os.path.abspath(torch.__file__))
+# NOTE: with the separator, so that torch's folder does not also match torchvision's.
+_KILN_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
+_TORCH_DIR = os.path.dirname(os.path.abspath(torch.__file__)) + os.sep
 _STDLIB = sysconfig.get_paths()["stdlib"]
 
 
@@ -82,6 +83,8 @@ class FunctionCache:
                 raise
             if not isinstance(e, Unsupported):
                 warnings.warn(f"kiln: capture of {fn.__qualname__} failed ({type(e).__name__}: {e}); running eagerly")
+            self.ctx.eager_frames.append(f"{fn.__qualname__} ({fn.__code__.co_filename}:{fn.__code__.co_firstlineno}) "
+                                         f"runs eagerly: {type(e).__name__}: {e}")
             self.skip = True
             return fn(*args, **kwargs)
         self.entries.insert(0, entry)
@@ -130,6 +133,7 @@ class CompileContext:
         self._wrappers: dict = {}
         self._resumes: dict = {}
         self.break_reasons: list = []
+        self.eager_frames: list[str] = []  # why a whole function runs uncompiled (explain shows them)
         self._frame_states: dict = {}
 
     def frame_state(self, code: types.CodeType):

@@ -16,6 +16,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from .guard_cse import hoist_guard
+from .guards import autocast_state
 from .ops_binary import NB_OPS
 from .variables.base import VT, NullVT, unsupported
 
@@ -139,6 +140,8 @@ def base_namespace(output, ctx) -> dict:
         "___G": output.root_globals,
         "___grad": torch.is_grad_enabled,
         "___set_grad": torch._C._set_grad_enabled,
+        "___autocast": torch._C._is_any_autocast_enabled,
+        "___autocast_state": autocast_state,
         "___MISS": MISS,
         "___kcall": ctx.kcall,
         "___kwrap": ctx.kwrap,

@@ -132,7 +132,7 @@ class RootTranslator(Translator):
         stack = list(self.stack)
         # NOTE: inside a try/with region the instruction must run where the frame's
         # exception table can catch what it raises: the rest of the frame runs eagerly.
-        # Grad-mode `with` blocks are the exception: their cleanup is replayed around it.
+        # Grad-mode and no-op `with` blocks are the exception: their cleanup is replayed around it.
         self.with_exits = _grad_with_exits(self.code, self.insts, self.idx, inst.offset, stack)
         in_try = bc.in_try_block(self.code, inst.offset) and self.with_exits is None
         if inst.opname in COND_JUMPS and isinstance(stack[-1], TensorVT):
@@ -289,9 +289,10 @@ class RootTranslator(Translator):
 
 
 def _grad_with_exits(code, insts: list, idx: dict, offset: int, stack: list):
-    """Stack slots of the grad-mode ``__exit__`` callables of the with-blocks around
-    ``offset`` (innermost first); None when any enclosing handler is something else."""
-    from .variables.objects import GradExitVT
+    """Stack slots of the replayable ``__exit__`` callables (grad mode, no-op contexts) of
+    the with-blocks around ``offset`` (innermost first); None when any enclosing handler
+    is something else."""
+    from .variables.objects import ReplayableExitVT
 
     covering = [e for e in bc.parse_exception_table(code.co_exceptiontable) if e.start <= offset <= e.end]
     slots = []
@@ -299,7 +300,7 @@ def _grad_with_exits(code, insts: list, idx: dict, offset: int, stack: list):
         i = idx.get(e.target)
         ok = i is not None and i + 1 < len(insts) and insts[i].opname == "PUSH_EXC_INFO" \
             and insts[i + 1].opname == "WITH_EXCEPT_START"
-        if not ok or e.depth < 1 or e.depth > len(stack) or not isinstance(stack[e.depth - 1], GradExitVT):
+        if not ok or e.depth < 1 or e.depth > len(stack) or not isinstance(stack[e.depth - 1], ReplayableExitVT):
             return None
         slots.append(e.depth - 1)
     return slots

@@ -23,7 +23,7 @@ def _output_cls():
 
 def explain(fn: Callable, *extra_args: Any, **extra_kwargs: Any) -> Callable:
     """``explain(fn)(*args)`` -> ExplainOutput (graph_count, graph_break_count, op_count,
-    break_reasons, graphs, ops_per_graph, out_guards) of compiling ``fn`` on ``args``."""
+    break_reasons, graphs, ops_per_graph, out_guards, eager_frames) of compiling ``fn`` on ``args``."""
 
     def inner(*args: Any, **kwargs: Any):
         from .api import _apply
@@ -52,7 +52,7 @@ def explain(fn: Callable, *extra_args: Any, **extra_kwargs: Any) -> Callable:
         count = len(graphs)
         return out_cls(graphs=graphs, graph_count=count, graph_break_count=max(count - 1, 0),
                        break_reasons=reasons, op_count=sum(len(o) for o in ops_per_graph),
-                       ops_per_graph=ops_per_graph, out_guards=guards)
+                       ops_per_graph=ops_per_graph, out_guards=guards, eager_frames=list(ctx.eager_frames))
 
     if extra_args or extra_kwargs:
         return inner(*extra_args, **extra_kwargs)

@@ -23,6 +23,14 @@ def _dtype_word(dt: torch.dtype) -> str:
             torch.int64: "Long", torch.int32: "Int", torch.bool: "Bool"}.get(dt, str(dt))
 
 
+_AUTOCAST_DEVICES = ("cpu", "cuda")
+
+
+def autocast_state() -> tuple:
+    """(device, enabled, dtype name) for the devices autocast regions usually name."""
+    return tuple((d, torch.is_autocast_enabled(d), str(torch.get_autocast_dtype(d))) for d in _AUTOCAST_DEVICES)
+
+
 class GuardSet:
     """Ordered, de-duplicated checks: (expr, reason) pairs of Python source."""
 
@@ -111,6 +119,17 @@ class GuardSet:
     def grad_mode(self, mode: bool) -> None:
         self._add(("grad",), f"___grad() is {mode}", f"GLOBAL_STATE changed: grad_mode (expected {mode})",
                   f"GRAD_MODE: {mode}")
+
+    def autocast(self) -> None:
+        """The autocast state seen while tracing (PyTorch's global-state guard covers it too):
+        a graph traced without autocast must not serve a call made inside an autocast region."""
+        if not torch._C._is_any_autocast_enabled():
+            self._add(("autocast",), "not ___autocast()", "GLOBAL_STATE changed: autocast (expected disabled)",
+                      "AUTOCAST: disabled")
+            return
+        state = autocast_state()
+        self._add(("autocast",), f"___autocast_state() == {state!r}",
+                  f"GLOBAL_STATE changed: autocast (expected {state})", f"AUTOCAST: {state}")
 
     # ------------------------------------------------------------ codegen
     def fast_expr(self) -> str:

@@ -7,12 +7,15 @@ handed to the backend, plus the bookkeeping the runner codegen needs.
 """
 from __future__ import annotations
 
+import contextlib
+
 import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 import torch
 import torch.fx as fx
+from torch._dispatch.python import enable_python_dispatcher
 from kiln.exc import BackendCompilerFailed, Unsupported
 from kiln.passes import checking, log_graph, verify_graph
 
@@ -139,6 +142,7 @@ class OutputGraph:
         self.initial_grad = torch.is_grad_enabled()
         self.grad_enabled = self.initial_grad
         self.guards.grad_mode(self.initial_grad)
+        self.guards.autocast()
         self.module_params: set = set()
 
     # ------------------------------------------------------------ inputs
@@ -228,11 +232,7 @@ class OutputGraph:
         fargs = [fake_value(a) for a in args]
         fkw = {k: fake_value(v) for k, v in kwargs.items()}
         try:
-            with self.fake_mode:
-                if kind == "call_method":
-                    res = getattr(fargs[0], target)(*fargs[1:], **fkw)
-                else:
-                    res = target(*fargs, **fkw)
+            res = self._fake_call(kind, target, fargs, fkw)
         except Unsupported:
             raise
         except Exception as e:  # noqa: BLE001 - any failure on fake tensors becomes a graph break
@@ -244,6 +244,16 @@ class OutputGraph:
         node = self.graph.create_node(kind, target, tuple(node_value(a) for a in args),
                                       {k: node_value(v) for k, v in kwargs.items()})
         return self._wrap_result(res, node)
+
+    def _fake_call(self, kind: str, target: Any, fargs: list, fkw: dict) -> Any:
+        # NOTE: with a ShapeEnv, as in PyTorch's capture, fake calls go through the Python
+        # dispatcher: some C++ composite kernels read sizes() and would specialise symbolic
+        # sizes to their hints (one recompile per new length); their Python decompositions do not.
+        with self.fake_mode, (enable_python_dispatcher() if self.fake_mode.shape_env is not None
+                              else contextlib.nullcontext()):
+            if kind == "call_method":
+                return getattr(fargs[0], target)(*fargs[1:], **fkw)
+            return target(*fargs, **fkw)
 
     def _wrap_result(self, res: Any, node: fx.Node) -> VT:
         import operator

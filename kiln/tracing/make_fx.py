@@ -59,6 +59,11 @@ def _find_fake_mode(flat_args: list) -> Optional[FakeTensorMode]:
     return None
 
 
+def has_shape_env(fake_mode: Optional[FakeTensorMode]) -> bool:
+    """Whether tracing under ``fake_mode`` may meet symbolic sizes."""
+    return fake_mode is not None and fake_mode.shape_env is not None
+
+
 def _make_fake_mode(tracing_mode: str, flat_args: list) -> Optional[FakeTensorMode]:
     existing = _find_fake_mode(flat_args)
     if existing is not None:
@@ -141,10 +146,11 @@ def _trace(fn: Callable, args: tuple, tracing_mode: str,
     is_module = isinstance(fn, torch.nn.Module)
     mode_ctx = fake_mode if fake_mode is not None else contextlib.nullcontext()
     state_ctx = _module_state(fn, tracer) if is_module else contextlib.nullcontext()
-    # NOTE: with symbolic sizes, C++ composite kernels (aten::lstm) call
-    # numel() and fail; the Python dispatcher routes them to the Python
-    # decompositions registered for CompositeImplicitAutograd instead.
-    dispatcher_ctx = enable_python_dispatcher() if tracing_mode == "symbolic" \
+    # NOTE: with symbolic sizes, C++ composite kernels (aten::lstm) call numel() or sizes()
+    # and fail or specialise; the Python dispatcher routes them to the Python decompositions
+    # registered for CompositeImplicitAutograd instead (as PyTorch does whenever a ShapeEnv
+    # exists). Fake inputs made elsewhere (AOT's) count by their ShapeEnv.
+    dispatcher_ctx = enable_python_dispatcher() if has_shape_env(fake_mode) \
         else contextlib.nullcontext()
     with tracer, dispatcher_ctx, mode_ctx, state_ctx, tracer.mode:
         out = fn(*traced_args)

@@ -125,3 +125,12 @@ class SymNodeBuilder:
         if k < 0:
             acc = self._call(operator.truediv, [(1.0, 1.0), acc])
         return acc
+
+
+def size_hint(s: Any, fallback: int = 2) -> Any:
+    """A size as a plain int: SymInts give their hint (``fallback`` when unbacked), ints
+    pass through. NOTE: never ``int(s)``: that adds a guard specialising the symbol."""
+    if isinstance(s, torch.SymInt):
+        hint = getattr(s.node, "hint", None)
+        return int(hint) if hint is not None else fallback
+    return s

@@ -465,3 +465,24 @@ def test_training_graphs_for_symbolic_inputs_stay_symbolic():
         out.sum().backward()
         assert out.shape == (n * 3,)
         torch.testing.assert_close(x.grad, 2 * x.detach().cos())
+
+
+def test_output_shape_disagreeing_with_captured_graph_is_an_error():
+    """A captured graph whose recorded output shape differs from what the ATen trace gives
+    (a buggy decomposition in some PyTorch release) fails the compile, never runs wrong."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from kiln.aot import aot_module_simplified
+    from kiln.exc import TracingError
+
+    def f(x):
+        return (x.sum(0),)
+
+    gm = torch.fx.symbolic_trace(f)
+    out = next(n for n in gm.graph.nodes if n.op == "output")
+    with FakeTensorMode():
+        out.args[0][0].meta["val"] = torch.empty(3, 1)  # the true shape is (3,)
+    with pytest.raises(TracingError, match=r"output 0 traced with shape \[3\], but the captured graph says \[3, 1\]"):
+        aot_module_simplified(gm, [torch.randn(4, 3)], fw_compiler=lambda g, _: g)
+    out.args[0][0].meta["val"] = None
+    assert aot_module_simplified(gm, [torch.randn(4, 3)], fw_compiler=lambda g, _: g)(torch.ones(4, 3))[0].shape == (3,)

@@ -46,3 +46,22 @@ def test_failing_and_crashing_compilers_are_shown_not_dropped(tmp_path: Path) ->
     assert "crashed" in comps["torch.compile:crash_test"]["reason"]
     md = (tmp_path / "results.md").read_text()
     assert "kiln:no_such_backend" in md and "torch.compile:crash_test" in md
+
+
+def test_resume_keeps_finished_rows_and_runs_the_rest(tmp_path: Path) -> None:
+    """--resume: a run cut off after some rows is finished by running only the missing rows."""
+    p = _run_bench(tmp_path, "--backends", "eager", "--quick")
+    assert p.returncode == 0, p.stderr[-2000:]
+    first = json.loads((tmp_path / "results.json").read_text())
+    kept = first["rows"][0]
+    p = subprocess.run([sys.executable, "-m", "bench", "--cases", "tiny,softmax_ln", "--modes", "infer", "--no-cold",
+                        "--reps", "2", "--warmup", "0", "--min-sample-ms", "1", "--backends", "eager", "--quick",
+                        "--out", str(tmp_path), "--resume"], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                       env=dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")))
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "kept 1 rows" in p.stdout and "1 to run" in p.stdout
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert [(r["case"], r["mode"]) for r in data["rows"]] == [("tiny", "infer"), ("softmax_ln", "infer")]
+    assert data["rows"][0] == kept
+    assert data["meta"]["resumed_from"] == [first["meta"]["date"]]
+    assert "resumed (`--resume`)" in (tmp_path / "results.md").read_text()

@@ -611,3 +611,73 @@ def test_break_inside_no_grad_block_resumes_compiled_and_restores_on_error():
     with pytest.raises(ValueError):
         kiln.compile(g, backend="eager")(x, boom)
     assert torch.is_grad_enabled()
+
+
+def test_library_code_is_matched_by_folder_not_by_prefix():
+    """Code in torch's own folder is library code (run, never captured); code in a
+    sibling package whose name starts with "torch" (torchvision, torchaudio) is user-level
+    model code and gets captured."""
+    import os
+
+    from kiln.capture.cache import is_library_code
+
+    torch_dir = os.path.dirname(os.path.abspath(torch.__file__))
+    inside = compile("def f(x):\n    return x + 1\n", os.path.join(torch_dir, "nn", "m.py"), "exec")
+    sibling = compile("def f(x):\n    return x + 1\n", torch_dir + "vision" + os.sep + "resnet.py", "exec")
+    assert is_library_code(inside)
+    assert not is_library_code(sibling)
+
+    ns: dict = {}
+    exec(sibling, ns)
+    out = kiln.explain(ns["f"])(torch.ones(3))
+    assert out.graph_count == 1
+
+
+def test_noop_context_managers_stay_in_graph_and_survive_a_break_inside():
+    """contextlib.nullcontext and torch.autocast(enabled=False) (transformers' rotary embedding
+    uses both) change nothing in the graph; a break inside such a block still compiles the rest."""
+    import contextlib
+
+    def f(x):
+        with contextlib.nullcontext():
+            y = x.sin()
+        with torch.autocast("cpu", enabled=False):
+            y = y * 2
+        with contextlib.nullcontext(y) as z:
+            kiln.graph_break()
+            z = z + 1
+        return z.cos()
+
+    x = torch.randn(3)
+    out = kiln.explain(f)(x)
+    assert (out.graph_count, out.graph_break_count) == (2, 1)
+    run(f, x, frames=2)
+
+
+def test_autocast_state_is_guarded():
+    """A graph traced outside autocast is not reused inside an autocast region (and back)."""
+    def f(x):
+        if torch.is_autocast_enabled("cpu"):
+            return x + 1
+        return x - 1
+
+    reasons = []
+    g = kiln.optimize("eager", guard_fail_fn=lambda fail: reasons.append(fail[0]))(f)
+    x = torch.ones(2)
+    assert torch.equal(g(x), f(x))
+    with torch.autocast("cpu"):
+        assert torch.equal(g(x), f(x))
+    assert torch.equal(g(x), f(x))
+    assert reasons[0] == "GLOBAL_STATE changed: autocast (expected disabled)"
+
+
+def test_a_function_that_runs_eagerly_says_why_in_explain():
+    """A frame kiln cannot capture at all runs eagerly, and explain names it with the reason
+    (a model reported with zero graphs must not look like a fast compile)."""
+    def gen(x):
+        yield x + 1
+
+    ex = kiln.explain(gen)(torch.ones(2))
+    assert ex.graph_count == 0
+    assert len(ex.eager_frames) == 1 and "generator" in ex.eager_frames[0] and "gen" in ex.eager_frames[0]
+    assert "Eager Frames:" in str(ex)

@@ -24,9 +24,11 @@ from __future__ import annotations
 import dataclasses
 import os
 import sys
+import warnings
 from typing import Any, Callable
 
 import pytest
+
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
@@ -79,9 +81,12 @@ EXPECTED: dict[str, dict[str, Expect]] = {
     "resnet_eval": one_graph(22),
     "resnet_train": one_graph(22),
     # NOTE: dynamo refuses nn.LSTM (config.allow_rnn=False) and skips the whole frame:
-    # 0 graphs, the model runs eagerly. kiln goes further: one graph (dynamo with
-    # allow_rnn=True: 6 ops).
-    "lstm_lm": {"kiln": Expect(1, 0, min_ops=5), "dynamo": Expect(graphs=0, breaks=0)},
+    # 0 graphs, the model runs eagerly. kiln goes further: one graph on CPU (dynamo with
+    # allow_rnn=True: 6 ops). On CUDA the LSTM call itself runs eagerly between two graphs:
+    # its C++ kernel packs cuDNN weights by data pointer, which fake tensors do not have.
+    "lstm_lm": {"kiln": Expect(1, 0, min_ops=5) if DEVICE == "cpu"
+                else Expect(2, 1, break_in=("torch/nn/modules/rnn.py:forward",), min_ops=2),
+                "dynamo": Expect(graphs=0, breaks=0)},
     "nanogpt": one_graph(38),
     "nanogpt_generate_step": one_graph(38),
     # NOTE: dynamo breaks once, at loss.backward() ("Unsupported Tensor.backward() call"):
@@ -255,10 +260,15 @@ def _run_model(name: str, size: str) -> None:
     eager, inputs, _ = build(name, size)
     model, _, _ = build(name, size)
     compiled = compile_aot_eager(model)
-    for call in (1, 2):  # the second call goes through the cache (and, in train mode, updated buffers)
-        want = eager(*inputs)
-        got = compiled(*inputs)
-        assert_same_output(got, want, f"{name} call {call}")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for call in (1, 2):  # the second call goes through the cache (and, in train mode, updated buffers)
+            want = eager(*inputs)
+            got = compiled(*inputs)
+            assert_same_output(got, want, f"{name} call {call}")
+    # NOTE: equal outputs are not enough: a graph whose backend failed runs eagerly (and says so).
+    fallbacks = [str(w.message).splitlines()[0] for w in caught if str(w.message).startswith("kiln:")]
+    assert not fallbacks, f"{name}: kiln fell back to eager: {fallbacks}"
     scalar_loss(want).backward()
     scalar_loss(got).backward()
     assert_same_state(model, eager, grads=True)

@@ -266,7 +266,35 @@ def _super(tx, cls: VT = None, obj: VT = None) -> VT:
     return SuperVT(cls.const(), obj)
 
 
+def _nullcontext(tx, enter_result: VT = None) -> VT:
+    from .objects import NullContextVT
+
+    return NullContextVT(enter_result if enter_result is not None else ConstantVT(None))
+
+
+def _autocast(tx, *args: VT, **kwargs: VT) -> VT:
+    """``torch.autocast(...)``: with ``enabled=False`` while autocast is off it changes nothing
+    (the entry's autocast guard re-checks that); regions that turn autocast on break the graph."""
+    import inspect
+
+    import torch
+
+    from .objects import NullContextVT
+
+    try:
+        bound = inspect.signature(torch.autocast.__init__).bind(None, *args, **kwargs)
+    except TypeError as e:
+        unsupported(f"torch.autocast{tuple(args)}: {e}")
+    enabled = bound.arguments.get("enabled", ConstantVT(True))
+    if enabled.is_const() and enabled.const() is False and not torch._C._is_any_autocast_enabled():
+        return NullContextVT(ConstantVT(None))
+    unsupported("torch.autocast region that enables mixed precision",
+                why="autocast regions are not captured yet; the region runs eagerly")
+
+
 def _builtin_types() -> dict:
+    import contextlib
+
     import torch
 
     return {
@@ -275,6 +303,7 @@ def _builtin_types() -> dict:
         map: _map, filter: _filter, super: _super, functools.partial: _partial,
         torch.finfo: _static_ctor(torch.finfo), torch.iinfo: _static_ctor(torch.iinfo),
         torch.Size: _size, slice: lambda tx, *a: const_vt(slice(*[x.const() for x in a])),
+        contextlib.nullcontext: _nullcontext, torch.autocast: _autocast,
     }
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import collections
+import contextlib
 import inspect
 import os
 import types
@@ -243,6 +244,37 @@ class GradModeVT(VT):
         return f"{cg.obj(torch.set_grad_enabled)}({self.mode})" if self.prev is None else cg.const_expr(None)
 
 
+class NullContextVT(VT):
+    """A context manager with no effect on the graph: ``contextlib.nullcontext(x)``, and
+    ``torch.autocast(..., enabled=False)`` while autocast is off (every entry guards the
+    autocast state, so that stays true whenever the entry runs)."""
+
+    def __init__(self, enter_result: VT):
+        self.enter_result = enter_result
+
+    def python_type(self) -> type:
+        return contextlib.nullcontext
+
+    def call_method(self, tx, name: str, args: list, kwargs: dict) -> VT:
+        if name == "__enter__":
+            return self.enter_result
+        if name == "__exit__":
+            return ConstantVT(None)
+        unsupported(f"method {name} of a no-op context manager")
+
+    def getattr(self, tx, name: str) -> VT:
+        if name == "__exit__":
+            return NullExitVT()
+        unsupported(f"attribute {name} of a no-op context manager")
+
+    def reconstruct(self, cg) -> str:
+        return f"{cg.obj(contextlib.nullcontext)}({cg.expr(self.enter_result)})"
+
+
+def _null_exit(*exc) -> None:
+    return None
+
+
 def _make_exit(prev: bool):
     def __exit__(*exc) -> None:
         torch._C._set_grad_enabled(prev)
@@ -250,7 +282,20 @@ def _make_exit(prev: bool):
     return __exit__
 
 
-class GradExitVT(VT):
+class ReplayableExitVT(VT):
+    """The ``__exit__`` of a with-block kiln can replay from generated code: a graph break
+    inside such a block keeps compiling the rest of the frame (see convert.break_at)."""
+
+
+class NullExitVT(ReplayableExitVT):
+    def call(self, tx, args: list, kwargs: dict) -> VT:
+        return ConstantVT(None)
+
+    def reconstruct(self, cg) -> str:
+        return cg.obj(_null_exit)
+
+
+class GradExitVT(ReplayableExitVT):
     def __init__(self, prev: bool):
         self.prev = prev
 
@@ -272,7 +317,8 @@ class HandleVT(VT):
         return self.name
 
 
-__all__ = ["NNModuleVT", "UserObjectVT", "GradModeVT", "GradExitVT", "HandleVT", "UserFunctionVT"]
+__all__ = ["NNModuleVT", "UserObjectVT", "GradModeVT", "GradExitVT", "NullContextVT", "NullExitVT",
+           "ReplayableExitVT", "HandleVT", "UserFunctionVT"]
 
 
 _DICT_READS = ("keys", "values", "items", "get", "__contains__", "__getitem__")
