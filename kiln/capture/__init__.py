@@ -38,7 +38,9 @@ graph inputs), torch functions / Tensor methods / torch.ops / operator /
 math, autograd.Function.apply, builtins (len, isinstance, getattr, range,
 enumerate, zip, min/max on constants, ...), for loops over known sequences,
 if/else on Python values, ``with torch.no_grad()/enable_grad()/
-set_grad_enabled()``, try/finally bodies, comprehensions and generator
+set_grad_enabled()``, ``with contextlib.nullcontext()`` and
+``torch.autocast(..., enabled=False)`` outside autocast (transformers' rotary
+embeddings; a break inside these blocks still resumes compiled), try/finally bodies, comprehensions and generator
 expressions (generators are unrolled when they have no side effects),
 ``super()``, ``functools.partial``, imports of loaded modules, dataclass
 results built in the region (e.g. HF ``ModelOutput``), reads of dict-subclass
@@ -64,7 +66,18 @@ graph input per size symbol (``s0``, fed ``x.size(0)``), placeholders carry fake
 tensors with SymInt sizes in ``meta["val"]``, symbolic graphs get fake example
 inputs, and the entry's guards are the ShapeEnv's guards printed over the
 inputs' sizes (duck-sized equal dims share a symbol).  Python uses of a size
-(``range(n)``, ``if n > 4``) are decided by the ShapeEnv and guarded.
+(``range(n)``, ``if n > 4``) are decided by the ShapeEnv and guarded.  With a
+ShapeEnv, torch calls on fake tensors go through the Python dispatcher (as in
+PyTorch), so that C++ composite kernels reading ``sizes()`` do not specialise.
+
+Global state guarded on every entry: grad mode and autocast (off, or the exact
+per-device state seen), so that ``torch.is_autocast_enabled()`` read while tracing
+stays true.  A function that cannot be captured at all runs eagerly, and
+``explain`` lists it under "Eager Frames" with the reason.
+
+On CUDA, ``nn.LSTM``/``GRU`` calls break the graph and run eagerly (cuDNN): their
+C++ kernel packs weights by data pointer, which fake tensors do not have (on CPU
+they are captured; PyTorch's capture skips RNN modules altogether).
 
 Not yet: hooks on intermediate tensors (a break), ``torch.autocast`` regions
 (a break), unbacked (data-dependent) sizes (a break).
