@@ -22,6 +22,12 @@ class Source:
     def item(self, key: Any) -> "Source":
         return Source(f"{self.name}[{key!r}]", f"{self.expr}[{key!r}]")
 
+    def module_entry(self, table: str, key: str) -> "Source":
+        """A parameter, buffer or submodule: named ``m.key`` as PyTorch names it, read as
+        ``m._parameters['key']`` (NOTE: ``m.key`` would run ``nn.Module.__getattr__``, a
+        Python call per read, on every guard check of every call)."""
+        return Source(f"{self.name}.{key}", f"{self.expr}.{table}[{key!r}]")
+
 
 def local_source(name: str) -> Source:
     return Source(f"L[{name!r}]", name)

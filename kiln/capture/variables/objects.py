@@ -62,7 +62,7 @@ class NNModuleVT(PendingAttrs, VT):
         d = self.mod.__dict__
         for table in ("_parameters", "_buffers", "_modules"):
             if name in d.get(table, {}):
-                return tx.wrap(d[table][name], self.source.attr(name))
+                return tx.wrap(d[table][name], self.source.module_entry(table, name))
         if name in d:
             return tx.wrap(d[name], self.source.attr(name))
         found = _class_attr(tx, self, type(self.mod), name)
