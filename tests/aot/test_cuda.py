@@ -6,7 +6,7 @@ import torch
 
 from kiln.aot import aot_function, aot_module, min_cut_rematerialization_partition, nop
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
 def test_cuda_forward_backward_and_mutation():

@@ -160,7 +160,7 @@ def build(name: str, size: str = "tiny") -> zoo.Built:
         return zoo.build(name, size, DEVICE)
     except ModuleNotFoundError as e:
         if e.name == "transformers":
-            pytest.skip("transformers is not installed (pip install -e '.[test]')")
+            pytest.skip("needs the optional transformers package (pip install -e '.[test]')")
         raise
 
 

@@ -111,17 +111,17 @@ def test_aot_ts():
     _check_backend_works("aot_ts")
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="requires cuda")
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_aot_cudagraphs():
     _check_backend_works("cudagraphs")
 
 
-@pytest.mark.skipif(not _available("onnxrt"), reason="requires onnxruntime")
+@pytest.mark.skipif(not _available("onnxrt"), reason="needs the optional onnxruntime engine")
 def test_onnxrt():
     _check_backend_works("onnxrt")
 
 
-@pytest.mark.skipif(not _available("tvm"), reason="requires tvm")
+@pytest.mark.skipif(not _available("tvm"), reason="needs the optional tvm engine")
 def test_tvm():
     _check_backend_works("tvm")
     _check_backend_works("tvm", options={"scheduler": None})
@@ -149,7 +149,7 @@ def test_inplace_normalize():
     assert same(ref, res)
 
 
-@pytest.mark.skipif(not torch.backends.mps.is_available(), reason="requires mps")
+@pytest.mark.skipif(not torch.backends.mps.is_available(), reason="needs an MPS device")
 def test_mps_not_supported():
     model = Seq().to("mps")
     example_input = torch.randn(1, 10).to("mps")

@@ -82,7 +82,7 @@ def test_invoke_make_bw():
     assert actual == EXPECTED, actual
 
 
-@pytest.mark.xfail(strict=True, reason="needs compiled_autograd")
+@pytest.mark.xfail(strict=True, reason="needs the compiled-autograd stage, not built yet")
 def test_invoke_in_pt2_compiled_autograd():
     from kiln import compiled_autograd
 
@@ -117,7 +117,7 @@ def test_invoke_in_pt2_compiled_autograd():
         graph = None
 
 
-@pytest.mark.xfail(strict=True, reason="needs compiled_autograd")
+@pytest.mark.xfail(strict=True, reason="needs the compiled-autograd stage, not built yet")
 def test_invoke_in_pt2_compiled_autograd_graph_breaks():
     from kiln import compiled_autograd
 

@@ -28,7 +28,7 @@ def torchbind():
     try:
         init_torchbind_implementations()
     except (OSError, RuntimeError) as e:
-        pytest.skip(f"torch's torchbind test library is not available: {e}")
+        pytest.skip(f"needs torch's optional torchbind test library (built with torch from source): {e}")
 
 
 def test_print():

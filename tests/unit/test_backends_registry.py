@@ -114,7 +114,7 @@ def test_tvm_missing_is_a_clear_error():
     from kiln.backends.tvm import has_tvm
 
     if has_tvm():
-        pytest.skip("tvm is installed")
+        pytest.skip("checks the error for a missing tvm engine; the optional tvm engine is installed here")
     gm, inputs = _graph_and_inputs()
     with pytest.raises(kiln.exc.InvalidBackend, match="pip install apache-tvm"):
         lookup_backend("tvm")(gm, inputs)
@@ -197,7 +197,7 @@ def test_cudagraphs_on_cpu_runs_eagerly_and_says_so():
     assert any("not CUDA" in str(w.message) for w in caught)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cudagraphs_on_cuda_replays():
     def fn(x, y):
         y.add_(1)
@@ -214,7 +214,7 @@ def test_cudagraphs_on_cuda_replays():
     assert torch.equal(y, torch.full((8,), 2.0, device="cuda"))
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cudagraphs_on_cuda_with_autograd():
     torch._dynamo.reset()
     model = Seq().cuda()
@@ -358,7 +358,7 @@ def _has(mod: str) -> bool:
     return importlib.util.find_spec(mod) is not None
 
 
-@pytest.mark.skipif(not (_has("onnxruntime") and _has("onnx")), reason="needs onnxruntime and onnx")
+@pytest.mark.skipif(not (_has("onnxruntime") and _has("onnx")), reason="needs the optional onnxruntime engine (pip install onnxruntime onnx)")
 def test_onnxrt_runs_graph_and_falls_back_for_autograd():
     gm, inputs = _graph_and_inputs()
     with warnings.catch_warnings():
@@ -371,7 +371,7 @@ def test_onnxrt_runs_graph_and_falls_back_for_autograd():
     assert out[0].requires_grad  # NOTE: ran eagerly: an ONNX session has no backward
 
 
-@pytest.mark.skipif(not (_has("onnxruntime") and _has("onnx")), reason="needs onnxruntime and onnx")
+@pytest.mark.skipif(not (_has("onnxruntime") and _has("onnx")), reason="needs the optional onnxruntime engine (pip install onnxruntime onnx)")
 def test_onnxrt_through_torch_compile():
     torch._dynamo.reset()
     model = Seq().eval()
@@ -382,7 +382,7 @@ def test_onnxrt_through_torch_compile():
     assert same(model(x), r2, tol=0.01)
 
 
-@pytest.mark.skipif(not _has("tvm"), reason="needs apache-tvm (pip install -e '.[tvm]')")
+@pytest.mark.skipif(not _has("tvm"), reason="needs the optional tvm engine (pip install -e '.[tvm]')")
 @pytest.mark.parametrize("options", [None, {"scheduler": None}, {"opt_level": 0}])
 def test_tvm_backend(options):
     gm, inputs = _graph_and_inputs()
