@@ -127,6 +127,14 @@ class Unsupported(KilnError):
     """
 
 
+class FallbackWarning(UserWarning):
+    """Some part of a program ran eagerly (or on a slower path) instead of compiled.
+
+    Every fallback goes through :func:`kiln.fallbacks.record_fallback`, which warns
+    with this category and keeps a record that ``kiln.explain`` shows.
+    """
+
+
 class RecompileLimitExceeded(KilnError):
     """A code object was recompiled more often than the cache limit allows."""
 
@@ -146,6 +154,7 @@ __all__ = [
     "GraphInvariantError",
     "Unsupported",
     "RecompileLimitExceeded",
+    "FallbackWarning",
     "user_location",
     "user_frame_summary",
     "format_location",
