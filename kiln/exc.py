@@ -127,6 +127,18 @@ class Unsupported(KilnError):
     """
 
 
+class CodegenError(KilnError):
+    """kiln's code generator failed on a graph (a kiln bug: the graph falls back)."""
+
+
+class CompilerNotFound(CodegenError):
+    """No working C++ compiler for CPU kernels (what ran, what to install)."""
+
+
+class KernelCompileError(CodegenError):
+    """Generated kernel source did not compile (names the source file and ATen nodes)."""
+
+
 class FallbackWarning(UserWarning):
     """Some part of a program ran eagerly (or on a slower path) instead of compiled.
 
@@ -155,6 +167,9 @@ __all__ = [
     "Unsupported",
     "RecompileLimitExceeded",
     "FallbackWarning",
+    "CodegenError",
+    "CompilerNotFound",
+    "KernelCompileError",
     "user_location",
     "user_frame_summary",
     "format_location",
