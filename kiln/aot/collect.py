@@ -43,6 +43,13 @@ class AOTMeta:
     external_requires_grad: bool = False
     # per user output: its shape as traced here (None for non-tensors)
     out_shapes: list = field(default_factory=list)
+    # inputs whose mutation the inference graph applies itself (keep_inference_input_mutations)
+    kept_input_mutations: list = field(default_factory=list)
+
+    @property
+    def any_mutated_inputs(self) -> bool:
+        """Inputs written by the function, by the runtime or inside the graph."""
+        return bool(self.mutated_inputs or self.kept_input_mutations)
 
     @property
     def num_fw_outputs(self) -> int:

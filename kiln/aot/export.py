@@ -20,7 +20,8 @@ from kiln import exc
 from kiln.aot import config
 from kiln.aot.api import _module_state, fake_mode_for, functional_call
 from kiln.aot.collect import collect_metadata, fw_values, prepare_inputs, run_functionalized
-from kiln.aot.trace import _check_consistent, _make_fx, finish_graph, output_bases, token_fakes
+from kiln.aot.trace import _check_consistent, finish_graph, output_bases, token_fakes
+from kiln.tracing import make_fx
 
 
 @dataclass
@@ -112,7 +113,7 @@ def _trace_export(flat_fn: Callable, meta, fakes: list, fake_mode, decomposition
                     grads.append(mode.value_of(g))
         return (*(mode.tokens or []), *vals, *grads)
 
-    gm = _make_fx()(export_fn)(*token_fakes(meta, fake_mode), *fakes)
+    gm = make_fx(export_fn)(*token_fakes(meta, fake_mode), *fakes)
     return finish_graph(gm), grad_of
 
 

@@ -17,6 +17,7 @@ Backends: ``eager``, ``eager_noexcept``, ``aot_eager``, ``aot_eager_default_part
 from __future__ import annotations
 
 from .registry import (
+    DEFAULT_BACKEND,
     CompiledFn,
     CompilerFn,
     backend_name,
@@ -33,6 +34,7 @@ from . import debugging, torchscript, cudagraphs, onnxrt, tvm, inductor  # noqa:
 from .debugging import ExplainOutput, ExplainWithBackend  # noqa: E402
 
 __all__ = [
+    "DEFAULT_BACKEND",
     "register_backend",
     "register_debug_backend",
     "register_experimental_backend",

@@ -17,6 +17,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 
+from kiln.aot import default_partition, min_cut_rematerialization_partition, nop
 from kiln.exc import KilnError
 
 from .common import aot_autograd
@@ -62,24 +63,6 @@ def _graph_frame(e: BaseException) -> str:
     return f"{frames[-1].filename}:{frames[-1].lineno}" if frames else ""
 
 
-def _nop():  # -> kiln.aot.nop, imported lazily (aot/ is a sibling stage)
-    from kiln.aot import nop
-
-    return nop
-
-
-def _min_cut():
-    from kiln.aot import min_cut_rematerialization_partition
-
-    return min_cut_rematerialization_partition
-
-
-def _default_partition():
-    from kiln.aot import default_partition
-
-    return default_partition
-
-
 def aot_eager(
     gm: torch.fx.GraphModule,
     example_inputs: list,
@@ -90,9 +73,9 @@ def aot_eager(
     """AOT autograd (functionalized joint graph, min-cut partition) with no-op compilers."""
     _ignore_kwargs("aot_eager", kwargs)
     return aot_autograd(
-        fw_compiler=fw_compiler or _nop(),
-        bw_compiler=bw_compiler or _nop(),
-        partition_fn=_min_cut(),
+        fw_compiler=fw_compiler or nop,
+        bw_compiler=bw_compiler or nop,
+        partition_fn=min_cut_rematerialization_partition,
         keep_inference_input_mutations=True,
     )(gm, example_inputs)
 
@@ -104,7 +87,7 @@ def aot_eager_default_partitioner(gm: torch.fx.GraphModule, example_inputs: list
     """``aot_eager`` with the default partitioner (save what the backward needs)."""
     _ignore_kwargs("aot_eager_default_partitioner", kwargs)
     return aot_autograd(
-        fw_compiler=_nop(), partition_fn=_default_partition(), keep_inference_input_mutations=True
+        fw_compiler=nop, partition_fn=default_partition, keep_inference_input_mutations=True
     )(gm, example_inputs)
 
 
@@ -127,10 +110,10 @@ def aot_eager_decomp_partition(gm: torch.fx.GraphModule, example_inputs: list, *
     the graphs a code generator would see, run eagerly (for debugging codegen issues)."""
     _ignore_kwargs("aot_eager_decomp_partition", kwargs)
     return aot_autograd(
-        fw_compiler=_nop(),
-        bw_compiler=_nop(),
+        fw_compiler=nop,
+        bw_compiler=nop,
         decompositions=decomposition_table,
-        partition_fn=_min_cut(),
+        partition_fn=min_cut_rematerialization_partition,
         config_patches={"unlift_effect_tokens": True},
     )(gm, example_inputs)
 

@@ -7,9 +7,8 @@ from typing import Any, Callable, Optional, Union
 
 import torch
 
+from kiln.backends.registry import DEFAULT_BACKEND, lookup_backend
 from kiln.exc import InvalidBackend, user_location
-
-DEFAULT_BACKEND = "aot_eager"  # NOTE: becomes "inductor" once codegen/ lands.
 
 
 def graph_break() -> None:
@@ -19,14 +18,7 @@ def graph_break() -> None:
 def _resolve_backend(backend: Any, mode: Optional[str] = None, options: Optional[dict] = None):
     name = backend if isinstance(backend, str) else getattr(backend, "__name__", type(backend).__name__)
     if isinstance(backend, str):
-        try:
-            from kiln.backends import lookup_backend
-        except ImportError:
-            if backend != "eager":
-                raise
-            fn = lambda gm, example_inputs: gm.forward  # noqa: E731
-        else:
-            fn = lookup_backend(backend)
+        fn = lookup_backend(backend)
     elif callable(backend):
         fn = backend
     else:
@@ -122,7 +114,7 @@ def compile(fn_or_module: Any = None, *, backend: Union[str, Callable] = DEFAULT
     return _apply(_context(backend, fullgraph, None, dynamic, mode, options), fn_or_module)
 
 
-def optimize(backend: Union[str, Callable] = "inductor", *, nopython: bool = False,
+def optimize(backend: Union[str, Callable] = DEFAULT_BACKEND, *, nopython: bool = False,
              guard_fail_fn: Optional[Callable] = None, dynamic: Optional[bool] = None) -> _Optimizer:
     """The decorator form: ``kiln.optimize("eager", guard_fail_fn=f)(fn)``."""
     return _Optimizer(_context(backend, nopython, guard_fail_fn, dynamic))

@@ -14,10 +14,10 @@ from kiln.exc import Unsupported, user_location
 
 
 def _output_cls():
-    try:
-        from kiln.backends.debugging import ExplainOutput
-    except ImportError:  # pragma: no cover - backends/ is a sibling stage
-        ExplainOutput = None
+    # NOTE: imported here, not at the top: kiln.backends registers every backend when
+    # imported, which `import kiln.capture` should not pay for.
+    from kiln.backends.debugging import ExplainOutput
+
     return ExplainOutput
 
 
