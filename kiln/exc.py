@@ -26,11 +26,14 @@ def _torch_dir() -> str:
 
 
 def _is_internal(filename: str) -> bool:
+    # NOTE: before abspath, which turns "<string>" (code made by exec: dataclass
+    # __init__, namedtuples) into a path.
+    if filename.startswith("<"):
+        return True
     f = os.path.abspath(filename)
     return (
         f.startswith(_KILN_DIR)
         or f.startswith(_torch_dir())
-        or f.startswith("<")
         or "/contextlib.py" in f
         or "/functools.py" in f
     )
