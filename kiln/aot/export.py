@@ -184,6 +184,13 @@ def aot_export_joint_simple(func: Callable, args: Any, *, trace_joint: bool,
     from kiln.aot.trace import trace_forward, trace_joint as _trace_joint
 
     flat_args = list(args)
+    if not isinstance(num_params_buffers, int) or not 0 <= num_params_buffers <= len(flat_args):
+        raise exc.KilnError(
+            f"aot_export_joint_simple(num_params_buffers={num_params_buffers!r}) with "
+            f"{len(flat_args)} inputs",
+            why="num_params_buffers counts the leading inputs that are parameters or buffers",
+            where=exc.user_location(),
+        )
 
     def flat_fn(*tensors):
         out = func(*tensors)
@@ -201,6 +208,10 @@ def aot_export_joint_simple(func: Callable, args: Any, *, trace_joint: bool,
         )
     if trace_joint:
         gm, _ = _trace_joint(flat_fn, meta, fakes, fake_mode, decompositions)
-        return gm
-    with torch.no_grad():
-        return trace_forward(flat_fn, meta, fakes, fake_mode, decompositions)
+    else:
+        with torch.no_grad():
+            gm = trace_forward(flat_fn, meta, fakes, fake_mode, decompositions)
+    # NOTE: as PyTorch: the first num_params_buffers inputs are parameters/buffers,
+    # static for the compilers that read the graph (after any effect tokens).
+    gm.meta["static_input_indices"] = [meta.num_tokens + i for i in range(num_params_buffers)]
+    return gm

@@ -61,3 +61,7 @@ def _with_effects_eager(token: torch.Tensor, op: Any, *args: Any, **kwargs: Any)
 @with_effects.py_impl("fake")
 def _with_effects_fake(token: torch.Tensor, op: Any, *args: Any, **kwargs: Any) -> tuple:
     return _with_effects_eager(token, op, *args, **kwargs)
+
+
+__all__ = ["EffectType", "get_effect", "has_aliasing", "is_effectful", "new_token",
+           "register_effectful_op", "unregister_effectful_op", "with_effects", "WithEffects"]

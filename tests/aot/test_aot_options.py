@@ -194,3 +194,14 @@ def test_modules_count_their_parameters_and_buffers():
     assert fw2.graphs[0].meta["static_input_indices"] == list(range(n_state))
     with pytest.raises(exc.KilnError, match="disagrees with the module"):
         aot_module(mod, nop, num_params_buffers=1)
+
+
+def test_aot_export_joint_simple_marks_params_buffers():
+    from kiln.aot import aot_export_joint_simple
+
+    w, x = torch.randn(3, requires_grad=True), torch.randn(3)
+    gm = aot_export_joint_simple(lambda w, x: (w * x).sum(), [w, x], trace_joint=False,
+                                 num_params_buffers=1)
+    assert gm.meta["static_input_indices"] == [0]
+    with pytest.raises(exc.KilnError, match="num_params_buffers=5"):
+        aot_export_joint_simple(lambda w, x: w * x, [w, x], trace_joint=False, num_params_buffers=5)
