@@ -118,6 +118,8 @@ def _compile_flat(flat_fn: Callable, args: list, options: AOTOptions) -> Compile
                                 num_inputs=len(args))
     with torch.no_grad() if not _needs_autograd(fakes) else contextlib.nullcontext():
         gm = trace_forward(flat_fn, meta, fakes, fake_mode, decompositions)
+    # NOTE: functional too, except the input writes keep_inference_input_mutations puts
+    # in the graph (listed in gm.meta["kept_input_mutations"], which the verifier allows).
     gm = run_pipeline("aot", gm, inference_pipeline(options, meta), functional=True)
     return CompiledArtifact(meta, gm.meta["compiled"], num_inputs=len(args))
 

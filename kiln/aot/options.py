@@ -62,6 +62,9 @@ class AOTOptions:
                 raise exc.KilnError(f"{name} must be callable or None, got {type(value).__name__}",
                                     where=exc.user_location())
         set_ = object.__setattr__
+        # NOTE: remembered so that replace(fw_compiler=...) re-derives these defaults.
+        set_(self, "_defaulted", frozenset(
+            k for k in ("bw_compiler", "inference_compiler", "partition_fn") if getattr(self, k) is None))
         set_(self, "bw_compiler", self.bw_compiler or self.fw_compiler)
         set_(self, "inference_compiler", self.inference_compiler or self.fw_compiler)
         set_(self, "partition_fn", self.partition_fn or default_partition)
@@ -85,7 +88,8 @@ class AOTOptions:
     def replace(self, **changes: Any) -> "AOTOptions":
         """A copy with ``changes`` (checked like the constructor's arguments)."""
         check_option_names(changes, "AOTOptions.replace")
-        return dataclasses.replace(self, **changes)
+        reset = {k: None for k in self._defaulted if k not in changes}
+        return dataclasses.replace(self, **reset, **changes)
 
 
 OPTION_NAMES: tuple = tuple(f.name for f in dataclasses.fields(AOTOptions))
@@ -114,7 +118,7 @@ def make_options(where: str, **kwargs: Any) -> AOTOptions:
     if base is not None:
         if not isinstance(base, AOTOptions):
             raise TypeError(f"{where}(options=...) takes an AOTOptions, got {type(base).__name__}")
-        return dataclasses.replace(base, **kwargs) if kwargs else base
+        return base.replace(**kwargs) if kwargs else base
     if "fw_compiler" not in kwargs:
         raise TypeError(f"{where}() missing the fw_compiler option")
     return AOTOptions(**kwargs)

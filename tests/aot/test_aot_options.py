@@ -83,6 +83,11 @@ def test_options_record_and_positional_pytorch_order_agree():
     assert len(fw2.graphs) == 1 and len(bw2.graphs) == 1
     with pytest.raises(TypeError, match="unknown option 'partiton_fn'"):
         opts.replace(partiton_fn=default_partition)
+    # defaults follow a replaced fw_compiler; explicit choices stay
+    other = Recorder()
+    moved = opts.replace(fw_compiler=other)
+    assert moved.inference_compiler is other and moved.bw_compiler is bw2
+    assert AOTOptions(fw_compiler=nop).replace(fw_compiler=other).bw_compiler is other
 
 
 # ---------------------------------------------------------------------------- keep_inference_input_mutations
