@@ -61,14 +61,38 @@ def user_location() -> str:
 
 
 class KilnError(Exception):
-    """Base class of every error kiln raises on purpose."""
+    """Base class of every error kiln raises on purpose.
+
+    The message is built from ``what``, ``why``, ``where`` and ``hint`` each time it is
+    shown, so a location filled in after construction (capture learns the user's
+    file:line only when the error reaches the frame being translated) is part of
+    ``str(e)``.
+    """
 
     def __init__(self, what: str, *, why: str = "", where: str = "", hint: str = ""):
         self.what = what
         self.why = why
-        self.where = where
         self.hint = hint
+        self._where = where
         super().__init__(self._format())
+
+    @property
+    def where(self) -> str:
+        return self._where
+
+    @where.setter
+    def where(self, value: str) -> None:
+        # NOTE: args[0] is what pickling, repr() and some tools use; keep it in step.
+        self._where = value
+        self.args = (self._format(),)
+
+    def with_where(self, where: str) -> "KilnError":
+        """Set ``where`` (the user's file:line and source line); returns ``self``."""
+        self.where = where
+        return self
+
+    def __str__(self) -> str:
+        return self._format()
 
     def _format(self) -> str:
         parts = [self.what]
