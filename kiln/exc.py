@@ -9,6 +9,7 @@ import linecache
 import os
 import sys
 import traceback
+import types
 from typing import Optional
 
 # NOTE: folders end with the separator, so that torch's does not also match torchvision's.
@@ -26,11 +27,12 @@ def _torch_dir() -> str:
 
 
 def _is_internal(filename: str) -> bool:
+    if filename.startswith("<"):
+        return True  # NOTE: generated code ("<kiln f>"), <frozen ...>, <string>
     f = os.path.abspath(filename)
     return (
         f.startswith(_KILN_DIR)
         or f.startswith(_torch_dir())
-        or f.startswith("<")
         or "/contextlib.py" in f
         or "/functools.py" in f
     )
@@ -175,6 +177,20 @@ class RecompileLimitExceeded(KilnError):
     """A code object was recompiled more often than the cache limit allows."""
 
 
+def user_traceback(tb: Optional[types.TracebackType]) -> Optional[types.TracebackType]:
+    """``tb`` without kiln's and torch's frames (and generated code): what a user is shown
+    for a kiln error raised out of a compiled call (their frames stay, in order)."""
+    kept = []
+    while tb is not None:
+        if not _is_internal(tb.tb_frame.f_code.co_filename):
+            kept.append(tb)
+        tb = tb.tb_next
+    out = None
+    for t in reversed(kept):
+        out = types.TracebackType(out, t.tb_frame, t.tb_lasti, t.tb_lineno)
+    return out
+
+
 def internal_frames_stripped(tb_lines: list[str]) -> list[str]:
     return [l for l in tb_lines if _KILN_DIR not in l]
 
@@ -197,6 +213,7 @@ __all__ = [
     "user_location",
     "user_frame_summary",
     "format_location",
+    "user_traceback",
 ]
 
 del sys

@@ -31,6 +31,7 @@ os.environ.setdefault("KILN_STRICT", "1")
 import pytest  # noqa: E402
 
 from kiln import fallbacks  # noqa: E402
+from kiln.testing import fallback_mismatch  # noqa: E402
 
 _START = pytest.StashKey[int]()
 
@@ -45,24 +46,6 @@ def _declared(item: pytest.Item) -> list[tuple[str, bool]]:
     return out
 
 
-def check_fallbacks(nodeid: str, got: list, declared: list[tuple[str, bool]]) -> None:
-    """Fail unless every fallback in ``got`` matches a declared reason and every required
-    declared reason matched a fallback."""
-    undeclared = [f for f in got if not any(r in str(f) for r, _ in declared)]
-    if undeclared:
-        shown = "\n  ".join(str(f) for f in undeclared)
-        pytest.fail(
-            f"{nodeid}: kiln fell back to eager {len(undeclared)} time(s), which the test did not "
-            f"declare:\n  {shown}\n(declare an intended one with @pytest.mark.expect_fallback(\"reason\"))",
-            pytrace=False,
-        )
-    missing = [r for r, required in declared if required and not any(r in str(f) for f in got)]
-    if missing:
-        shown = "\n  ".join(str(f) for f in got) or "(none)"
-        pytest.fail(f"{nodeid}: declared fallback(s) {missing} did not happen; recorded:\n  {shown}",
-                    pytrace=False)
-
-
 @pytest.hookimpl(tryfirst=True)
 def pytest_runtest_setup(item: pytest.Item) -> None:
     # NOTE: from setup on, so that fallbacks in the test's fixtures count too.
@@ -72,5 +55,7 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_call(item: pytest.Item):
     result = yield  # NOTE: a failing test raises here; its own failure is the one reported
-    check_fallbacks(item.nodeid, fallbacks.recorded(item.stash.get(_START, 0)), _declared(item))
+    why = fallback_mismatch(item.nodeid, fallbacks.recorded(item.stash.get(_START, 0)), _declared(item))
+    if why is not None:
+        pytest.fail(why, pytrace=False)
     return result

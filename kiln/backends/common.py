@@ -16,7 +16,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 import torch.utils._pytree as pytree
 
-from kiln.exc import BackendCompilerFailed, InvalidBackend, KilnError, user_location
+from kiln.exc import BackendCompilerFailed, InvalidBackend, user_location
 from kiln.fallbacks import record_fallback
 from kiln.tracing.symbolic import size_hint
 
@@ -31,7 +31,8 @@ def call_backend(
 
     The one place where kiln calls a backend (capture's graphs go through it too).
     Returns the backend's callable.  A backend that raises gets
-    :class:`kiln.exc.BackendCompilerFailed` (kiln's own errors pass through unchanged);
+    :class:`kiln.exc.BackendCompilerFailed` naming it (as PyTorch: also for kiln's own
+    errors from AOT or codegen; :class:`kiln.exc.InvalidBackend` passes through unchanged);
     with ``fallback_to_eager`` (capture without fullgraph) the failure is recorded
     through :func:`kiln.fallbacks.record_fallback` instead and ``gm.forward`` returned.
     A backend that returns a non-callable gets :class:`kiln.exc.InvalidBackend` naming it.
@@ -46,8 +47,8 @@ def call_backend(
             record_fallback("backend", f"a graph of {len(gm.graph.nodes)} nodes",
                             f"backend {label!r} failed ({type(e).__name__}: {first}); running the graph eagerly")
             return gm.forward
-        if isinstance(e, KilnError):
-            raise
+        if isinstance(e, (InvalidBackend, BackendCompilerFailed)):
+            raise  # NOTE: already says which backend and why (e.g. a package to install)
         raise BackendCompilerFailed(label, e, where=user_location()) from e
     check_compiled(compiled, label)
     return compiled

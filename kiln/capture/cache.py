@@ -19,7 +19,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from kiln import fallbacks
-from kiln.exc import KilnError, Unsupported
+from kiln.exc import KilnError, Unsupported, user_traceback
 
 from . import bytecode as bc
 from . import config
@@ -125,11 +125,17 @@ def make_wrapper(cache: FunctionCache) -> Callable:
     _MISS = MISS
 
     def kiln_compiled(*args, **kwargs):
-        for e in entries:
-            r = e(*args, **kwargs)
-            if r is not _MISS:
-                return r
-        return miss(args, kwargs)
+        try:
+            for e in entries:
+                r = e(*args, **kwargs)
+                if r is not _MISS:
+                    return r
+            return miss(args, kwargs)
+        except KilnError as err:
+            # NOTE: the traceback a user sees starts at their call: kiln's frames (and torch's,
+            # and generated code) are cut, the user's own frames in between are kept.
+            # Exceptions that are not kiln's (the user's code, KILN_STRICT bugs) keep theirs.
+            raise err.with_traceback(user_traceback(err.__traceback__)) from err.__cause__
 
     functools.update_wrapper(kiln_compiled, cache.fn)
     kiln_compiled._kiln_orig = cache.fn
