@@ -7,7 +7,6 @@ from typing import Any, Callable, Optional, Union
 
 import torch
 
-from kiln.exc import InvalidBackend, user_location
 
 DEFAULT_BACKEND = "aot_eager"  # NOTE: becomes "inductor" once codegen/ lands.
 
@@ -17,21 +16,12 @@ def graph_break() -> None:
 
 
 def _resolve_backend(backend: Any, mode: Optional[str] = None, options: Optional[dict] = None):
-    name = backend if isinstance(backend, str) else getattr(backend, "__name__", type(backend).__name__)
-    if isinstance(backend, str):
-        try:
-            from kiln.backends import lookup_backend
-        except ImportError:
-            if backend != "eager":
-                raise
-            fn = lambda gm, example_inputs: gm.forward  # noqa: E731
-        else:
-            fn = lookup_backend(backend)
-    elif callable(backend):
-        fn = backend
-    else:
-        raise InvalidBackend(f"backend must be a name or a callable, got {type(backend).__name__}",
-                             where=user_location(), hint="pass e.g. backend='eager'")
+    # NOTE: the registry's lookup is the one check of what a backend is (a known name, or a
+    # callable); backends/common.call_backend is the one check of what it returns.
+    from kiln.backends.registry import backend_name, lookup_backend
+
+    fn = lookup_backend(backend)
+    name = backend_name(backend)
     extra = {k: v for k, v in (("mode", mode), ("options", options)) if v is not None}
     if extra:
         inner = fn
