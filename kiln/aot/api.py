@@ -3,7 +3,6 @@ forward and backward graphs ahead of time and wrap them to behave as eager."""
 from __future__ import annotations
 
 import contextlib
-import warnings
 from typing import Any, Callable, Optional
 
 import torch
@@ -12,6 +11,7 @@ import torch.utils._pytree as pytree
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 
 from kiln import exc
+from kiln.fallbacks import record_fallback
 from kiln.aot import config
 from kiln.aot.collect import AOTMeta, collect_metadata
 from kiln.aot.compilers import call_compiled
@@ -323,8 +323,7 @@ def _compile_entry(fn, flat, in_spec, kept, where, opts: AOTOptions) -> _Entry:
     except _DATA_DEPENDENT as e:
         if not config.fallback_to_eager_on_data_dependence:
             raise
-        warnings.warn(f"kiln.aot: running {getattr(fn, '__name__', fn)} eagerly: {_reason(e)}",
-                      stacklevel=3)
+        record_fallback("aot", f"function {getattr(fn, '__name__', fn)}", f"runs eagerly: {_reason(e)}")
         return _Entry(None, None, reason=_reason(e))
     return _Entry(art, out_spec_box[0])
 
@@ -481,7 +480,7 @@ def aot_module_simplified(mod: torch.nn.Module, args: list, fw_compiler: Optiona
         except _DATA_DEPENDENT as e:
             if not config.fallback_to_eager_on_data_dependence:
                 raise
-            warnings.warn(f"kiln.aot: running the graph eagerly: {_reason(e)}", stacklevel=3)
+            record_fallback("aot", "the graph", f"runs eagerly: {_reason(e)}")
             return None
         return art
 

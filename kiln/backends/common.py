@@ -16,28 +16,39 @@ import torch.utils._pytree as pytree
 
 from kiln import aot
 from kiln.aot.options import check_option_names
-from kiln.exc import BackendCompilerFailed, InvalidBackend, KilnError, user_location
+from kiln.exc import BackendCompilerFailed, InvalidBackend, user_location
+from kiln.fallbacks import record_fallback
 from kiln.tracing.symbolic import size_hint
 
 from .registry import CompiledFn, CompilerFn, backend_name, lookup_backend
 
 
 def call_backend(
-    backend: Any, gm: torch.fx.GraphModule, example_inputs: Sequence[Any], *, name: Optional[str] = None
+    backend: Any, gm: torch.fx.GraphModule, example_inputs: Sequence[Any], *, name: Optional[str] = None,
+    fallback_to_eager: bool = False,
 ) -> CompiledFn:
     """Compile ``gm`` with ``backend`` (a name or a callable) and check the result.
 
+    The one place where kiln calls a backend (capture's graphs go through it too).
     Returns the backend's callable.  A backend that raises gets
-    :class:`kiln.exc.BackendCompilerFailed` (kiln's own errors pass through unchanged);
-    one that returns a non-callable gets :class:`kiln.exc.InvalidBackend` naming it.
+    :class:`kiln.exc.BackendCompilerFailed` naming it (as PyTorch: also for kiln's own
+    errors from AOT or codegen; :class:`kiln.exc.InvalidBackend` passes through unchanged);
+    with ``fallback_to_eager`` (capture without fullgraph) the failure is recorded
+    through :func:`kiln.fallbacks.record_fallback` instead and ``gm.forward`` returned.
+    A backend that returns a non-callable gets :class:`kiln.exc.InvalidBackend` naming it.
     """
     compiler_fn = lookup_backend(backend)
     label = name or backend_name(backend)
     try:
         compiled = compiler_fn(gm, list(example_inputs))
-    except KilnError:
-        raise
     except Exception as e:  # NOTE: any backend failure is reported with the backend's name
+        if fallback_to_eager:
+            first = str(e).splitlines()[0] if str(e) else ""
+            record_fallback("backend", f"a graph of {len(gm.graph.nodes)} nodes",
+                            f"backend {label!r} failed ({type(e).__name__}: {first}); running the graph eagerly")
+            return gm.forward
+        if isinstance(e, (InvalidBackend, BackendCompilerFailed)):
+            raise  # NOTE: already says which backend and why (e.g. a package to install)
         raise BackendCompilerFailed(label, e, where=user_location()) from e
     check_compiled(compiled, label)
     return compiled

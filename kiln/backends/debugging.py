@@ -17,6 +17,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 
+from kiln import fallbacks
 from kiln.aot import default_partition, min_cut_rematerialization_partition, nop
 from kiln.exc import KilnError
 
@@ -147,6 +148,9 @@ class ExplainOutput:
     compile_times: Optional[str] = None
     # NOTE: kiln's addition: functions that could not be captured at all and ran eagerly, with why.
     eager_frames: list = dataclasses.field(default_factory=list)
+    # NOTE: kiln's addition: every fallback to eager recorded during the explained call
+    # (kiln.fallbacks.Fallback: stage, what, why, where), capture's, backends' and AOT's.
+    fallbacks: list = dataclasses.field(default_factory=list)
 
     def __str__(self) -> str:
         lines = [
@@ -163,6 +167,9 @@ class ExplainOutput:
         if self.eager_frames:
             lines.append("Eager Frames:")
             lines.extend(f"  {why}" for why in self.eager_frames)
+        if self.fallbacks:
+            lines.append("Fallbacks:")
+            lines.extend(f"  {fb}" for fb in self.fallbacks)
         if self.ops_per_graph is not None:
             lines.append("Ops per Graph:")
             for idx, ops in enumerate(self.ops_per_graph):
@@ -197,6 +204,7 @@ class ExplainWithBackend:
         self.op_count = 0
         self.ops_per_graph: list[list] = []
         self.break_reasons: list = []
+        self._fallbacks_since = fallbacks.mark()
 
     def __call__(self, gm: torch.fx.GraphModule, example_inputs: list, **kwargs: Any) -> CompiledFn:
         self.graphs.append(gm)
@@ -221,6 +229,7 @@ class ExplainWithBackend:
             break_reasons=self.break_reasons,
             op_count=self.op_count,
             ops_per_graph=self.ops_per_graph,
+            fallbacks=fallbacks.recorded(self._fallbacks_since),
         )
 
 

@@ -2,16 +2,18 @@
 
 ``kiln.codegen.compile_fx(gm, example_inputs, **kwargs)`` does the work.  Until that
 stage exists, ``inductor`` runs the graph through ``aot_eager`` (same values, same
-gradients, no generated kernels) and warns once that it does so.
+gradients, no generated kernels) and records that as a fallback (kiln.fallbacks) at
+each compile, warning once.
 """
 from __future__ import annotations
 
 import importlib
 import importlib.util
-import warnings
 from typing import Any
 
 import torch
+
+from kiln.fallbacks import record_fallback
 
 from .registry import CompiledFn, register_backend
 
@@ -31,13 +33,11 @@ def inductor(gm: torch.fx.GraphModule, example_inputs: list, **kwargs: Any) -> C
     if compile_fx is not None:
         return compile_fx(gm, example_inputs, **kwargs)
     global _warned
-    if not _warned:
-        _warned = True
-        warnings.warn(
-            "kiln 'inductor' backend: kiln.codegen is not built yet; running through "
-            "'aot_eager' (correct results, no generated kernels)",
-            stacklevel=2,
-        )
+    # NOTE: recorded at every compile (tests see each one), warned about once per process.
+    record_fallback("backend", "inductor",
+                    "kiln.codegen is not built yet; running through 'aot_eager' "
+                    "(correct results, no generated kernels)", warn=not _warned)
+    _warned = True
     from .debugging import aot_eager
 
     return aot_eager(gm, example_inputs)

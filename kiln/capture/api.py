@@ -7,8 +7,7 @@ from typing import Any, Callable, Optional, Union
 
 import torch
 
-from kiln.backends.registry import DEFAULT_BACKEND, lookup_backend
-from kiln.exc import InvalidBackend, user_location
+from kiln.backends.registry import DEFAULT_BACKEND, backend_name, lookup_backend
 
 
 def graph_break() -> None:
@@ -16,14 +15,10 @@ def graph_break() -> None:
 
 
 def _resolve_backend(backend: Any, mode: Optional[str] = None, options: Optional[dict] = None):
-    name = backend if isinstance(backend, str) else getattr(backend, "__name__", type(backend).__name__)
-    if isinstance(backend, str):
-        fn = lookup_backend(backend)
-    elif callable(backend):
-        fn = backend
-    else:
-        raise InvalidBackend(f"backend must be a name or a callable, got {type(backend).__name__}",
-                             where=user_location(), hint="pass e.g. backend='eager'")
+    # NOTE: the registry's lookup is the one check of what a backend is (a known name, or a
+    # callable); backends/common.call_backend is the one check of what it returns.
+    fn = lookup_backend(backend)
+    name = backend_name(backend)
     extra = {k: v for k, v in (("mode", mode), ("options", options)) if v is not None}
     if extra:
         inner = fn

@@ -1,0 +1,4 @@
+"""Entry point for ``python -m bench``."""
+from bench.cli import main
+
+main()

@@ -1,0 +1,205 @@
+"""aot_export_module / aot_export_joint_simple: one functional graph plus its signature.
+
+The exported graph takes ``[*tokens, *parameters, *buffers, *user inputs]`` and
+returns ``[*tokens, *mutated buffers, *mutated user inputs, *user outputs]``
+(joint: then the gradients of parameters and of user inputs that require
+grad, computed from the output at ``output_loss_index``).  With
+``config.unlift_effect_tokens`` the graph makes its token itself
+(``prims._make_token``) and sinks it (``prims._sink_tokens``) instead.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import torch
+import torch.fx as fx
+import torch.utils._pytree as pytree
+
+from kiln import exc
+from kiln.aot import config
+from kiln.aot.api import _module_state, fake_mode_for, functional_call
+from kiln.aot.collect import collect_metadata, fw_values, prepare_inputs, run_functionalized
+from kiln.aot.trace import _check_consistent, _make_fx, finish_graph, output_bases, token_fakes
+
+
+@dataclass
+class BackwardSignature:
+    gradients_to_parameters: dict = field(default_factory=dict)
+    gradients_to_user_inputs: dict = field(default_factory=dict)
+    loss_output: str = ""
+
+
+@dataclass
+class GraphSignature:
+    """Names of the exported graph's inputs and outputs and what they stand for."""
+
+    parameters: list = field(default_factory=list)
+    buffers: list = field(default_factory=list)
+    user_inputs: list = field(default_factory=list)
+    user_outputs: list = field(default_factory=list)
+    inputs_to_parameters: dict = field(default_factory=dict)
+    inputs_to_buffers: dict = field(default_factory=dict)
+    buffers_to_mutate: dict = field(default_factory=dict)
+    user_inputs_to_mutate: dict = field(default_factory=dict)
+    in_spec: Any = None
+    out_spec: Any = None
+    backward_signature: Optional[BackwardSignature] = None
+    input_tokens: list = field(default_factory=list)
+    output_tokens: list = field(default_factory=list)
+
+
+def aot_export_module(mod: torch.nn.Module, args: Any, *, trace_joint: bool,
+                      output_loss_index: Optional[int] = None, pre_dispatch: bool = False,
+                      decompositions: Optional[dict] = None, kwargs: Optional[dict] = None,
+                      ) -> tuple[fx.GraphModule, GraphSignature]:
+    """Export ``mod(*args)`` as one functional ATen graph and its GraphSignature."""
+    kwargs = kwargs or {}
+    names, values, param_names = _module_state(mod)
+    flat_user, in_spec = pytree.tree_flatten((tuple(args), kwargs))
+    n_state = len(values)
+    out_spec_box: list = []
+
+    def flat_fn(*tensors):
+        a, kw = pytree.tree_unflatten(list(tensors[n_state:]), in_spec)
+        out = functional_call(mod, names, list(tensors[:n_state]), a, kw)
+        flat_out, spec = pytree.tree_flatten(out)
+        if not out_spec_box:
+            out_spec_box.append(spec)
+        return flat_out
+
+    all_inputs = values + flat_user
+    if trace_joint and output_loss_index is None:
+        raise exc.TracingError("aot_export_module(trace_joint=True) needs output_loss_index",
+                               why="the backward is computed from one scalar loss output",
+                               where=exc.user_location())
+    grad_ctx = torch.enable_grad() if trace_joint else torch.no_grad()
+    with grad_ctx:
+        fake_mode, fakes = fake_mode_for(all_inputs)
+        meta = collect_metadata(flat_fn, fakes, fake_mode, decompositions,
+                                [True] * len(fakes), export=True)
+        gm, n_grads = _trace_export(flat_fn, meta, fakes, fake_mode, decompositions,
+                                    output_loss_index if trace_joint else None)
+    sig = _signature(gm, meta, names, param_names, n_state, len(flat_user), n_grads, trace_joint,
+                     output_loss_index)
+    sig.in_spec, sig.out_spec = in_spec, out_spec_box[0] if out_spec_box else None
+    if config.unlift_effect_tokens and meta.num_tokens:
+        unlift_tokens(gm, meta.num_tokens)
+        sig.input_tokens, sig.output_tokens = [], []
+    return gm, sig
+
+
+def _trace_export(flat_fn: Callable, meta, fakes: list, fake_mode, decompositions,
+                  loss_index: Optional[int]) -> tuple[fx.GraphModule, list]:
+    T = meta.num_tokens
+    grad_of: list = []
+
+    def export_fn(*args):
+        tokens, inputs = list(args[:T]), list(args[T:])
+        inputs_used = prepare_inputs(inputs, meta.clone_inputs) if loss_index is not None else inputs
+        mode, outs = run_functionalized(flat_fn, inputs_used, decompositions, tokens if T else None)
+        bases = output_bases(mode, meta, outs)
+        _check_consistent(meta, bases, mode)
+        vals = fw_values(mode, meta, outs, bases)
+        grads = []
+        if loss_index is not None:
+            wrt = [i for i, t in enumerate(inputs) if t.requires_grad]
+            with mode:
+                gs = torch.autograd.grad(outs[loss_index], [inputs[i] for i in wrt], allow_unused=True)
+            for i, g in zip(wrt, gs):
+                if g is not None:
+                    grad_of.append(i)
+                    grads.append(mode.value_of(g))
+        return (*(mode.tokens or []), *vals, *grads)
+
+    gm = _make_fx()(export_fn)(*token_fakes(meta, fake_mode), *fakes)
+    return finish_graph(gm), grad_of
+
+
+def _signature(gm, meta, names, param_names, n_state, n_user, grad_of, trace_joint, loss_index):
+    T = meta.num_tokens
+    phs = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
+    out_node = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
+    outs = [getattr(o, "name", str(o)) for o in out_node.args[0]]
+    sig = GraphSignature()
+    sig.input_tokens, sig.output_tokens = phs[:T], outs[:T]
+    state_phs, user_phs = phs[T:T + n_state], phs[T + n_state:]
+    for ph, name in zip(state_phs, names):
+        if name in param_names:
+            sig.parameters.append(name)
+            sig.inputs_to_parameters[ph] = name
+        else:
+            sig.buffers.append(name)
+            sig.inputs_to_buffers[ph] = name
+    sig.user_inputs = list(user_phs)
+    k = T
+    for i in meta.mutated_inputs:
+        if i < n_state:
+            sig.buffers_to_mutate[outs[k]] = names[i]
+        else:
+            sig.user_inputs_to_mutate[outs[k]] = user_phs[i - n_state]
+        k += 1
+    n_user_out = len(meta.plain_outputs)
+    sig.user_outputs = outs[k:k + n_user_out]
+    k += n_user_out
+    if trace_joint:
+        bw = BackwardSignature()
+        for i, name in zip(grad_of, outs[k:]):
+            if i < n_state:
+                bw.gradients_to_parameters[name] = names[i]
+            else:
+                bw.gradients_to_user_inputs[name] = user_phs[i - n_state]
+        bw.loss_output = sig.user_outputs[loss_index]
+        sig.backward_signature = bw
+    return sig
+
+
+def unlift_tokens(gm: fx.GraphModule, num_tokens: int) -> None:
+    """Replace token inputs by ``prims._make_token()`` and token outputs by one
+    ``prims._sink_tokens`` call."""
+    g = gm.graph
+    phs = [n for n in g.nodes if n.op == "placeholder"][:num_tokens]
+    first = next(n for n in g.nodes if n.op != "placeholder")
+    for ph in phs:
+        with g.inserting_before(first):
+            tok = g.call_function(torch.ops.prims._make_token.default, ())
+        tok.meta = dict(ph.meta)
+        ph.replace_all_uses_with(tok)
+        g.erase_node(ph)
+    out_node = next(n for n in reversed(g.nodes) if n.op == "output")
+    outs = list(out_node.args[0])
+    with g.inserting_before(out_node):
+        g.call_function(torch.ops.prims._sink_tokens.default, (tuple(outs[:num_tokens]),))
+    out_node.args = (tuple(outs[num_tokens:]),)
+    gm.recompile()
+
+
+def aot_export_joint_simple(func: Callable, args: Any, *, trace_joint: bool,
+                            num_params_buffers: int = 0,
+                            decompositions: Optional[dict] = None) -> fx.GraphModule:
+    """A functional graph of ``func(*args)`` (trace_joint: forward and backward
+    together, inputs ``(primals, tangents)``).  The function must not mutate
+    its inputs nor return aliases of them."""
+    from kiln.aot.trace import trace_forward, trace_joint as _trace_joint
+
+    flat_args = list(args)
+
+    def flat_fn(*tensors):
+        out = func(*tensors)
+        return list(out) if isinstance(out, (list, tuple)) else [out]
+
+    fake_mode, fakes = fake_mode_for(flat_args)
+    meta = collect_metadata(flat_fn, fakes, fake_mode, decompositions, [True] * len(fakes),
+                            export=True)
+    if meta.mutated_inputs:
+        raise exc.FunctionalizationError(
+            "aot_export_joint_simple needs a function that does not mutate its inputs",
+            why="the 'simple' export has no runtime wrapper to replay the mutation",
+            where=exc.user_location(),
+            hint="use aot_export_module, or clone the inputs in the function",
+        )
+    if trace_joint:
+        gm, _ = _trace_joint(flat_fn, meta, fakes, fake_mode, decompositions)
+        return gm
+    with torch.no_grad():
+        return trace_forward(flat_fn, meta, fakes, fake_mode, decompositions)

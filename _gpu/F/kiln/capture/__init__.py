@@ -1,0 +1,109 @@
+"""capture/: Python bytecode -> torch-level fx graphs + guards (kiln's TorchDynamo).
+
+In:  a Python function or ``nn.Module`` and the arguments of a call.
+Out: a compiled wrapper.  Each call checks the cache of generated entries for
+     the function (one generated Python guard function per entry); on a miss the
+     function's bytecode is executed symbolically over fake tensors
+     (``FakeTensorMode``), recording a torch-level ``fx.GraphModule``
+     (call_function / call_method nodes of torch functions, ``operator.*`` and
+     Tensor methods; one placeholder per input tensor named after its source,
+     e.g. ``L_x_``), which goes to the backend ``callable(gm, example_inputs)``.
+
+Invariants:
+- Never a wrong answer: whatever cannot be captured runs eagerly (a graph
+  break with a recorded reason and the user's file:line), or raises
+  ``kiln.exc.Unsupported`` under ``fullgraph=True`` / ``nopython=True``.
+- Python side effects seen while tracing (list/dict mutation of inputs,
+  attribute writes, global writes, closure-cell writes, grad-mode changes,
+  ``Tensor.register_hook`` on inputs) are replayed after the graph runs.
+- Guards cover tensor dtype/device/shape/stride/requires_grad and type,
+  aliasing between input tensors, constants, object identity, types, list
+  lengths, dict keys, globals and closure cells read, and grad mode.  Failure
+  reasons use PyTorch's words (``tensor 'L['y']' requires_grad mismatch.
+  expected requires_grad=1``, ``L['a'] is L['b']``).
+- No C eval-frame hook: compiling happens when a wrapper is called; callees
+  that break inside inlining are compiled as frames of their own when the
+  generated code calls them; resume functions are real code objects (the
+  original bytecode with a prefix that rebuilds the stack) compiled on their
+  first call.
+
+Python covered (3.11 and 3.12; handlers declare their versions):
+locals/globals/closures (LOAD/STORE_FAST, _DEREF, _GLOBAL, MAKE_CELL), constants,
+arithmetic/comparison/identity/containment operators, tuples/lists/dicts/slices
+and their literals, unpacking (incl. starred), subscripts and slices, attribute
+reads/writes, calls with positional/keyword/*args/**kwargs, inlined user
+functions, methods, nested functions and closures, properties, nn.Modules
+(inlined forward, Sequential/ModuleList/ModuleDict, parameters and buffers as
+graph inputs), torch functions / Tensor methods / torch.ops / operator /
+math, autograd.Function.apply, builtins (len, isinstance, getattr, range,
+enumerate, zip, min/max on constants, ...), for loops over known sequences,
+if/else on Python values, ``with torch.no_grad()/enable_grad()/
+set_grad_enabled()``, ``with contextlib.nullcontext()`` and
+``torch.autocast(..., enabled=False)`` outside autocast (transformers' rotary
+embeddings; a break inside these blocks still resumes compiled), try/finally bodies, comprehensions and generator
+expressions (generators are unrolled when they have no side effects),
+``super()``, ``functools.partial``, imports of loaded modules, dataclass
+results built in the region (e.g. HF ``ModelOutput``), reads of dict-subclass
+registries, ``os.environ`` and weak references (guarded on what was read),
+objects with a custom ``__getattribute__`` (read through it, guarded).
+
+Graph breaks (the rest runs eagerly, then capture resumes): a data-dependent
+``if`` on a tensor (both branches become resume functions), ``print``,
+``.item()``/``.tolist()``, ``kiln.graph_break()``, calls that fail on fake
+tensors, unknown C functions, construction of non-dataclass objects,
+``raise``.  A call, attribute read, subscript or operator that breaks is run by
+the generated code, then a compiled resume function continues.  Inside a
+``try``/``with`` region the rest of that frame runs eagerly instead (so the
+frame's own exception handling stays in charge), but a breaking call's
+callee is still compiled as a frame of its own.
+
+Dynamic shapes (capture/dynamic.py): ``dynamic=None`` (default) compiles static
+first and, when a recompile is caused by a changed size, makes the dims that
+changed symbolic (SymInts of a ``ShapeEnv``; ``config.automatic_dynamic_shapes``);
+``dynamic=True`` makes every dim symbolic from the first compile (sizes 0 and 1
+specialised); ``dynamic=False`` specialises every shape.  Symbolic dims get one
+graph input per size symbol (``s0``, fed ``x.size(0)``), placeholders carry fake
+tensors with SymInt sizes in ``meta["val"]``, symbolic graphs get fake example
+inputs, and the entry's guards are the ShapeEnv's guards printed over the
+inputs' sizes (duck-sized equal dims share a symbol).  Python uses of a size
+(``range(n)``, ``if n > 4``) are decided by the ShapeEnv and guarded.  With a
+ShapeEnv, torch calls on fake tensors go through the Python dispatcher (as in
+PyTorch), so that C++ composite kernels reading ``sizes()`` do not specialise.
+
+Global state guarded on every entry: grad mode and autocast (off, or the exact
+per-device state seen), so that ``torch.is_autocast_enabled()`` read while tracing
+stays true.  A function that cannot be captured at all runs eagerly, and
+``explain`` lists it under "Eager Frames" with the reason.
+
+On CUDA, ``nn.LSTM``/``GRU`` calls break the graph and run eagerly (cuDNN): their
+C++ kernel packs weights by data pointer, which fake tensors do not have (on CPU
+they are captured; PyTorch's capture skips RNN modules altogether).
+
+Not yet: hooks on intermediate tensors (a break), ``torch.autocast`` regions
+(a break), unbacked (data-dependent) sizes (a break).
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from . import config
+
+# NOTE: names resolve lazily so that the bytecode layer (capture/bytecode.py) stays
+# importable on an interpreter without torch.
+_LAZY = {
+    "compile": "api", "optimize": "api", "optimize_assert": "api", "disable": "api", "reset": "api",
+    "graph_break": "api", "OptimizedModule": "api", "DEFAULT_BACKEND": "api",
+    "explain": "explain", "export": "explain",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(f"kiln.capture.{_LAZY[name]}"), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'kiln.capture' has no attribute {name!r}")
+
+
+__all__ = sorted(_LAZY) + ["config"]

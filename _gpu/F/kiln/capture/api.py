@@ -1,0 +1,154 @@
+"""Entry points: compile, optimize, optimize_assert, disable, reset, graph_break."""
+from __future__ import annotations
+
+import functools
+import types
+from typing import Any, Callable, Optional, Union
+
+import torch
+
+from kiln.exc import InvalidBackend, user_location
+
+DEFAULT_BACKEND = "aot_eager"  # NOTE: becomes "inductor" once codegen/ lands.
+
+
+def graph_break() -> None:
+    """Inside a compiled function: end the current graph here (a no-op in eager)."""
+
+
+def _resolve_backend(backend: Any, mode: Optional[str] = None, options: Optional[dict] = None):
+    name = backend if isinstance(backend, str) else getattr(backend, "__name__", type(backend).__name__)
+    if isinstance(backend, str):
+        try:
+            from kiln.backends import lookup_backend
+        except ImportError:
+            if backend != "eager":
+                raise
+            fn = lambda gm, example_inputs: gm.forward  # noqa: E731
+        else:
+            fn = lookup_backend(backend)
+    elif callable(backend):
+        fn = backend
+    else:
+        raise InvalidBackend(f"backend must be a name or a callable, got {type(backend).__name__}",
+                             where=user_location(), hint="pass e.g. backend='eager'")
+    extra = {k: v for k, v in (("mode", mode), ("options", options)) if v is not None}
+    if extra:
+        inner = fn
+        fn = lambda gm, ex: inner(gm, ex, **extra)  # noqa: E731
+    return fn, name
+
+
+class OptimizedModule(torch.nn.Module):
+    """A module whose forward runs through a compile wrapper; keeps the module's interface."""
+
+    def __init__(self, mod: torch.nn.Module, ctx):
+        super().__init__()
+        self._orig_mod = mod
+        # NOTE: a plain attribute too, so the per-call path skips Module.__getattr__.
+        self.__dict__["_kiln_mod"] = mod
+        self.__dict__["_kiln_ctx"] = ctx
+        fwd = mod.__dict__.get("forward")
+        if isinstance(fwd, types.MethodType):
+            self.__dict__["_kiln_fwd"] = functools.partial(ctx.wrapper_for(fwd.__func__), fwd.__self__)
+        elif isinstance(fwd, types.FunctionType):
+            self.__dict__["_kiln_fwd"] = ctx.wrapper_for(fwd)
+        else:
+            self.__dict__["_kiln_fwd"] = functools.partial(ctx.wrapper_for(type(mod).forward), mod)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        mod = self._kiln_mod
+        if mod._forward_hooks or mod._forward_pre_hooks:
+            # NOTE: hooks run eagerly around the compiled forward.
+            mod.forward = self._kiln_fwd
+            try:
+                return mod(*args, **kwargs)
+            finally:
+                del mod.forward
+        return self._kiln_fwd(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self._orig_mod, name)
+
+
+def _apply(ctx, target: Any) -> Any:
+    if isinstance(target, torch.nn.Module):
+        return OptimizedModule(target, ctx)
+    if isinstance(target, types.MethodType) and isinstance(target.__func__, types.FunctionType):
+        return functools.partial(ctx.wrapper_for(target.__func__), target.__self__)
+    if isinstance(target, types.FunctionType):
+        if hasattr(target, "_kiln_orig"):
+            target = target._kiln_orig
+        return ctx.wrapper_for(target)
+    if callable(target):
+        call = getattr(type(target), "__call__", None)
+        if isinstance(call, types.FunctionType):
+            return functools.partial(ctx.wrapper_for(call), target)
+    raise TypeError(f"kiln.compile expects a function or nn.Module, got {type(target).__name__}")
+
+
+class _Optimizer:
+    """What ``kiln.optimize(...)`` returns: apply it to a function or module."""
+
+    def __init__(self, ctx):
+        self.ctx = ctx
+
+    def __call__(self, target: Any) -> Any:
+        return _apply(self.ctx, target)
+
+
+def _context(backend, fullgraph=False, guard_fail_fn=None, dynamic=None, mode=None, options=None):
+    from .cache import CompileContext
+
+    fn, name = _resolve_backend(backend, mode, options)
+    return CompileContext(fn, name, fullgraph=fullgraph, guard_fail_fn=guard_fail_fn, dynamic=dynamic)
+
+
+def compile(fn_or_module: Any = None, *, backend: Union[str, Callable] = DEFAULT_BACKEND, fullgraph: bool = False,
+            dynamic: Optional[bool] = None, mode: Optional[str] = None, options: Optional[dict] = None) -> Any:
+    """Compile a function or nn.Module (or return a decorator when called without one).
+
+    In: a Python function / module.  Out: a callable with the same signature that
+    captures torch-level graphs from the bytecode on each new kind of input and runs
+    them through ``backend``.  ``fullgraph=True`` raises kiln.exc.Unsupported at the
+    first graph break instead of running that part eagerly.
+    """
+    if fn_or_module is None:
+        return lambda f: compile(f, backend=backend, fullgraph=fullgraph, dynamic=dynamic, mode=mode,
+                                 options=options)
+    return _apply(_context(backend, fullgraph, None, dynamic, mode, options), fn_or_module)
+
+
+def optimize(backend: Union[str, Callable] = "inductor", *, nopython: bool = False,
+             guard_fail_fn: Optional[Callable] = None, dynamic: Optional[bool] = None) -> _Optimizer:
+    """The decorator form: ``kiln.optimize("eager", guard_fail_fn=f)(fn)``."""
+    return _Optimizer(_context(backend, nopython, guard_fail_fn, dynamic))
+
+
+def optimize_assert(backend: Union[str, Callable], *, dynamic: Optional[bool] = None) -> _Optimizer:
+    """``optimize(backend, nopython=True)``: any graph break raises kiln.exc.Unsupported."""
+    return optimize(backend, nopython=True, dynamic=dynamic)
+
+
+def disable(fn: Optional[Callable] = None, recursive: bool = True) -> Callable:
+    """Run ``fn`` eagerly even when called from compiled code (a graph break there)."""
+    if fn is None:
+        return lambda f: disable(f, recursive)
+    orig = getattr(fn, "_kiln_orig", fn)
+
+    @functools.wraps(orig)
+    def kiln_disabled(*args: Any, **kwargs: Any) -> Any:
+        return orig(*args, **kwargs)
+
+    kiln_disabled._kiln_disable = True
+    return kiln_disabled
+
+
+def reset() -> None:
+    """Drop every compiled entry (the next call of a compiled function recompiles)."""
+    from .cache import reset_all
+
+    reset_all()

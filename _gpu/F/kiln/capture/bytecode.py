@@ -1,0 +1,301 @@
+"""Bytecode utilities for capture: decoding, handler registry, resume code.
+
+In: a ``types.CodeType``.  Out: decoded instruction lists, opcode handler
+tables filtered by CPython version, and new code objects that start in the
+middle of an existing function ("resume functions").
+
+This module imports nothing from torch, so the bytecode layer can be tested on
+any CPython (3.11 and 3.12 are served).
+"""
+from __future__ import annotations
+
+import dis
+import sys
+import types
+from dataclasses import dataclass
+from typing import Callable, Iterable, Optional
+
+PY = sys.version_info[:2]
+
+CO_VARARGS = 0x04  # noqa: used by interpreter.bind_args
+CO_VARKEYWORDS = 0x08
+CO_GENERATOR = 0x20
+CO_COROUTINE = 0x80
+CO_ASYNC_GENERATOR = 0x200
+CO_ITERABLE_COROUTINE = 0x100
+UNSUPPORTED_FLAGS = CO_GENERATOR | CO_COROUTINE | CO_ASYNC_GENERATOR | CO_ITERABLE_COROUTINE
+
+
+# ---------------------------------------------------------------- handlers
+def handles(*opnames: str, min_version: tuple = (3, 11), max_version: tuple = (3, 99)):
+    """Mark a method as the handler of ``opnames`` on CPython min..max (inclusive).
+
+    NOTE: version differences live here, on the handler, never as scattered
+    ``sys.version_info`` checks inside handlers.
+    """
+
+    def deco(fn: Callable) -> Callable:
+        regs = getattr(fn, "_kiln_opcodes", [])
+        regs.append((opnames, tuple(min_version), tuple(max_version)))
+        fn._kiln_opcodes = regs
+        return fn
+
+    return deco
+
+
+def build_dispatch(cls: type, version: tuple = PY) -> dict[str, str]:
+    """opname -> method name, for every handler on ``cls`` serving ``version``."""
+    table: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        for name, fn in vars(klass).items():
+            for opnames, lo, hi in getattr(fn, "_kiln_opcodes", ()):
+                if lo <= version <= hi:
+                    for op in opnames:
+                        table[op] = name
+    return table
+
+
+# ---------------------------------------------------------------- decoding
+@dataclass
+class Inst:
+    """One decoded instruction (caches dropped)."""
+
+    opname: str
+    arg: Optional[int]
+    argval: object
+    offset: int
+    lineno: Optional[int]
+    index: int = 0
+
+    def __repr__(self) -> str:
+        return f"{self.offset} {self.opname} {self.argval!r}"
+
+
+def decode(code: types.CodeType) -> tuple[list[Inst], dict[int, int]]:
+    """Instructions of ``code`` and a map offset -> index."""
+    out: list[Inst] = []
+    line = code.co_firstlineno
+    for i, ins in enumerate(dis.get_instructions(code)):
+        pos = getattr(ins, "positions", None)
+        if pos is not None and pos.lineno is not None:
+            line = pos.lineno
+        out.append(Inst(ins.opname, ins.arg, ins.argval, ins.offset, line, i))
+    return out, {ins.offset: ins.index for ins in out}
+
+
+# ---------------------------------------------------------------- exception table
+@dataclass
+class ExcEntry:
+    start: int
+    end: int  # inclusive offset of the last covered instruction
+    target: int
+    depth: int
+    lasti: bool
+
+
+def _enc_varint(n: int) -> list[int]:
+    b = [n & 63]
+    n >>= 6
+    while n > 0:
+        b.append(n & 63)
+        n >>= 6
+    b.reverse()
+    for i in range(len(b) - 1):
+        b[i] |= 64
+    return b
+
+
+def _dec_varint(it) -> int:
+    b = next(it)
+    val = b & 63
+    while b & 64:
+        val <<= 6
+        b = next(it)
+        val |= b & 63
+    return val
+
+
+def parse_exception_table(tab: bytes) -> list[ExcEntry]:
+    it = iter(tab)
+    out = []
+    try:
+        while True:
+            start = _dec_varint(it) * 2
+            length = _dec_varint(it) * 2
+            target = _dec_varint(it) * 2
+            dl = _dec_varint(it)
+            out.append(ExcEntry(start, start + length - 2, target, dl >> 1, bool(dl & 1)))
+    except StopIteration:
+        return out
+
+
+def assemble_exception_table(entries: Iterable[ExcEntry]) -> bytes:
+    b: list[int] = []
+    for e in entries:
+        first = _enc_varint(e.start // 2)
+        first[0] |= 1 << 7
+        b.extend(first)
+        b.extend(_enc_varint((e.end - e.start + 2) // 2))
+        b.extend(_enc_varint(e.target // 2))
+        b.extend(_enc_varint((e.depth << 1) + int(e.lasti)))
+    return bytes(b)
+
+
+def in_try_block(code: types.CodeType, offset: int) -> bool:
+    return any(e.start <= offset <= e.end for e in parse_exception_table(code.co_exceptiontable))
+
+
+# ---------------------------------------------------------------- resume code
+class ResumeCodeError(Exception):
+    """The resume code object could not be built (caller falls back to eager)."""
+
+
+def _emit(op: str, arg: int = 0) -> list[int]:
+    opc = dis.opmap[op]
+    out: list[int] = []
+    ext = [(arg >> s) & 0xFF for s in (24, 16, 8)]
+    started = False
+    for e in ext:
+        if e or started:
+            started = True
+            out += [dis.opmap["EXTENDED_ARG"], e]
+    return out + [opc, arg & 0xFF]
+
+
+_DEREF_OPS = {"LOAD_DEREF", "STORE_DEREF", "DELETE_DEREF", "LOAD_CLOSURE", "MAKE_CELL",
+              "LOAD_CLASSDEREF", "LOAD_FROM_DICT_OR_DEREF"}
+
+
+def _shift_deref_args(co_code: bytes, shift: int, first: int) -> bytes:
+    """Add ``shift`` to localsplus indexes >= ``first`` (cell-only and free variables
+    move when varnames grow; cells that are also varnames keep their slot)."""
+    if shift == 0:
+        return co_code
+    code = bytearray(co_code)
+    deref = {dis.opmap[o] for o in _DEREF_OPS if o in dis.opmap}
+    ext = dis.opmap["EXTENDED_ARG"]
+    for i in range(0, len(code), 2):
+        if code[i] in deref:
+            if i >= 2 and code[i - 2] == ext:
+                raise ResumeCodeError("extended cell index")
+            if code[i + 1] < first:
+                continue
+            new = code[i + 1] + shift
+            if new > 255:
+                raise ResumeCodeError("too many cell variables")
+            code[i + 1] = new
+    return bytes(code)
+
+
+def _no_location_table(units: int) -> bytes:
+    # NOTE: "no columns" entries with line delta 0: the prefix reports the def line,
+    # so tracebacks through resume functions always have a line number.
+    out = []
+    while units > 0:
+        n = min(units, 8)
+        out += [0x80 | (13 << 3) | (n - 1), 0]
+        units -= n
+    return bytes(out)
+
+
+@dataclass
+class ResumeSpec:
+    """What the resume function receives: every original varname (positional),
+    then one argument per non-NULL stack slot, then cell-only variables."""
+
+    code: types.CodeType
+    target: int  # offset in the original code to continue at
+    stack_nulls: tuple  # per stack slot: True where the slot holds NULL
+    dead: tuple  # varnames to delete before jumping (unbound/dead at the break)
+    cell_only: tuple  # cellvars not in co_varnames, passed by value
+    name: str
+
+    @property
+    def prefix(self) -> str:
+        # NOTE: a resume function of a resume function already has ___stack names.
+        gen = 0
+        while any(v.startswith(f"___s{gen}_") for v in self.code.co_varnames):
+            gen += 1
+        return f"___s{gen}_"
+
+    @property
+    def stack_args(self) -> list[str]:
+        p = self.prefix
+        return [f"{p}{i}" for i, n in enumerate(self.stack_nulls) if not n]
+
+    @property
+    def cell_args(self) -> list[str]:
+        return [f"{self.prefix}cell_{c}" for c in self.cell_only]
+
+    @property
+    def argnames(self) -> list[str]:
+        return list(self.code.co_varnames) + self.stack_args + self.cell_args
+
+
+def make_resume_code(spec: ResumeSpec) -> types.CodeType:
+    """A code object that rebuilds the stack from arguments and jumps to ``target``."""
+    code = spec.code
+    if code.co_flags & UNSUPPORTED_FLAGS:
+        raise ResumeCodeError("generators and coroutines are not resumable")
+    extra = spec.stack_args + spec.cell_args
+    stack_args = iter(spec.stack_args)
+    varnames = list(code.co_varnames) + extra
+    nvar = len(varnames)
+    cells = [c for c in code.co_cellvars]
+    localsplus = varnames + [c for c in cells if c not in code.co_varnames] + list(code.co_freevars)
+    pre: list[int] = []
+    if code.co_freevars:
+        pre += _emit("COPY_FREE_VARS", len(code.co_freevars))
+    for c in cells:
+        pre += _emit("MAKE_CELL", localsplus.index(c))
+    for c, arg in zip(spec.cell_only, spec.cell_args):
+        pre += _emit("LOAD_FAST", varnames.index(arg))
+        pre += _emit("STORE_DEREF", localsplus.index(c))
+    pre += _emit("RESUME", 0)
+    for name in spec.dead:
+        pre += _emit("DELETE_FAST", varnames.index(name))
+    for i, is_null in enumerate(spec.stack_nulls):
+        pre += _emit("PUSH_NULL") if is_null else _emit("LOAD_FAST", varnames.index(next(stack_args)))
+    jump = _emit("JUMP_FORWARD", spec.target // 2)
+    pre += jump
+    plen = len(pre)  # bytes
+    body = _shift_deref_args(code.co_code, len(extra), len(code.co_varnames))
+    entries = parse_exception_table(code.co_exceptiontable)
+    for e in entries:
+        e.start += plen
+        e.end += plen
+        e.target += plen
+    return code.replace(
+        co_code=bytes(pre) + body,
+        co_varnames=tuple(varnames),
+        co_argcount=nvar,
+        co_posonlyargcount=0,
+        co_kwonlyargcount=0,
+        co_nlocals=nvar,
+        co_flags=code.co_flags & ~(CO_VARARGS | CO_VARKEYWORDS),
+        co_stacksize=code.co_stacksize + 2,
+        co_linetable=_no_location_table(plen // 2) + code.co_linetable,
+        co_exceptiontable=assemble_exception_table(entries),
+        co_name=spec.name,
+        co_qualname=spec.name,
+    )
+
+
+def loads_after(insts: list[Inst], offset: int) -> Optional[set]:
+    """Names possibly read at or after ``offset``; None when the code loops
+    (then every local is treated as live)."""
+    names: set = set()
+    for ins in insts:
+        if ins.opname.startswith("JUMP_BACKWARD") or ins.opname.startswith("POP_JUMP_BACKWARD"):
+            return None
+        if ins.offset >= offset and ins.opname in ("LOAD_FAST", "LOAD_FAST_CHECK", "LOAD_FAST_AND_CLEAR",
+                                                   "DELETE_FAST", "LOAD_FAST__LOAD_FAST"):
+            names.add(ins.argval)
+    return names
+
+
+__all__ = [
+    "handles", "build_dispatch", "Inst", "decode", "ExcEntry", "parse_exception_table",
+    "assemble_exception_table", "in_try_block", "ResumeSpec", "make_resume_code",
+    "ResumeCodeError", "loads_after", "PY", "UNSUPPORTED_FLAGS",
+]

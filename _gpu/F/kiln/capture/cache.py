@@ -1,0 +1,224 @@
+"""Compile contexts, per-function caches of guarded entries, and wrappers.
+
+A wrapper holds its function's entry list directly, so a cache hit costs one
+loop over generated entry functions (most recent first).  A miss reports the
+newest entry's first failing guard to ``guard_fail_fn``, then compiles a new
+entry, up to ``config.cache_size_limit`` entries; past it the function runs
+eagerly, with one warning naming the reason.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import sysconfig
+import types
+import warnings
+import weakref
+from collections import namedtuple
+from typing import Any, Callable, Optional
+
+import torch
+
+from kiln.exc import Unsupported
+
+from . import bytecode as bc
+from . import config
+
+MISS = object()
+GuardFail = namedtuple("GuardFail", ["reason", "orig_code"])
+
+_ALL_CACHES: "weakref.WeakSet" = weakref.WeakSet()
+# NOTE: with the separator, so that torch's folder does not also match torchvision's.
+_KILN_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
+_TORCH_DIR = os.path.dirname(os.path.abspath(torch.__file__)) + os.sep
+_STDLIB = sysconfig.get_paths()["stdlib"]
+
+
+def is_library_code(code: types.CodeType) -> bool:
+    f = code.co_filename
+    if f.startswith("<frozen"):
+        return True
+    if f.startswith(_KILN_DIR) or f.startswith(_TORCH_DIR):
+        return True
+    return f.startswith(_STDLIB) and "site-packages" not in f and "dist-packages" not in f
+
+
+class FunctionCache:
+    def __init__(self, ctx: "CompileContext", fn: types.FunctionType):
+        self.ctx = ctx
+        self.fn = fn
+        self.entries: list = []
+        self.whys: list = []
+        self.skip = False
+        self.warned = False
+        _ALL_CACHES.add(self)
+
+    def clear(self) -> None:
+        self.ctx._frame_states.pop(self.fn.__code__, None)
+        self.entries.clear()
+        self.whys.clear()
+        self.skip = False
+        self.warned = False
+
+    def miss(self, args: tuple, kwargs: dict) -> Any:
+        fn = self.fn
+        if self.skip or not self.ctx.enabled:
+            return fn(*args, **kwargs)
+        reason = self.whys[0](*args, **kwargs) if self.whys else None
+        if reason is not None and self.ctx.guard_fail_fn is not None:
+            self.ctx.guard_fail_fn(GuardFail(reason, fn.__code__))
+        if len(self.entries) >= config.cache_size_limit:
+            if not self.warned:
+                self.warned = True
+                warnings.warn(f"kiln: {fn.__qualname__} ({fn.__code__.co_filename}:{fn.__code__.co_firstlineno}) "
+                              f"reached cache_size_limit ({config.cache_size_limit}); last recompile reason: "
+                              f"{reason}. It now runs eagerly.")
+            return fn(*args, **kwargs)
+        from .convert import compile_frame
+
+        try:
+            entry, why = compile_frame(self.ctx, fn, args, kwargs)
+        except Exception as e:  # noqa: BLE001 - capture failure: run eagerly (never crash)
+            if self.ctx.fullgraph:
+                raise
+            if not isinstance(e, Unsupported):
+                warnings.warn(f"kiln: capture of {fn.__qualname__} failed ({type(e).__name__}: {e}); running eagerly")
+            self.ctx.eager_frames.append(f"{fn.__qualname__} ({fn.__code__.co_filename}:{fn.__code__.co_firstlineno}) "
+                                         f"runs eagerly: {type(e).__name__}: {e}")
+            self.skip = True
+            return fn(*args, **kwargs)
+        self.entries.insert(0, entry)
+        self.whys.insert(0, why)
+        out = entry(*args, **kwargs)
+        if out is MISS:
+            # NOTE: guards that fail right after compiling mean an unguardable input; stay correct.
+            self.entries.pop(0)
+            self.whys.pop(0)
+            self.skip = True
+            return fn(*args, **kwargs)
+        return out
+
+
+def make_wrapper(cache: FunctionCache) -> Callable:
+    entries = cache.entries
+    miss = cache.miss
+    _MISS = MISS
+
+    def kiln_compiled(*args, **kwargs):
+        for e in entries:
+            r = e(*args, **kwargs)
+            if r is not _MISS:
+                return r
+        return miss(args, kwargs)
+
+    functools.update_wrapper(kiln_compiled, cache.fn)
+    kiln_compiled._kiln_orig = cache.fn
+    kiln_compiled._kiln_cache = cache
+    return kiln_compiled
+
+
+class CompileContext:
+    """One compile configuration (backend, fullgraph, guard_fail_fn...)."""
+
+    def __init__(self, backend: Callable, backend_name: str, fullgraph: bool = False,
+                 guard_fail_fn: Optional[Callable] = None, dynamic: Optional[bool] = None):
+        self.backend = backend
+        self.backend_name = backend_name
+        self.fullgraph = fullgraph
+        self.guard_fail_fn = guard_fail_fn
+        from .dynamic import effective_mode
+
+        self.dynamic = effective_mode(dynamic, backend_name)
+        self.enabled = True
+        self._wrappers: dict = {}
+        self._resumes: dict = {}
+        self.break_reasons: list = []
+        self.eager_frames: list[str] = []  # why a whole function runs uncompiled (explain shows them)
+        self._frame_states: dict = {}
+
+    def frame_state(self, code: types.CodeType):
+        """Sizes seen by this code object's compiles (automatic dynamic shapes)."""
+        from .dynamic import FrameState
+
+        st = self._frame_states.get(code)
+        if st is None:
+            st = self._frame_states[code] = FrameState()
+        return st
+
+    def wrapper_for(self, fn: types.FunctionType) -> Callable:
+        w = self._wrappers.get(fn)
+        if w is None:
+            w = make_wrapper(FunctionCache(self, fn))
+            self._wrappers[fn] = w
+        return w
+
+    def kcall(self, fn: Any, args: tuple, kwargs: dict) -> Any:
+        """Call ``fn`` from generated code; Python callees are compiled frames."""
+        target = _compilable(fn)
+        if target is None:
+            return fn(*args, **kwargs)
+        func, bound_self = target
+        w = self.wrapper_for(func)
+        if bound_self is not None:
+            return w(bound_self, *args, **kwargs)
+        return w(*args, **kwargs)
+
+    def kwrap(self, fn: Any) -> Any:
+        """``fn`` for a call made by eager bytecode: Python callees still get compiled."""
+        if _compilable(fn) is None:
+            return fn
+        return functools.partial(self.kcall_star, fn)
+
+    def kcall_star(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        return self.kcall(fn, args, kwargs)
+
+    def resume_function(self, root_fn: types.FunctionType, spec: bc.ResumeSpec, compiled: bool) -> Callable:
+        # NOTE: keyed by the closure tuple's id; the cached value keeps that tuple alive
+        # (so the id cannot be reused) and is checked by identity.
+        key = (spec.code, spec.target, spec.stack_nulls, spec.dead, spec.cell_only, compiled,
+               id(root_fn.__closure__), id(root_fn.__globals__))
+        hit = self._resumes.get(key)
+        if hit is not None and hit[0] is root_fn.__closure__ and hit[1] is root_fn.__globals__:
+            return hit[2]
+        code = bc.make_resume_code(spec)
+        raw = types.FunctionType(code, root_fn.__globals__, spec.name, None, root_fn.__closure__)
+        fn = self.wrapper_for(raw) if compiled else raw
+        self._resumes[key] = (root_fn.__closure__, root_fn.__globals__, fn)
+        return fn
+
+    def run_backend(self, gm, example: list) -> Callable:
+        from .output import call_backend
+
+        return call_backend(self.backend, self.backend_name, gm, example, self.fullgraph)
+
+    def record_break(self, reason) -> None:
+        self.break_reasons.append(reason)
+
+
+def _compilable(fn: Any):
+    if getattr(fn, "_kiln_disable", False) or hasattr(fn, "_kiln_orig"):
+        return None
+    if isinstance(fn, types.MethodType) and isinstance(fn.__func__, types.FunctionType):
+        f = fn.__func__
+        return None if _skip(f) else (f, fn.__self__)
+    if isinstance(fn, types.FunctionType):
+        return None if _skip(fn) else (fn, None)
+    if isinstance(fn, torch.nn.Module):
+        from torch.nn.modules import module as m
+
+        if fn._forward_hooks or fn._forward_pre_hooks or m._global_forward_hooks or m._global_forward_pre_hooks:
+            return None
+        fwd = type(fn).forward
+        if isinstance(fwd, types.FunctionType) and not _skip(fwd):
+            return fwd, fn
+    return None
+
+
+def _skip(fn: types.FunctionType) -> bool:
+    return bool(fn.__code__.co_flags & bc.UNSUPPORTED_FLAGS) or is_library_code(fn.__code__) \
+        or getattr(fn, "_kiln_disable", False)
+
+
+def reset_all() -> None:
+    for c in list(_ALL_CACHES):
+        c.clear()

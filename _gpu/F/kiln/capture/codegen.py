@@ -1,0 +1,151 @@
+"""Code generation for compiled entries: guard + graph call + rebuild + resume.
+
+In: the symbolic state at a return or a graph break.  Out: Python source of an
+``___entry`` function with the frame's own signature: a straight-line guard
+check (returns ``___MISS`` on failure), the compiled graph call, side-effect
+replay, and either the return value or the unsupported instruction followed by
+a call of the resume function.  Also the ``___why`` function giving the first
+failing guard's reason.
+"""
+from __future__ import annotations
+
+import inspect
+import math
+from typing import Any, Callable, Optional
+
+import torch
+
+from .guard_cse import hoist_guard
+from .guards import autocast_state
+from .ops_binary import NB_OPS
+from .variables.base import VT, NullVT, unsupported
+
+_SIMPLE = (int, str, bool, type(None), bytes)
+
+
+class Codegen:
+    """Turns VTs into Python expressions (``collect`` mode finds graph outputs)."""
+
+    def __init__(self, objects, out_index: Optional[dict] = None, symbols=None):
+        self.objects = objects
+        self.symbols = symbols
+        self.out_index = out_index
+        self.needed: list = []
+        self.lines: list[str] = []
+        self._memo: dict[int, str] = {}
+
+    def expr(self, vt: VT) -> str:
+        from .interpreter import LazyLocal
+
+        if isinstance(vt, LazyLocal):
+            return vt.source.expr
+        if isinstance(vt, NullVT):
+            unsupported("NULL cannot be rebuilt as a value")
+        return vt.reconstruct(self)
+
+    def tensor_expr(self, vt) -> str:
+        if vt.node.op == "placeholder":
+            return vt.source.expr
+        if self.out_index is None:
+            if all(n is not vt.node for n in self.needed):
+                self.needed.append(vt.node)
+            return "___o[0]"
+        return f"___o[{self.out_index[vt.node]}]"
+
+    def sym_expr(self, sym: Any) -> str:
+        """A symbolic size as Python over the inputs' sizes (``(x.size(0)) * 2``)."""
+        from .dynamic import sym_expr_of
+
+        if self.symbols is None:
+            unsupported("a symbolic size cannot be rebuilt here")
+        return "(" + self.symbols.py(sym_expr_of(sym)) + ")"
+
+    def const_expr(self, v: Any) -> str:
+        if type(v) in _SIMPLE or (type(v) is float and math.isfinite(v)):
+            return repr(v)
+        return self.obj(v)
+
+    def obj(self, v: Any) -> str:
+        return self.objects.name_of(v)
+
+    def container(self, vt: VT, body: str) -> str:
+        key = id(vt)
+        if key not in self._memo:
+            name = f"___t{len(self._memo)}"
+            self.line(f"{name} = {body}")
+            self._memo[key] = name
+        return self._memo[key]
+
+    def line(self, s: str) -> None:
+        self.lines.append(s)
+
+
+def signature_params(fn: Callable, ns: dict) -> str:
+    """The parameter list of ``fn`` as source; defaults go into ``ns``."""
+    parts = []
+    sig = inspect.signature(fn, follow_wrapped=False)
+    saw_kwonly = False
+    pos_only_done = True
+    for p in sig.parameters.values():
+        s = p.name
+        if p.kind == p.POSITIONAL_ONLY:
+            pos_only_done = False
+        elif not pos_only_done:
+            parts.append("/")
+            pos_only_done = True
+        if p.kind == p.VAR_POSITIONAL:
+            s = "*" + s
+            saw_kwonly = True
+        elif p.kind == p.VAR_KEYWORD:
+            s = "**" + s
+        elif p.kind == p.KEYWORD_ONLY and not saw_kwonly:
+            parts.append("*")
+            saw_kwonly = True
+        if p.default is not p.empty:
+            ns[f"___d_{p.name}"] = p.default
+            s += f"=___d_{p.name}"
+        parts.append(s)
+    if not pos_only_done:
+        parts.append("/")
+    return ", ".join(parts)
+
+
+def build_entry(fn: Callable, guard_expr: str, why_lines: list, body: list, ns: dict, label: str):
+    """exec the generated entry and why functions; returns (entry, why, source)."""
+    params = signature_params(fn, ns)
+    guard_expr, body = hoist_guard(guard_expr, body)
+    src = [f"def ___entry({params}):",
+           "    try:",
+           f"        if not ({guard_expr}):",
+           "            return ___MISS",
+           "    except Exception:",
+           "        return ___MISS"]
+    src += ["    " + line for line in body]
+    src += [f"def ___why({params}):", "    try:"]
+    src += ["        " + line for line in why_lines]
+    src += ["    except Exception as e:", "        return f'guard raised {type(e).__name__}: {e}'",
+            "    return None"]
+    text = "\n".join(src) + "\n"
+    code = compile(text, f"<kiln {label}>", "exec")
+    exec(code, ns)
+    ns["___entry"].__kiln_source__ = text
+    return ns["___entry"], ns["___why"], text
+
+
+def base_namespace(output, ctx) -> dict:
+    from .cache import MISS
+
+    ns = dict(output.objects.values)
+    ns.update({
+        "___G": output.root_globals,
+        "___grad": torch.is_grad_enabled,
+        "___set_grad": torch._C._set_grad_enabled,
+        "___autocast": torch._C._is_any_autocast_enabled,
+        "___autocast_state": autocast_state,
+        "___MISS": MISS,
+        "___kcall": ctx.kcall,
+        "___kwrap": ctx.kwrap,
+        "___ops": NB_OPS,
+        "__builtins__": __builtins__,
+    })
+    return ns

@@ -1,0 +1,388 @@
+"""Converting one frame: trace it, then generate its entry (graph + resume).
+
+In: a Python function and the arguments of one call.  Out: a generated
+``___entry`` function (guards + compiled graph + rebuild of Python state) and
+its ``___why`` reason function.  At a graph break the frame's entry runs the
+graph so far, performs the unsupported instruction in plain Python and
+continues in a resume function (compiled on its first call).
+"""
+from __future__ import annotations
+
+import inspect
+import types
+from typing import Any, Callable
+
+import torch
+
+from kiln.exc import KilnError, Unsupported
+
+from . import bytecode as bc
+from .codegen import Codegen, base_namespace, build_entry
+from .interpreter import LazyLocal, Translator, internal_error
+from .ops_control import COND_JUMPS
+from .output import GraphCompileReason, OutputGraph
+from .sources import local_source
+from .variables.base import NullVT, unsupported
+from .variables.callables import CellVT
+from .variables.tensor import TensorVT
+
+MAX_RESTARTS = 4
+
+
+class Restart(Exception):
+    def __init__(self, step: int, error: Unsupported):
+        self.step = step
+        self.error = error
+
+
+class Done(Exception):
+    """The root translator produced its entry body."""
+
+
+class RootTranslator(Translator):
+    def __init__(self, ctx, fn: types.FunctionType, bound: inspect.BoundArguments, break_step, break_error):
+        code = fn.__code__
+        output = OutputGraph(ctx, fn.__globals__, ctx.frame_state(code))
+        locals_ = {n: LazyLocal(v, local_source(n)) for n, v in bound.arguments.items()}
+        cells = dict(zip(code.co_freevars, fn.__closure__ or ()))
+        super().__init__(code, fn.__globals__, output, locals_, cells)
+        self.ctx = ctx
+        self.fn = fn
+        self.nsteps = 0
+        self.break_step = break_step
+        self.break_error = break_error
+        self.body: list[str] = []
+
+    # ---------------------------------------------------------- main loop
+    def run(self):
+        while True:
+            self.nsteps += 1
+            if self.nsteps == self.break_step:
+                self.break_at(self.insts[self.ip], self.break_error)
+            try:
+                self.step()
+            except (Done, Restart):
+                raise
+            except Exception as e:  # noqa: BLE001
+                if isinstance(e, KilnError) and not isinstance(e, Unsupported):
+                    raise
+                if not isinstance(e, Unsupported):
+                    e = internal_error(self, e)
+                self._annotate(e)
+                if self.ctx.fullgraph:
+                    raise e
+                raise Restart(self.nsteps, e) from None
+
+    def _annotate(self, e: Unsupported) -> None:
+        if not e.where:
+            e.where = self.where()
+        if not getattr(e, "user_stack", None):
+            e.user_stack = self.user_stack()
+
+    # ---------------------------------------------------------- return
+    def on_return(self, value):
+        reason = GraphCompileReason("return", self.user_stack(), graph_break=False)
+        self._emit_graph([value], reason)
+        self.export_info = ([(s.name, v) for s, v, *_ in self.output.inputs], value, self.out_nodes)
+        self.cg.line(f"___ret = {self.cg.expr(value)}")
+        self._emit_side_effects()
+        self.cg.line("return ___ret")
+        self.body = self.cg.lines
+        raise Done()
+
+    def _emit_graph(self, values: list, reason: GraphCompileReason) -> None:
+        """Compile the graph with the tensors ``values`` need, emit its call."""
+        out = self.output
+        collect = Codegen(out.objects, symbols=out.symbols)
+        for v in values + out.side_effects.values():
+            if not isinstance(v, NullVT):
+                collect.expr(v)
+        nodes = collect.needed
+        out.guards.distinct([s for s, _, _, from_mod in out.inputs if not from_mod])
+        outputs = [_vt_of(out, n) for n in nodes]
+        compiled = out.compile(outputs, reason)
+        self.compiled = compiled
+        self.out_nodes = nodes
+        self.cg = Codegen(out.objects, {n: i for i, n in enumerate(nodes)}, symbols=out.symbols)
+        if compiled is not None:
+            args = ", ".join(s.expr for s, *_ in out.inputs)
+            self.cg.line(f"___o = ___graph({args})")
+        self.body = self.cg.lines
+
+    def _emit_side_effects(self) -> None:
+        # NOTE: after every value was read into a temp: replay may mutate sources.
+        out = self.output
+        out.side_effects.codegen(self.cg)
+        if out.grad_enabled != out.initial_grad:
+            self.cg.line(f"___set_grad({out.grad_enabled})")
+
+    # ---------------------------------------------------------- breaks
+    def on_tensor_branch(self, inst, v):
+        err = Unsupported("data-dependent branch on a tensor",
+                          why="the condition depends on tensor values, unknown while tracing",
+                          hint="use torch.where / torch.cond, or accept the graph break")
+        self._annotate(err)
+        if self.ctx.fullgraph:
+            raise err
+        self.break_at(inst, err)
+
+    def break_at(self, inst: bc.Inst, err: Unsupported) -> None:
+        reason = GraphCompileReason(err.what, getattr(err, "user_stack", []) or self.user_stack())
+        self.ctx.record_break(reason)
+        stack = list(self.stack)
+        # NOTE: inside a try/with region the instruction must run where the frame's
+        # exception table can catch what it raises: the rest of the frame runs eagerly.
+        # Grad-mode and no-op `with` blocks are the exception: their cleanup is replayed around it.
+        self.with_exits = _grad_with_exits(self.code, self.insts, self.idx, inst.offset, stack)
+        in_try = bc.in_try_block(self.code, inst.offset) and self.with_exits is None
+        if inst.opname in COND_JUMPS and isinstance(stack[-1], TensorVT):
+            self._break_jump(inst, stack, reason)
+        elif inst.opname in ("CALL", "CALL_FUNCTION_EX") and not in_try:
+            self._break_call(inst, stack, reason)
+        else:
+            self._break_eager(inst, stack, reason, simple_ok=not in_try)
+        raise Done()
+
+    def _guarded(self, stmt: str, stack_names: list) -> None:
+        """Emit ``stmt``; inside grad-mode with-blocks, restore grad mode if it raises."""
+        exits = [stack_names[i] for i in getattr(self, "with_exits", None) or []]
+        if not exits:
+            self.cg.line(stmt)
+            return
+        self.cg.line("try:")
+        self.cg.line(f"    {stmt}")
+        self.cg.line("except BaseException:")
+        for e in exits:
+            self.cg.line(f"    {e}(None, None, None)")
+        self.cg.line("    raise")
+
+    def _live_locals(self, offset: int) -> dict:
+        live = bc.loads_after(self.insts, offset)
+        if live is not None and "__class__" in self.code.co_freevars and self.code.co_varnames:
+            live.add(self.code.co_varnames[0])  # NOTE: zero-argument super() reads it implicitly
+        out = {}
+        for name in self.code.co_varnames:
+            if name in self.code.co_cellvars:
+                cell = self.cells.get(name)
+                if isinstance(cell, CellVT) and cell.value is not None:
+                    out[name] = cell.value
+                continue
+            if name in self.locals and (live is None or name in live):
+                out[name] = self.locals[name]
+        return out
+
+    def _cell_only(self) -> dict:
+        out = {}
+        for name in self.code.co_cellvars:
+            if name not in self.code.co_varnames:
+                cell = self.cells.get(name)
+                out[name] = cell.value if isinstance(cell, CellVT) else None
+        return out
+
+    def _prepare(self, stack: list, offset: int, extra: list, reason) -> tuple:
+        locals_ = self._live_locals(offset)
+        cells = self._cell_only()
+        values = [v for v in stack if not isinstance(v, NullVT)] + list(locals_.values())
+        values += [v for v in cells.values() if v is not None] + extra
+        self._emit_graph(values, reason)
+        cg = self.cg
+        stack_names = []
+        for i, v in enumerate(stack):
+            if isinstance(v, NullVT):
+                stack_names.append(None)
+            else:
+                cg.line(f"___s{i} = {cg.expr(v)}")
+                stack_names.append(f"___s{i}")
+        local_names = {}
+        for name, v in locals_.items():
+            cg.line(f"___l_{name} = {cg.expr(v)}")
+            local_names[name] = f"___l_{name}"
+        cell_names = {}
+        for name, v in cells.items():
+            if v is None:
+                cell_names[name] = "None"
+            else:
+                cg.line(f"___cv_{name} = {cg.expr(v)}")
+                cell_names[name] = f"___cv_{name}"
+        self._emit_side_effects()
+        return stack_names, local_names, cell_names
+
+    def _resume_call(self, offset: int, stack_names: list, local_names: dict, cell_names: dict,
+                     compiled: bool) -> str:
+        dead = tuple(n for n in self.code.co_varnames if n not in local_names and n not in self.code.co_cellvars)
+        spec = bc.ResumeSpec(self.code, offset, tuple(s is None for s in stack_names), dead,
+                             tuple(cell_names), f"__resume_at_{offset}")
+        fn = self.ctx.resume_function(self.fn, spec, compiled)
+        name = self.output.objects.name_of(fn)
+        args = [local_names.get(n, "None") for n in self.code.co_varnames]
+        args += [s for s in stack_names if s is not None]
+        args += [cell_names[c] for c in spec.cell_only]
+        return f"{name}({', '.join(args)})"
+
+    def _break_call(self, inst, stack, reason) -> None:
+        if inst.opname == "CALL":
+            n = inst.arg + 2
+            kw = self.kw_names
+        else:
+            n = 3 + (inst.arg & 1)
+            if len(stack) > n - 1 and not isinstance(stack[-n], NullVT):
+                n -= 1
+            kw = ()
+        nxt = self.insts[inst.index + 1].offset
+        # NOTE: the call's own operands are rebuilt like any other stack slot.
+        stack_names, local_names, cell_names = self._prepare(stack, nxt, [], reason)
+        call_slots = stack_names[len(stack) - n:]
+        self._guarded(f"___r = {self._call_expr(inst, call_slots, kw)}", stack_names)
+        new_stack = stack_names[: len(stack) - n] + ["___r"]
+        self.cg.line("return " + self._resume_call(nxt, new_stack, local_names, cell_names, True))
+        self.body = self.cg.lines
+
+    def _call_expr(self, inst, slots: list, kw: tuple) -> str:
+        if inst.opname == "CALL_FUNCTION_EX":
+            slots = [s for s in slots if s is not None]
+            fn, args = slots[0], slots[1]
+            kwargs = slots[2] if len(slots) > 2 else "{}"
+            return f"___kcall({fn}, tuple({args}), {kwargs})"
+        if slots[0] is None:
+            fn, args = slots[1], slots[2:]
+        else:
+            fn, args = slots[0], slots[1:]
+        npos = len(args) - len(kw)
+        pos = "".join(a + ", " for a in args[:npos])
+        kws = ", ".join(f"{k!r}: {a}" for k, a in zip(kw, args[npos:]))
+        return f"___kcall({fn}, ({pos}), {{{kws}}})"
+
+    def _break_jump(self, inst, stack, reason) -> None:
+        nxt = self.insts[inst.index + 1].offset
+        stack_names, local_names, cell_names = self._prepare(stack, min(nxt, inst.argval), [], reason)
+        cond = stack_names[-1]
+        rest = stack_names[:-1]
+        taken = self._resume_call(inst.argval, rest, local_names, cell_names, True)
+        fall = self._resume_call(nxt, rest, local_names, cell_names, True)
+        test = cond if inst.opname.endswith("IF_TRUE") else f"not {cond}"
+        self.cg.line(f"if {test}:")
+        self.cg.line(f"    return {taken}")
+        self.cg.line(f"return {fall}")
+        self.body = self.cg.lines
+
+    def _break_eager(self, inst, stack, reason, simple_ok: bool = True) -> None:
+        simple = simple_step(inst, len(stack)) if simple_ok else None
+        offset = self.insts[inst.index + 1].offset if simple else inst.offset
+        stack_names, local_names, cell_names = self._prepare(stack, offset, [], reason)
+        if simple is None:
+            slot = _callable_slot(inst, stack)
+            if slot is not None and stack_names[slot] is not None:
+                # NOTE: the call runs in the eager remainder (inside the frame's try block);
+                # its callee still goes through kcall, so it is compiled as a frame of its own.
+                self.cg.line(f"{stack_names[slot]} = ___kwrap({stack_names[slot]})")
+            self.cg.line("return " + self._resume_call(inst.offset, stack_names, local_names, cell_names, False))
+        else:
+            # NOTE: a simple instruction runs here in Python; the rest resumes compiled.
+            npop, code, push = simple
+            args = stack_names[len(stack) - npop:]
+            if None in args:
+                raise Unsupported("NULL operand at a graph break", where=self.where())
+            self._guarded(code.format(*args), stack_names)
+            new_stack = stack_names[: len(stack) - npop] + push
+            self.cg.line("return " + self._resume_call(offset, new_stack, local_names, cell_names, True))
+        self.body = self.cg.lines
+
+
+def _grad_with_exits(code, insts: list, idx: dict, offset: int, stack: list):
+    """Stack slots of the replayable ``__exit__`` callables (grad mode, no-op contexts) of
+    the with-blocks around ``offset`` (innermost first); None when any enclosing handler
+    is something else."""
+    from .variables.objects import ReplayableExitVT
+
+    covering = [e for e in bc.parse_exception_table(code.co_exceptiontable) if e.start <= offset <= e.end]
+    slots = []
+    for e in sorted(covering, key=lambda e: -e.depth):
+        i = idx.get(e.target)
+        ok = i is not None and i + 1 < len(insts) and insts[i].opname == "PUSH_EXC_INFO" \
+            and insts[i + 1].opname == "WITH_EXCEPT_START"
+        if not ok or e.depth < 1 or e.depth > len(stack) or not isinstance(stack[e.depth - 1], ReplayableExitVT):
+            return None
+        slots.append(e.depth - 1)
+    return slots
+
+
+def _callable_slot(inst: bc.Inst, stack: list):
+    """Stack index of the callable a CALL / CALL_FUNCTION_EX is about to call."""
+    if inst.opname == "CALL":
+        n = inst.arg
+        if len(stack) < n + 2:
+            return None
+        return len(stack) - n - 1 if isinstance(stack[-n - 2], NullVT) else len(stack) - n - 2
+    if inst.opname == "CALL_FUNCTION_EX":
+        return len(stack) - 2 - (inst.arg & 1)
+    return None
+
+
+def simple_step(inst: bc.Inst, depth: int):
+    """(operands popped, Python statement over them, stack slots pushed) for
+    instructions the generated code can run itself at a graph break; else None."""
+    from .ops_binary import NB_OPS
+
+    op, name = inst.opname, inst.argval
+    if op == "LOAD_ATTR" and not (bc.PY >= (3, 12) and inst.arg & 1):
+        return 1, f"___r = {{0}}.{name}", ["___r"]
+    if op in ("LOAD_METHOD", "LOAD_ATTR"):
+        return 1, f"___r = {{0}}.{name}", [None, "___r"]
+    if op == "BINARY_SUBSCR":
+        return 2, "___r = {0}[{1}]", ["___r"]
+    if op == "STORE_ATTR":
+        return 2, f"{{1}}.{name} = {{0}}", []
+    if op == "STORE_SUBSCR":
+        return 3, "{1}[{2}] = {0}", []
+    if op == "BINARY_OP":
+        return 2, f"___r = ___ops[{inst.arg}]({{0}}, {{1}})", ["___r"]
+    if op == "COMPARE_OP":
+        return 2, f"___r = {{0}} {name} {{1}}", ["___r"]
+    if op == "CONTAINS_OP":
+        return 2, f"___r = {{0}} {'not in' if inst.arg else 'in'} {{1}}", ["___r"]
+    if op == "UNARY_NOT":
+        return 1, "___r = not {0}", ["___r"]
+    return None
+
+
+def _vt_of(out: OutputGraph, node) -> TensorVT:
+    return TensorVT(node, node.meta.get("example_value"))
+
+
+def compile_frame(ctx, fn: types.FunctionType, args: tuple, kwargs: dict):
+    """Trace one call of ``fn``; returns (entry, why) generated functions."""
+    if fn.__code__.co_flags & bc.UNSUPPORTED_FLAGS:
+        unsupported(f"generator or coroutine function {fn.__qualname__}")
+    bound = inspect.signature(fn, follow_wrapped=False).bind(*args, **kwargs)
+    bound.apply_defaults()
+    break_step, break_error = None, None
+    for _ in range(MAX_RESTARTS):
+        prev_grad = torch.is_grad_enabled()
+        tx = RootTranslator(ctx, fn, bound, break_step, break_error)
+        try:
+            tx.run()
+        except Done:
+            return _finish(ctx, fn, tx)
+        except Restart as r:
+            if break_step is not None:
+                raise r.error
+            break_step, break_error = r.step, r.error
+        finally:
+            torch._C._set_grad_enabled(prev_grad)
+    raise break_error
+
+
+def _finish(ctx, fn, tx: RootTranslator):
+    ns = base_namespace(tx.output, ctx)
+    ns["___graph"] = tx.compiled
+    guards = tx.output.guards
+    if tx.output.fake_mode.shape_env is not None:
+        from .dynamic import shape_guards
+
+        for expr, reason in shape_guards(tx.output.fake_mode.shape_env, tx.output.symbols):
+            guards.custom(("shape", expr), expr, reason)
+    tx.output.frame_state.compiles += 1
+    entry, why, _ = build_entry(fn, guards.fast_expr(), guards.why_lines(), tx.body, ns, fn.__qualname__)
+    entry.__kiln_guards__ = list(guards.names)
+    entry.__kiln_export__ = getattr(tx, "export_info", None)
+    return entry, why

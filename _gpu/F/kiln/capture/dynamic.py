@@ -1,0 +1,223 @@
+"""Dynamic shapes: which tensor dims are symbolic, and the guards that keep them valid.
+
+In:  ``dynamic=`` of the compile call (None: automatic, True: all dims, False:
+     none), the sizes seen by earlier compiles of the same code object, and
+     the ShapeEnv that traced the frame.
+Out: per input tensor the dims to make symbolic (``DimDynamic.DYNAMIC``), and
+     Python guard expressions over the inputs (``x.size(0) >= 2``,
+     ``x.size(0) % 2 == 0``, ``y.size(1) == x.size(0)``) equal to the ShapeEnv's
+     guards with each size symbol printed as the source that produced it.
+
+Invariants:
+- dynamic=False (and the first compile under dynamic=None) never creates a
+  ShapeEnv: shapes are specialised exactly as before.
+- Automatic dynamic (dynamic=None): a dim becomes symbolic on the compile
+  after one where its size differed from the recorded one, and stays symbolic.
+- nn.Parameters keep static shapes (as in PyTorch).
+- Every fact the trace relied on is a ShapeEnv guard (or a range bound of a
+  symbol), so an entry never accepts an input it would compute wrongly.
+"""
+from __future__ import annotations
+
+import re
+from typing import Any, Optional
+
+import torch
+
+_NAME = re.compile(r"\b[a-z]\d+\b")
+
+# NOTE: these backends compile the torch-level graph for its example sizes (ONNX/TVM
+# export with real inputs) or take every untyped graph input as a Tensor (TorchScript):
+# given symbolic sizes they would fail at run time, so shapes stay static for them.
+STATIC_ONLY_BACKENDS = frozenset({"ts", "onnxrt", "tvm"})
+
+
+def effective_mode(dynamic: Optional[bool], backend_name: str) -> Optional[bool]:
+    """``dynamic=`` as it applies to ``backend_name`` (False for static-only backends)."""
+    return False if backend_name in STATIC_ONLY_BACKENDS else dynamic
+
+
+class FrameState:
+    """Sizes seen per tensor source over the compiles of one code object."""
+
+    def __init__(self) -> None:
+        self.sizes: dict[str, list] = {}
+        self.compiles = 0
+
+    def dynamic_dims(self, mode: Optional[bool], name: str, t: torch.Tensor, is_param: bool) -> Optional[list]:
+        """Which dims of ``t`` (at ``name``) to make symbolic; None: all static."""
+        if mode is False or is_param:
+            return None
+        shape = list(t.shape)
+        if mode is True:
+            return [True] * len(shape)
+        from . import config
+
+        if not config.automatic_dynamic_shapes:
+            return None
+        seen = self.sizes.get(name)
+        if seen is None or len(seen) != len(shape):
+            # NOTE: automatic dynamic starts static; a rank change is not a size change.
+            if seen is None or self.compiles == 0:
+                self.sizes[name] = shape
+            return None
+        merged = [None if (a is None or a != b) else a for a, b in zip(seen, shape)]
+        self.sizes[name] = merged
+        dyn = [m is None for m in merged]
+        return dyn if any(dyn) else None
+
+
+def fake_with_dims(fake_mode, value: torch.Tensor, dims: Optional[list]):
+    """A fake tensor of ``value`` with ``dims`` (booleans) symbolic, the rest static."""
+    if dims is None or fake_mode.shape_env is None:
+        return fake_mode.from_tensor(value, static_shapes=True)
+    from torch.fx.experimental.symbolic_shapes import DimDynamic, StatelessSymbolicContext
+
+    # NOTE: DUCK: equal sizes share one symbol (PyTorch's duck sizing), guarded equal.
+    sizes = [DimDynamic.DUCK if d else DimDynamic.STATIC for d in dims]
+    ctx = StatelessSymbolicContext(dynamic_sizes=sizes)
+    return fake_mode.from_tensor(value, symbolic_context=ctx)
+
+
+def new_fake_mode(shape_env: bool):
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    if not shape_env:
+        return FakeTensorMode()
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+    # NOTE: ops whose output size depends on data (nonzero, unique...) stay graph
+    # breaks, as without a ShapeEnv: no unbacked symbols (they have no input source).
+    try:
+        env = ShapeEnv(allow_dynamic_output_shape_ops=False, allow_scalar_outputs=False)
+    except TypeError:  # NOTE: older ShapeEnv signature; data-dependent ops still break elsewhere
+        env = ShapeEnv()
+    return FakeTensorMode(shape_env=env)
+
+
+class SymbolTable:
+    """Size symbols of the inputs and the Python expressions that read them."""
+
+    def __init__(self) -> None:
+        self.exprs: dict[Any, str] = {}   # sympy.Symbol -> Python source (e.g. "x.size(0)")
+        self.names: dict[Any, str] = {}   # sympy.Symbol -> guard-language name ("L['x'].size()[0]")
+
+    def add(self, sym, expr: str, name: str) -> bool:
+        """Record a symbol's first source; False when it was already known."""
+        if sym in self.exprs:
+            return False
+        self.exprs[sym] = expr
+        self.names[sym] = name
+        return True
+
+    def _render(self, expr, table: dict) -> str:
+        from torch.utils._sympy.printers import PythonPrinter
+
+        text = PythonPrinter().doprint(expr)
+        by_name = {str(s): v for s, v in table.items()}
+        missing = [s for s in expr.free_symbols if s not in table]
+        if missing:
+            raise KeyError(f"size symbol {missing[0]} has no source")
+        return _NAME.sub(lambda m: f"({by_name[m.group(0)]})" if m.group(0) in by_name else m.group(0), text)
+
+    def py(self, expr) -> str:
+        """``expr`` (sympy, over the input symbols) as Python over the sources."""
+        return self._render(expr, self.exprs)
+
+    def human(self, expr) -> str:
+        return self._render(expr, self.names)
+
+
+def sym_expr_of(v: Any):
+    """The sympy expression of a SymInt / SymFloat / int."""
+    if isinstance(v, (torch.SymInt, torch.SymFloat, torch.SymBool)):
+        return v.node.expr
+    import sympy
+
+    return sympy.Integer(int(v))
+
+
+def _bound(b) -> Optional[int]:
+    """A finite integer range bound, or None for +-infinity."""
+    try:
+        v = int(b)
+    except (TypeError, ValueError, AttributeError, OverflowError):
+        return None
+    return v if abs(v) < 2 ** 62 else None
+
+
+def shape_guards(shape_env, table: SymbolTable) -> list[tuple[str, str]]:
+    """(Python expression, reason) for every guard the ShapeEnv recorded, plus symbol ranges."""
+    import sympy
+
+    out: list[tuple[str, str]] = []
+    seen: set = set()
+
+    def add(expr) -> None:
+        if expr in seen or expr is sympy.true:
+            return
+        seen.add(expr)
+        out.append((table.py(expr), table.human(expr)))
+
+    ranges = getattr(shape_env, "var_to_range", {})
+    for sym in table.exprs:
+        vr = ranges.get(sym)
+        if vr is None:
+            continue
+        lo, hi = _bound(vr.lower), _bound(vr.upper)
+        if lo is not None:
+            add(sympy.Ge(sym, lo, evaluate=False))
+        if hi is not None:
+            add(sympy.Le(sym, hi, evaluate=False))
+    for g in shape_env.guards:
+        add(g.expr)
+    return out
+
+
+def tensor_shape_checks(e: str, name: str, fake: torch.Tensor, table: SymbolTable) -> Optional[tuple]:
+    """``_tensor_shape_checks``, or None (the table unchanged) when a stride or size
+    cannot be written over known sources."""
+    saved = dict(table.exprs), dict(table.names)
+    try:
+        return _tensor_shape_checks(e, name, fake, table)
+    except KeyError:
+        table.exprs, table.names = saved
+        return None
+
+
+def _tensor_shape_checks(e: str, name: str, fake: torch.Tensor, table: SymbolTable) -> tuple[list, list, list]:
+    """Shape and stride checks of a tensor with symbolic dims, registering its new symbols.
+
+    Static dims are compared exactly; a dim whose symbol is new binds it (its range
+    and relations come from the ShapeEnv guards); a duck-sized repeat of a known
+    symbol is compared with the symbol's first source.  Returns (shape checks,
+    stride checks, [(dim, SymInt) for each new size symbol]).
+    """
+    import sympy
+
+    shape_parts = [f"{e}.dim() == {fake.dim()}"]
+    new = []
+    for i, s in enumerate(fake.shape):
+        if not (isinstance(s, torch.SymInt) and not s.node.is_constant()):
+            shape_parts.append(f"{e}.size({i}) == {int(s)}")
+            continue
+        x = s.node.expr
+        if isinstance(x, sympy.Symbol) and table.add(x, f"{e}.size({i})", f"{name}.size()[{i}]"):
+            new.append((i, s))
+        else:
+            shape_parts.append(f"{e}.size({i}) == {table.py(x)}")
+    strides = []
+    for i, s in enumerate(fake.stride()):
+        if not isinstance(s, torch.SymInt) or s.node.is_constant():
+            strides.append(str(int(s)))
+            continue
+        x = s.node.expr
+        if isinstance(x, sympy.Symbol) and table.add(x, f"{e}.stride({i})", f"{name}.stride()[{i}]"):
+            strides.append(f"{e}.stride({i})")
+        else:
+            strides.append(table.py(x))
+    stride_part = f"{e}.stride() == ({', '.join(strides)}{',' if fake.dim() == 1 else ''})"
+    off = fake.storage_offset()
+    if isinstance(off, torch.SymInt) and isinstance(off.node.expr, sympy.Symbol):
+        table.add(off.node.expr, f"{e}.storage_offset()", f"{name}.storage_offset()")
+    return shape_parts, [stride_part], new

@@ -1,0 +1,273 @@
+"""The symbolic bytecode interpreter (one translator per traced frame).
+
+In: a code object plus symbolic locals.  Out: the fx graph (through the
+shared OutputGraph) and the symbolic return value, or a graph break.
+
+Each opcode has one handler method named after it, registered with the CPython
+versions it serves (``bytecode.handles``); the handlers live in the ``ops_*``
+mixins grouped by family.
+"""
+from __future__ import annotations
+
+import builtins
+import inspect
+import traceback
+import types
+from typing import Any, Optional
+
+from kiln.exc import KilnError, Unsupported, format_location
+
+from . import bytecode as bc
+from .ops_basic import BasicOps
+from .ops_call import CallOps
+from .ops_control import ControlOps
+from .sources import Source, global_source, local_source
+from .variables.base import VT, ConstantVT, NullVT, unsupported
+from .variables.builder import wrap
+from .variables.callables import CellVT, NestedFunctionVT, is_library_module
+from .variables.containers import DictVT, IteratorVT, TupleVT
+
+MAX_INLINE_DEPTH = 24
+MAX_STEPS = 200_000  # instructions per inlined frame (endless generators / loops)
+
+
+class LazyLocal(VT):
+    """An argument not yet read: wrapped (and guarded) on first use."""
+
+    def __init__(self, value: Any, source: Source):
+        self.value = value
+        self.source = source
+
+
+class ReturnSignal(Exception):
+    pass
+
+
+class BreakSignal(Exception):
+    """Raised by the root translator once it has generated its break code."""
+
+
+class Translator(BasicOps, CallOps, ControlOps):
+    def __init__(self, code: types.CodeType, f_globals: dict, output, locals_: dict,
+                 cells: dict, parent: Optional["Translator"] = None, fn_label: str = ""):
+        self.code = code
+        self.f_globals = f_globals
+        self.f_builtins = f_globals.get("__builtins__", builtins)
+        if isinstance(self.f_builtins, types.ModuleType):
+            self.f_builtins = self.f_builtins.__dict__
+        self.output = output
+        self.locals: dict[str, VT] = locals_
+        self.cells: dict[str, Any] = cells  # name -> CellVT or a real cell
+        self.parent = parent
+        self.depth = 0 if parent is None else parent.depth + 1
+        self.insts, self.idx = bc.decode(code)
+        self.stack: list[VT] = []
+        self.ip = 0
+        self.current: Optional[bc.Inst] = None
+        self.kw_names: tuple = ()
+        self.return_value: Optional[VT] = None
+        self.library = is_library_module(types.SimpleNamespace(__name__=f_globals.get("__name__", "")))
+        self.dispatch = _DISPATCH
+        self.generator_values: Optional[list] = None
+        self.budget = MAX_STEPS
+
+    # ------------------------------------------------------------ helpers
+    def push(self, v: VT) -> None:
+        self.stack.append(v)
+
+    def pop(self) -> VT:
+        return self.stack.pop()
+
+    def popn(self, n: int) -> list:
+        if n == 0:
+            return []
+        out = self.stack[-n:]
+        del self.stack[-n:]
+        return out
+
+    def jump_to(self, offset: int) -> None:
+        self.ip = self.idx[offset]
+
+    def wrap(self, value: Any, source: Optional[Source]) -> VT:
+        return wrap(self, value, source, guard=True)
+
+    def wrap_static(self, value: Any) -> VT:
+        return wrap(self, value, None, guard=False)
+
+    def resolve(self, v: VT) -> VT:
+        if isinstance(v, LazyLocal):
+            return self.wrap(v.value, v.source)
+        return v
+
+    def frame_summary(self) -> traceback.FrameSummary:
+        line = self.current.lineno if self.current else self.code.co_firstlineno
+        return traceback.FrameSummary(self.code.co_filename, line or 0, self.code.co_name)
+
+    def user_stack(self) -> list:
+        out = []
+        t = self
+        while t is not None:
+            out.append(t.frame_summary())
+            t = t.parent
+        return list(reversed(out))
+
+    def where(self) -> str:
+        fs = self.frame_summary()
+        return format_location(fs.filename, fs.lineno)
+
+    # ------------------------------------------------------------ running
+    def step(self) -> None:
+        self.budget -= 1
+        if self.budget < 0:
+            unsupported("too many instructions in one frame", why=f"more than {MAX_STEPS} steps")
+        inst = self.insts[self.ip]
+        self.current = inst
+        self.ip += 1
+        name = self.dispatch.get(inst.opname)
+        if name is None:
+            unsupported(f"opcode {inst.opname}", why="this bytecode instruction has no capture handler")
+        getattr(self, name)(inst)
+
+    def run(self) -> Optional[VT]:
+        try:
+            while True:
+                self.step()
+        except ReturnSignal:
+            return self.return_value
+        except Unsupported as e:
+            if not e.where:
+                e.where = self.where()
+                e.user_stack = self.user_stack()
+            raise
+        except Exception as e:  # noqa: BLE001 - an interpreter gap is a graph break, never a crash
+            if isinstance(e, KilnError):
+                raise
+            err = internal_error(self, e)
+            raise err from e
+
+
+    # ------------------------------------------------------------ inlining
+    def inline_function(self, fn: types.FunctionType, args: list, kwargs: dict) -> VT:
+        if fn.__code__.co_flags & (bc.UNSUPPORTED_FLAGS & ~bc.CO_GENERATOR):
+            unsupported(f"call to coroutine function {fn.__qualname__}")
+        defaults = [self.wrap_static(d) for d in fn.__defaults__ or ()]
+        kwdefaults = {k: self.wrap_static(v) for k, v in (fn.__kwdefaults__ or {}).items()}
+        locals_ = bind_args(fn.__code__, fn.__qualname__, args, kwargs, defaults, kwdefaults)
+        cells = {}
+        for name, cell in zip(fn.__code__.co_freevars, fn.__closure__ or ()):
+            cells[name] = cell
+        return self._inline(fn.__code__, fn.__globals__, locals_, cells)
+
+    def inline_nested(self, nf: NestedFunctionVT, args: list, kwargs: dict) -> VT:
+        code = nf.code
+        defaults = list(nf.defaults.items) if nf.defaults is not None else []
+        kwdefaults = dict(nf.kwdefaults.items) if nf.kwdefaults is not None else {}
+        locals_ = bind_args(code, nf.qualname, args, kwargs, defaults, kwdefaults)
+        cells = {n: getattr(c, "cell", c) for n, c in zip(code.co_freevars, nf.closure)}
+        return self._inline(code, nf.fn_globals, locals_, cells)
+
+    def _as_vt(self, v: Any) -> VT:
+        return self.resolve(v) if isinstance(v, VT) else self.wrap_static(v)
+
+    def _inline(self, code, f_globals, locals_, cells) -> VT:
+        if self.depth >= MAX_INLINE_DEPTH:
+            unsupported("inlining too deep (recursion)", why=f"more than {MAX_INLINE_DEPTH} nested calls")
+        sub = Translator(code, f_globals, self.output, locals_, cells, parent=self)
+        if code.co_flags & bc.CO_GENERATOR:
+            # NOTE: a generator is run to completion here; its values become an iterator.
+            # That is only equal to lazy iteration when running it has no side effects.
+            before = self.output.side_effects.size()
+            sub.generator_values = []
+            sub.run()
+            if self.output.side_effects.size() != before:
+                unsupported("generator with side effects", why="it is unrolled eagerly while tracing")
+            return IteratorVT(sub.generator_values)
+        return sub.run()
+
+    # ------------------------------------------------------------ names
+    def load_global(self, name: str) -> VT:
+        pend = self.output.side_effects.globals
+        if self.f_globals is self.output.root_globals and name in pend:
+            return pend[name][1]
+        if name in self.f_globals:
+            value = self.f_globals[name]
+            if self.library:
+                return self.wrap_static(value)
+            src = global_source(self.output.objects, self.f_globals, self.output.root_globals, name)
+            return self.wrap(value, src)
+        if name in self.f_builtins:
+            return self.wrap_static(self.f_builtins[name])
+        unsupported(f"name '{name}' is not defined")
+
+    def load_deref(self, name: str) -> VT:
+        cell = self.cells.get(name)
+        if isinstance(cell, CellVT):
+            if cell.value is None:
+                unsupported(f"free variable '{name}' referenced before assignment")
+            return cell.value
+        if cell is None:
+            unsupported(f"closure variable {name}")
+        try:
+            value = cell.cell_contents
+        except ValueError:
+            unsupported(f"free variable '{name}' referenced before assignment")
+        src = self.output.objects.source(cell)
+        src = Source(f"L[{name!r}]", f"{src.expr}.cell_contents")
+        if self.library:
+            return self.wrap_static(value)
+        return self.wrap(value, src)
+
+
+def bind_args(code: types.CodeType, name: str, args: list, kwargs: dict, defaults: list,
+              kwdefaults: dict) -> dict:
+    """Bind VT arguments to the parameters of ``code`` (as CPython does)."""
+    nargs, nkw = code.co_argcount, code.co_kwonlyargcount
+    names = code.co_varnames
+    pos_names, kw_names = names[:nargs], names[nargs:nargs + nkw]
+    out: dict = {}
+    extra = list(args[nargs:])
+    for n, v in zip(pos_names, args):
+        out[n] = v
+    i = nargs + nkw
+    if code.co_flags & bc.CO_VARARGS:
+        out[names[i]] = TupleVT(extra)
+        i += 1
+    elif extra:
+        unsupported(f"{name}() takes {nargs} positional arguments but {len(args)} were given")
+    rest = {}
+    posonly = code.co_posonlyargcount
+    for k, v in kwargs.items():
+        if k in pos_names[posonly:] or k in kw_names:
+            if k in out:
+                unsupported(f"{name}() got multiple values for argument '{k}'")
+            out[k] = v
+        else:
+            rest[k] = v
+    if code.co_flags & bc.CO_VARKEYWORDS:
+        out[names[i]] = DictVT(rest)
+    elif rest:
+        unsupported(f"{name}() got an unexpected keyword argument '{next(iter(rest))}'")
+    first_default = nargs - len(defaults)
+    for j, n in enumerate(pos_names):
+        if n not in out:
+            if j < first_default:
+                unsupported(f"{name}() missing required argument '{n}'")
+            out[n] = defaults[j - first_default]
+    for n in kw_names:
+        if n not in out:
+            if n not in kwdefaults:
+                unsupported(f"{name}() missing required keyword-only argument '{n}'")
+            out[n] = kwdefaults[n]
+    return out
+
+
+def internal_error(tx, e: Exception) -> Unsupported:
+    op = tx.current.opname if tx.current else "?"
+    err = Unsupported(f"capture could not handle {op}: {type(e).__name__}: {e}",
+                      why="an internal limitation of the capture interpreter",
+                      where=tx.where(), hint="this part runs eagerly; please report it")
+    err.user_stack = tx.user_stack()
+    return err
+
+
+_DISPATCH = bc.build_dispatch(Translator)

@@ -1,0 +1,147 @@
+"""Opcode handlers: jumps, loops, returns."""
+from __future__ import annotations
+
+from .bytecode import handles
+from .variables.base import ConstantVT, unsupported
+from .variables.containers import IteratorVT
+from .variables.tensor import TensorVT
+
+_JUMP_311 = ("POP_JUMP_FORWARD_IF_TRUE", "POP_JUMP_BACKWARD_IF_TRUE", "POP_JUMP_FORWARD_IF_FALSE",
+             "POP_JUMP_BACKWARD_IF_FALSE", "POP_JUMP_FORWARD_IF_NONE", "POP_JUMP_BACKWARD_IF_NONE",
+             "POP_JUMP_FORWARD_IF_NOT_NONE", "POP_JUMP_BACKWARD_IF_NOT_NONE")
+_JUMP_312 = ("POP_JUMP_IF_TRUE", "POP_JUMP_IF_FALSE", "POP_JUMP_IF_NONE", "POP_JUMP_IF_NOT_NONE")
+COND_JUMPS = set(_JUMP_311) | set(_JUMP_312)
+
+
+def _is_none(v) -> bool:
+    return isinstance(v, ConstantVT) and v.value is None
+
+
+def jump_taken(tx, opname: str, v) -> bool:
+    """Whether a POP_JUMP_* instruction jumps for value ``v``."""
+    if opname.endswith("IF_NOT_NONE"):
+        return not _is_none(v)
+    if opname.endswith("IF_NONE"):
+        return _is_none(v)
+    truth = v.truthy(tx)
+    return truth if opname.endswith("IF_TRUE") else not truth
+
+
+class ControlOps:
+    @handles("JUMP_FORWARD", "JUMP_BACKWARD", "JUMP_BACKWARD_NO_INTERRUPT", "JUMP")
+    def JUMP_FORWARD(self, inst):
+        self.jump_to(inst.argval)
+
+    @handles(*_JUMP_311, max_version=(3, 11))
+    def POP_JUMP_311(self, inst):
+        self._cond_jump(inst)
+
+    @handles(*_JUMP_312, min_version=(3, 12))
+    def POP_JUMP_312(self, inst):
+        self._cond_jump(inst)
+
+    def _cond_jump(self, inst):
+        v = self.stack[-1]
+        if isinstance(v, TensorVT) and not inst.opname.endswith("NONE"):
+            self.on_tensor_branch(inst, v)
+            return
+        self.pop()
+        if jump_taken(self, inst.opname, v):
+            self.jump_to(inst.argval)
+
+    def on_tensor_branch(self, inst, v):
+        v.truthy(self)  # raises Unsupported (data-dependent branch)
+
+    @handles("JUMP_IF_TRUE_OR_POP", "JUMP_IF_FALSE_OR_POP", max_version=(3, 11))
+    def JUMP_IF_OR_POP(self, inst):
+        v = self.stack[-1]
+        truth = v.truthy(self)
+        if truth == inst.opname.startswith("JUMP_IF_TRUE"):
+            self.jump_to(inst.argval)
+        else:
+            self.pop()
+
+    # ---------------------------------------------------------- loops
+    @handles("GET_ITER")
+    def GET_ITER(self, inst):
+        v = self.pop()
+        self.push(v if isinstance(v, IteratorVT) else IteratorVT(v.unpack(self)))
+
+    def _for_iter_next(self):
+        """The loop's next value, or None (iterator popped) when it is exhausted."""
+        it = self.stack[-1]
+        if not isinstance(it, IteratorVT):
+            unsupported(f"iteration over {it}")
+        v = it.next(self)
+        if v is None:
+            self.pop()
+        return v
+
+    @handles("FOR_ITER", max_version=(3, 11))
+    def FOR_ITER(self, inst):
+        v = self._for_iter_next()
+        if v is None:
+            self.jump_to(inst.argval)
+        else:
+            self.push(v)
+
+    @handles("FOR_ITER", min_version=(3, 12))
+    def FOR_ITER_312(self, inst):
+        v = self._for_iter_next()
+        if v is None:
+            # NOTE: 3.12 jumps to the END_FOR and skips it (the iterator is popped).
+            self.ip = self.idx[inst.argval] + 1
+        else:
+            self.push(v)
+
+    @handles("END_FOR", min_version=(3, 12))
+    def END_FOR(self, inst):
+        self.popn(2)
+
+    # ---------------------------------------------------------- return
+    @handles("RETURN_VALUE")
+    def RETURN_VALUE(self, inst):
+        self.on_return(self.pop())
+
+    def on_return(self, value):
+        from .interpreter import ReturnSignal
+
+        self.return_value = value
+        raise ReturnSignal()
+
+    # ---------------------------------------------------------- generators (inlined, fully unrolled)
+    @handles("RETURN_GENERATOR")
+    def RETURN_GENERATOR(self, inst):
+        if self.generator_values is None:
+            unsupported("generator frame compiled on its own")
+        self.push(ConstantVT(None))
+
+    @handles("YIELD_VALUE")
+    def YIELD_VALUE(self, inst):
+        if self.generator_values is None:
+            unsupported("yield outside an inlined generator")
+        self.generator_values.append(self.pop())
+        self.push(ConstantVT(None))  # the value sent back in: next() sends None
+
+    # ---------------------------------------------------------- imports
+    @handles("IMPORT_NAME")
+    def IMPORT_NAME(self, inst):
+        import sys
+
+        fromlist, level = self.pop(), self.pop()
+        if level.const() != 0 or inst.argval not in sys.modules:
+            unsupported(f"import of {inst.argval}", why="only already-imported absolute modules are captured")
+        mod = sys.modules[inst.argval]
+        if not fromlist.const():
+            mod = sys.modules[inst.argval.split(".")[0]]
+        self.push(self.wrap_static(mod))
+
+    @handles("IMPORT_FROM")
+    def IMPORT_FROM(self, inst):
+        self.push(self.stack[-1].getattr(self, inst.argval))
+
+    @handles("SEND", "GET_AWAITABLE", "SETUP_ANNOTATIONS",
+             "LOAD_BUILD_CLASS", "PUSH_EXC_INFO", "RERAISE",
+             "DELETE_GLOBAL", "DELETE_ATTR", "DELETE_DEREF", "SETUP_FINALLY")
+    def UNSUPPORTED_OP(self, inst):
+        unsupported(f"opcode {inst.opname}", why="this construct is not captured")

@@ -1,0 +1,343 @@
+"""The graph under construction: fx nodes, fake tensors, inputs, side effects.
+
+In: symbolic calls from the interpreter.  Out: a torch-level fx.GraphModule
+(call_function / call_method nodes of torch functions, operator.* and Tensor
+methods; one placeholder per distinct input tensor, named after its source)
+handed to the backend, plus the bookkeeping the runner codegen needs.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import re
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import torch
+import torch.fx as fx
+from torch._dispatch.python import enable_python_dispatcher
+from kiln.exc import BackendCompilerFailed, Unsupported
+from kiln.passes import checking, log_graph, verify_graph
+
+from .dynamic import FrameState, SymbolTable, fake_with_dims, new_fake_mode, tensor_shape_checks
+from .guards import GuardSet
+from .sources import ObjectTable, Source
+from .variables.base import VT, ConstantVT, const_vt, unsupported
+from .variables.containers import ListVT, TupleVT
+from .variables.symbolic import SYM_TYPES, SymNodeVT, concrete, is_symbolic
+from .variables.tensor import TensorVT, fake_value, node_value
+
+
+@dataclass
+class GraphCompileReason:
+    """Why a graph was compiled (PyTorch's name and fields)."""
+
+    reason: str
+    user_stack: list = field(default_factory=list)
+    graph_break: bool = True
+
+
+class SideEffects:
+    """Python-state mutations seen while tracing, replayed after the graph."""
+
+    def __init__(self, output: "OutputGraph"):
+        self.output = output
+        self.containers: list = []
+        self.attrs: list = []  # (obj_vt, name, value_vt)
+        self.globals: dict = {}  # name -> (source, vt)
+        self.hooks: list = []  # (tensor_vt, fn_vt, handle_name)
+
+    def track(self, vt: VT) -> None:
+        if all(c is not vt for c in self.containers):
+            self.containers.append(vt)
+
+    def track_attr(self, obj: VT, name: str, value: VT) -> None:
+        self.attrs.append((obj, name, value))
+
+    def store_global(self, source: Source, name: str, value: VT) -> None:
+        self.globals[name] = (source, value)
+
+    def register_hook(self, tensor: TensorVT, fn: VT) -> VT:
+        from .variables.objects import HandleVT
+
+        name = f"___h{len(self.hooks)}"
+        self.hooks.append((tensor, fn, name))
+        return HandleVT(name)
+
+    def size(self) -> tuple:
+        return (len(self.containers), len(self.attrs), len(self.globals), len(self.hooks),
+                sum(len(c.items) for c in self.containers))
+
+    def values(self) -> list:
+        vals = [v for _, _, v in self.attrs] + [v for _, v in self.globals.values()]
+        vals += [f for _, f, _ in self.hooks] + [t for t, _, _ in self.hooks]
+        for c in self.containers:
+            vals += list(c.items.values()) if isinstance(c.items, dict) else list(c.items)
+        return vals
+
+    def codegen(self, cg) -> None:
+        """Read every new value into temps first, then mutate (sources may alias)."""
+        n = [0]
+
+        def temp(expr: str) -> str:
+            name = f"___v{n[0]}"
+            n[0] += 1
+            cg.line(f"{name} = {expr}")
+            return name
+
+        targets = [temp(c.source.expr) for c in self.containers]
+        conts = []
+        for c in self.containers:
+            if isinstance(c, ListVT):
+                conts.append(temp("[" + ", ".join(cg.expr(i) for i in c.items) + "]"))
+            else:
+                conts.append(temp("{" + ", ".join(f"{k!r}: {cg.expr(v)}" for k, v in c.items.items()) + "}"))
+        attrs = [(temp(o.source.expr), name, temp(cg.expr(v))) for o, name, v in self.attrs]
+        globs = [(src.expr, temp(cg.expr(v))) for src, v in self.globals.values()]
+        hooks = [(temp(cg.expr(t)), temp(cg.expr(fn)), h) for t, fn, h in self.hooks]
+        for c, tgt, new in zip(self.containers, targets, conts):
+            if isinstance(c, ListVT):
+                cg.line(f"{tgt}[:] = {new}")
+            else:
+                cg.line(f"{tgt}.clear(); {tgt}.update({new})")
+        for obj, name, value in attrs:
+            cg.line(f"setattr({obj}, {name!r}, {value})")
+        for expr, value in globs:
+            cg.line(f"{expr} = {value}")
+        for t, fn, h in hooks:
+            cg.line(f"{h} = {t}.register_hook({fn})")
+
+
+class FakeCallError(Unsupported, RuntimeError):
+    """A torch call failed on fake tensors (a RuntimeError under fullgraph, else a graph break)."""
+
+
+def _placeholder_name(source: Source) -> str:
+    n = re.sub(r"[^0-9a-zA-Z_]", "_", source.name)
+    return re.sub(r"_+", "_", n) + ("_" if not n.endswith("_") else "")
+
+
+class OutputGraph:
+    def __init__(self, ctx, root_globals: dict, frame_state: Optional[FrameState] = None):
+        self.ctx = ctx
+        self.root_globals = root_globals
+        self.graph = fx.Graph()
+        self.frame_state = frame_state or FrameState()
+        # NOTE: a ShapeEnv only where a dim may be symbolic (dynamic=True, or a
+        # recompile under automatic dynamic): static compiles stay exactly as before.
+        from . import config
+
+        dynamic = getattr(ctx, "dynamic", None)
+        self.fake_mode = new_fake_mode(dynamic is True or (dynamic is None and self.frame_state.compiles > 0
+                                                           and config.automatic_dynamic_shapes))
+        self.symbols = SymbolTable()
+        self.size_nodes: dict = {}  # sympy.Symbol -> its placeholder
+        # NOTE: as in PyTorch's own capture, reading data pointers of fake tensors is an error here.
+        self.fake_mode._allow_unsafe_data_ptr_access = False
+        self.objects = ObjectTable()
+        self.guards = GuardSet(self.objects)
+        self.side_effects = SideEffects(self)
+        self.inputs: list = []  # (source, real_value, TensorVT)
+        self._by_id: dict[int, TensorVT] = {}
+        self.initial_grad = torch.is_grad_enabled()
+        self.grad_enabled = self.initial_grad
+        self.guards.grad_mode(self.initial_grad)
+        self.guards.autocast()
+        self.module_params: set = set()
+
+    # ------------------------------------------------------------ inputs
+    def add_tensor_input(self, value: torch.Tensor, source: Source, from_module: bool = False) -> TensorVT:
+        prev = self._by_id.get(id(value))
+        if prev is not None:
+            if prev.source.name != source.name:
+                self.guards.alias(prev.source, source)
+            return prev
+        dims = self.frame_state.dynamic_dims(getattr(self.ctx, "dynamic", None), source.name, value,
+                                             isinstance(value, torch.nn.Parameter))
+        fake = fake_with_dims(self.fake_mode, value, dims)
+        checks = None
+        if any(is_symbolic(d) for d in list(fake.shape) + list(fake.stride())):
+            checks = tensor_shape_checks(source.expr, source.name, fake, self.symbols)
+            if checks is None:
+                # NOTE: strides not expressible over the sizes (a strided view of a bigger
+                # tensor): this input keeps static shapes.
+                fake = fake_with_dims(self.fake_mode, value, None)
+        if checks is not None:
+            self.guards.tensor(source, value, checks[:2])
+            for i, sym in checks[2]:
+                self._add_size_input(source, i, sym)
+        else:
+            self.guards.tensor(source, value)
+        node = self._make_placeholder(source)
+        node.meta["example_value"] = fake
+        node.meta["source"] = source.name
+        vt = TensorVT(node, fake, source, type(value))
+        self._by_id[id(value)] = vt
+        self.inputs.append((source, value, vt, from_module))
+        return vt
+
+    def _add_size_input(self, source: Source, dim: int, sym: torch.SymInt) -> None:
+        """A graph input for a new size symbol (PyTorch's ``s0: Sym(s0)`` placeholders)."""
+        src = Source(f"{source.name}.size()[{dim}]", f"{source.expr}.size({dim})")
+        node = self._make_placeholder(Source(str(sym.node.expr), ""))
+        node.meta["example_value"] = node.meta["val"] = sym
+        node.meta["source"] = src.name
+        vt = SymNodeVT(node, sym)
+        self.size_nodes[sym.node.expr] = node
+        self.inputs.append((src, sym, vt, True))
+
+    def sym_vt(self, value: Any, make_node: Callable) -> VT:
+        """A VT for a metadata answer: a constant, or a SymNodeVT (``make_node()`` builds its node)."""
+        if isinstance(value, (tuple, list)):
+            return TupleVT([self.sym_vt(v, lambda i=i: make_node(i)) for i, v in enumerate(value)],
+                           pytype=type(value) if isinstance(value, torch.Size) else tuple)
+        if not is_symbolic(value):
+            return const_vt(concrete(value))
+        if isinstance(value, torch.SymBool):
+            return ConstantVT(bool(value))
+        node = self.size_nodes.get(value.node.expr)
+        if node is None:
+            node = make_node()
+            node.meta["example_value"] = value
+        return SymNodeVT(node, value)
+
+    def has_symbols(self) -> bool:
+        return bool(self.size_nodes)
+
+    def _make_placeholder(self, source: Source) -> fx.Node:
+        name = _placeholder_name(source)
+        last = None
+        for n in self.graph.nodes:
+            if n.op == "placeholder":
+                last = n
+        if last is None:
+            first = next(iter(self.graph.nodes), None)
+            if first is None:
+                return self.graph.placeholder(name)
+            with self.graph.inserting_before(first):
+                return self.graph.placeholder(name)
+        with self.graph.inserting_after(last):
+            return self.graph.placeholder(name)
+
+    # ------------------------------------------------------------ grad mode
+    def set_grad_enabled(self, mode: bool) -> None:
+        if mode == self.grad_enabled:
+            return
+        self.grad_enabled = mode
+        torch._C._set_grad_enabled(mode)
+        self.graph.call_function(torch._C._set_grad_enabled, (mode,))
+
+    # ------------------------------------------------------------ calls
+    def call_graph(self, kind: str, target: Any, args: list, kwargs: dict) -> VT:
+        fargs = [fake_value(a) for a in args]
+        fkw = {k: fake_value(v) for k, v in kwargs.items()}
+        try:
+            res = self._fake_call(kind, target, fargs, fkw)
+        except Unsupported:
+            raise
+        except Exception as e:  # noqa: BLE001 - any failure on fake tensors becomes a graph break
+            name = target if isinstance(target, str) else getattr(target, "__name__", str(target))
+            raise FakeCallError(f"call to {name} failed on fake tensors: {type(e).__name__}: {e}",
+                                why="the operation cannot be traced with fake tensors (data-dependent or "
+                                    "unsupported); without fullgraph it runs eagerly",
+                                hint="use fullgraph=False, or make the operation traceable") from e
+        node = self.graph.create_node(kind, target, tuple(node_value(a) for a in args),
+                                      {k: node_value(v) for k, v in kwargs.items()})
+        return self._wrap_result(res, node)
+
+    def _fake_call(self, kind: str, target: Any, fargs: list, fkw: dict) -> Any:
+        # NOTE: with a ShapeEnv, as in PyTorch's capture, fake calls go through the Python
+        # dispatcher: some C++ composite kernels read sizes() and would specialise symbolic
+        # sizes to their hints (one recompile per new length); their Python decompositions do not.
+        with self.fake_mode, (enable_python_dispatcher() if self.fake_mode.shape_env is not None
+                              else contextlib.nullcontext()):
+            if kind == "call_method":
+                return getattr(fargs[0], target)(*fargs[1:], **fkw)
+            return target(*fargs, **fkw)
+
+    def _wrap_result(self, res: Any, node: fx.Node) -> VT:
+        import operator
+
+        if isinstance(res, torch.Tensor):
+            node.meta["example_value"] = res
+            return TensorVT(node, res)
+        if isinstance(res, SYM_TYPES) and is_symbolic(res) and not isinstance(res, torch.SymBool):
+            node.meta["example_value"] = res
+            return SymNodeVT(node, res)
+        if isinstance(res, (tuple, list)) and any(isinstance(r, torch.Tensor) or is_symbolic(r) for r in res):
+            node.meta["example_value"] = res
+            items = []
+            for i, r in enumerate(res):
+                if isinstance(r, torch.Tensor) or is_symbolic(r):
+                    items.append(self._wrap_result(r, self.graph.call_function(operator.getitem, (node, i))))
+                else:
+                    items.append(const_vt(r))
+            return ListVT(items) if isinstance(res, list) else TupleVT(items)
+        if res is None:
+            return ConstantVT(None)
+        self.graph.erase_node(node)
+        if isinstance(res, torch.Size):
+            return const_vt(torch.Size([concrete(r) for r in res]))
+        return const_vt(concrete(res))
+
+    # ------------------------------------------------------------ compile
+    def op_count(self) -> int:
+        return sum(1 for n in self.graph.nodes if n.op in ("call_function", "call_method", "call_module"))
+
+    def compile(self, outputs: list, reason: GraphCompileReason) -> Optional[Callable]:
+        """Finish the graph with ``outputs`` (TensorVTs) and run the backend."""
+        if self.grad_enabled != self.initial_grad:
+            self.graph.call_function(torch._C._set_grad_enabled, (self.initial_grad,))
+        self.graph.output(tuple(o.node for o in outputs))
+        self._drop_unused_sizes()
+        if self.op_count() == 0 and not outputs:
+            return None
+        gm = fx.GraphModule(torch.nn.Module(), self.graph)
+        gm.compile_subgraph_reason = reason
+        gm.meta["kiln_sources"] = [s.name for s, *_ in self.inputs]
+        log_graph("capture", "output_graph", gm)
+        if checking():
+            verify_graph(gm, after="capture.output_graph")
+        if self.has_symbols():
+            # NOTE: symbolic graphs get fake example inputs (sizes as SymInts of this
+            # frame's ShapeEnv) so that backends trace them for every size the guards allow.
+            example = [vt.fake if isinstance(vt, TensorVT) else v for _, v, vt, _ in self.inputs]
+            for n in self.graph.find_nodes(op="placeholder"):
+                n.meta["val"] = n.meta.get("example_value")
+        else:
+            example = [v for _, v, *_ in self.inputs]
+        # NOTE: the backend sees the grad mode the frame started with (the graph
+        # itself switches it where the code did), as PyTorch restores global
+        # state before compiling; AOT decides on a backward from it.
+        prior = torch.is_grad_enabled()
+        torch._C._set_grad_enabled(self.initial_grad)
+        try:
+            return self.ctx.run_backend(gm, example)
+        finally:
+            torch._C._set_grad_enabled(prior)
+
+    def _drop_unused_sizes(self) -> None:
+        """Size reads and size arithmetic whose values were only used in Python (specialised)."""
+        for n in reversed(list(self.graph.nodes)):
+            if n.op in ("call_function", "call_method") and not n.users \
+                    and isinstance(n.meta.get("example_value"), SYM_TYPES):
+                self.graph.erase_node(n)
+
+
+def call_backend(backend: Callable, name: str, gm: fx.GraphModule, example: list, fullgraph: bool) -> Callable:
+    """Run the backend; failures are reported with its name (eager fallback unless fullgraph)."""
+    try:
+        fn = backend(gm, example)
+    except Exception as e:  # noqa: BLE001
+        if fullgraph:
+            raise BackendCompilerFailed(name, e) from e
+        import warnings
+
+        warnings.warn(f"kiln: backend '{name}' failed ({type(e).__name__}: {e}); running the graph eagerly")
+        return gm.forward
+    if not callable(fn):
+        from kiln.exc import InvalidBackend
+
+        raise InvalidBackend(f"backend '{name}' returned {type(fn).__name__}, not a callable",
+                             hint="a backend must return a callable that runs the graph")
+    return fn

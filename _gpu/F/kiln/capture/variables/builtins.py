@@ -1,0 +1,326 @@
+"""Builtins and builtin types, as a table keyed by the builtin object."""
+from __future__ import annotations
+
+import builtins
+import functools
+import operator
+from typing import Any, Callable
+
+from .base import VT, ConstantVT, const_vt, unsupported
+from .containers import DictVT, IteratorVT, ListVT, SequenceVT, TupleVT
+
+
+def _len(tx, x: VT) -> VT:
+    from .tensor import TensorVT
+
+    if isinstance(x, (SequenceVT, DictVT)):
+        return ConstantVT(len(x.items))
+    if isinstance(x, TensorVT):
+        if x.fake.dim() == 0:
+            unsupported("len() of a 0-d tensor")
+        return x.call_method(tx, "size", [ConstantVT(0)], {})
+    if x.is_const():
+        return ConstantVT(len(x.const()))
+    return x.call_method(tx, "__len__", [], {})
+
+
+def _isinstance(tx, obj: VT, cls: VT) -> VT:
+    c = cls.const()
+    t = obj.python_type()
+    import torch
+
+    if t is not None and issubclass(t, torch.Tensor) and _mentions(c, torch.nn.Parameter):
+        return ConstantVT(issubclass(t, c))
+    return ConstantVT(issubclass(t, c) if isinstance(t, type) else False)
+
+
+def _mentions(c: Any, target: type) -> bool:
+    return c is target or (isinstance(c, tuple) and target in c)
+
+
+def _getattr(tx, obj: VT, name: VT, default: VT = None) -> VT:
+    try:
+        return obj.getattr(tx, name.const())
+    except (AttributeError, KeyError):
+        if default is None:
+            raise
+        return default
+
+
+def _hasattr(tx, obj: VT, name: VT) -> VT:
+    try:
+        obj.getattr(tx, name.const())
+        return ConstantVT(True)
+    except AttributeError:
+        return ConstantVT(False)
+
+
+def _iter(tx, x: VT) -> VT:
+    if isinstance(x, IteratorVT):
+        return x
+    return IteratorVT(x.unpack(tx))
+
+
+def _fold(op: Callable) -> Callable:
+    def run(tx, *args, **kwargs):
+        return const_vt(op(*[a.const() for a in args], **{k: v.const() for k, v in kwargs.items()}))
+
+    return run
+
+
+def _minmax(op: Callable) -> Callable:
+    def run(tx, *args):
+        if len(args) == 1:
+            args = tuple(args[0].unpack(tx))
+        if all(a.is_const() for a in args):
+            return const_vt(op(a.const() for a in args))
+        unsupported(f"builtin {op.__name__} over tensors")
+
+    return run
+
+
+def _sum(tx, seq: VT, start: VT = None) -> VT:
+    from ..ops_binary import binary_op
+
+    acc = start if start is not None else ConstantVT(0)
+    for item in seq.unpack(tx):
+        acc = binary_op(tx, operator.add, acc, item)
+    return acc
+
+
+def _abs(tx, x: VT) -> VT:
+    from .tensor import TensorVT
+
+    if isinstance(x, TensorVT):
+        return tx.output.call_graph("call_function", operator.abs, [x], {})
+    return ConstantVT(abs(x.const()))
+
+
+def _print(tx, *args, **kwargs):
+    unsupported("call to builtin print", why="print has a side effect outside torch",
+                hint="remove the print, or accept a graph break there")
+
+
+def _type(tx, x: VT) -> VT:
+    from .callables import ClassVT
+
+    return ClassVT(x.python_type())
+
+
+def _callable(tx, x: VT) -> VT:
+    from .callables import BuiltinVT, ClassVT, NestedFunctionVT, TorchFnVT, UserFunctionVT, UserMethodVT
+
+    return ConstantVT(isinstance(x, (BuiltinVT, ClassVT, NestedFunctionVT, TorchFnVT, UserFunctionVT, UserMethodVT)))
+
+
+def _setattr(tx, obj: VT, name: VT, value: VT) -> VT:
+    obj.setattr(tx, name.const(), value)
+    return ConstantVT(None)
+
+
+def _enumerate(tx, seq: VT, start: VT = None) -> VT:
+    s = 0 if start is None else start.const()
+    return IteratorVT([TupleVT([ConstantVT(i + s), v]) for i, v in enumerate(seq.unpack(tx))])
+
+
+def _zip(tx, *seqs: VT, strict: VT = None) -> VT:
+    if strict is not None and strict.const() and len({len(s.unpack(tx)) for s in seqs}) > 1:
+        unsupported("zip(strict=True) over sequences of different lengths")
+    return IteratorVT([TupleVT(list(t)) for t in zip(*[s.unpack(tx) for s in seqs])])
+
+
+def _reversed(tx, seq: VT) -> VT:
+    return IteratorVT(list(reversed(seq.unpack(tx))))
+
+
+def _next(tx, it: VT, default: VT = None) -> VT:
+    if isinstance(it, IteratorVT):
+        v = it.next(tx)
+        if v is not None:
+            return v
+        if default is not None:
+            return default
+    unsupported("next() on an exhausted or unknown iterator")
+
+
+def _all_any(op: Callable) -> Callable:
+    def run(tx, seq: VT) -> VT:
+        return ConstantVT(op(v.truthy(tx) for v in seq.unpack(tx)))
+
+    return run
+
+
+def _bool(tx, x: VT = None) -> VT:
+    return ConstantVT(False if x is None else x.truthy(tx))
+
+
+def _scalar(kind: type) -> Callable:
+    def run(tx, x: VT = None, *rest) -> VT:
+        if x is None:
+            return ConstantVT(kind())
+        return ConstantVT(kind(x.const(), *[r.const() for r in rest]))
+
+    return run
+
+
+BUILTINS: dict[Any, Callable] = {
+    builtins.len: _len,
+    builtins.isinstance: _isinstance,
+    builtins.getattr: _getattr,
+    builtins.hasattr: _hasattr,
+    builtins.setattr: _setattr,
+    builtins.iter: _iter,
+    builtins.next: _next,
+    builtins.min: _minmax(min),
+    builtins.max: _minmax(max),
+    builtins.sum: _sum,
+    builtins.abs: _abs,
+    builtins.print: _print,
+    builtins.callable: _callable,
+    builtins.enumerate: _enumerate,
+    builtins.zip: _zip,
+    builtins.reversed: _reversed,
+    builtins.all: _all_any(all),
+    builtins.any: _all_any(any),
+    builtins.round: _fold(round),
+    builtins.divmod: _fold(divmod),
+    builtins.pow: _fold(pow),
+    builtins.issubclass: _fold(issubclass),
+    builtins.repr: _fold(repr),
+    builtins.ord: _fold(ord),
+    builtins.chr: _fold(chr),
+    builtins.hash: _fold(hash),
+    builtins.sorted: lambda tx, s, **kw: ListVT([const_vt(v) for v in sorted(
+        [x.const() for x in s.unpack(tx)], **{k: v.const() for k, v in kw.items()})]),
+}
+
+
+def call_builtin(tx, fn: Any, args: list, kwargs: dict) -> VT:
+    handler = BUILTINS.get(fn)
+    if handler is None:
+        unsupported(f"call to builtin {getattr(fn, '__name__', fn)}")
+    return handler(tx, *args, **kwargs)
+
+
+def _range(tx, *args) -> VT:
+    return ConstantVT(range(*[a.const() for a in args]))
+
+
+def _list(tx, x: VT = None) -> VT:
+    return ListVT([] if x is None else x.unpack(tx))
+
+
+def _tuple(tx, x: VT = None) -> VT:
+    return TupleVT([] if x is None else x.unpack(tx))
+
+
+def _dict(tx, x: VT = None, **kwargs) -> VT:
+    items = {}
+    if isinstance(x, DictVT):
+        items.update(x.items)
+    elif x is not None:
+        for pair in x.unpack(tx):
+            k, v = pair.unpack(tx)
+            items[k.const()] = v
+    items.update(kwargs)
+    return DictVT(items)
+
+
+def _size(tx, x: VT = None) -> VT:
+    import torch
+
+    return TupleVT([] if x is None else x.unpack(tx), pytype=torch.Size)
+
+
+def _filter(tx, fn: VT, seq: VT) -> VT:
+    items = seq.unpack(tx)
+    if isinstance(fn, ConstantVT) and fn.value is None:
+        return IteratorVT([i for i in items if i.truthy(tx)])
+    return IteratorVT([i for i in items if fn.call(tx, [i], {}).truthy(tx)])
+
+
+def _map(tx, fn: VT, *seqs: VT) -> VT:
+    return IteratorVT([fn.call(tx, list(t), {}) for t in zip(*[s.unpack(tx) for s in seqs])])
+
+
+def _static_ctor(cls: type):
+    """Objects built from constants only, with plain read-only attributes (finfo...)."""
+    def run(tx, *args: VT, **kwargs: VT) -> VT:
+        return tx.wrap_static(cls(*[a.const() for a in args], **{k: v.const() for k, v in kwargs.items()}))
+
+    return run
+
+
+def _partial(tx, fn: VT, *args: VT, **kwargs: VT) -> VT:
+    from .callables import PartialVT
+
+    return PartialVT(fn, list(args), kwargs)
+
+
+def _super(tx, cls: VT = None, obj: VT = None) -> VT:
+    from .callables import SuperVT
+
+    if cls is None:
+        cls = tx.load_deref("__class__")
+        obj = tx.resolve(tx.locals[tx.code.co_varnames[0]])
+    return SuperVT(cls.const(), obj)
+
+
+def _nullcontext(tx, enter_result: VT = None) -> VT:
+    from .objects import NullContextVT
+
+    return NullContextVT(enter_result if enter_result is not None else ConstantVT(None))
+
+
+def _autocast(tx, *args: VT, **kwargs: VT) -> VT:
+    """``torch.autocast(...)``: with ``enabled=False`` while autocast is off it changes nothing
+    (the entry's autocast guard re-checks that); regions that turn autocast on break the graph."""
+    import inspect
+
+    import torch
+
+    from .objects import NullContextVT
+
+    try:
+        bound = inspect.signature(torch.autocast.__init__).bind(None, *args, **kwargs)
+    except TypeError as e:
+        unsupported(f"torch.autocast{tuple(args)}: {e}")
+    enabled = bound.arguments.get("enabled", ConstantVT(True))
+    if enabled.is_const() and enabled.const() is False and not torch._C._is_any_autocast_enabled():
+        return NullContextVT(ConstantVT(None))
+    unsupported("torch.autocast region that enables mixed precision",
+                why="autocast regions are not captured yet; the region runs eagerly")
+
+
+def _builtin_types() -> dict:
+    import contextlib
+
+    import torch
+
+    return {
+        range: _range, list: _list, tuple: _tuple, dict: _dict, bool: _bool,
+        int: _scalar(int), float: _scalar(float), str: _scalar(str), type: _type,
+        map: _map, filter: _filter, super: _super, functools.partial: _partial,
+        torch.finfo: _static_ctor(torch.finfo), torch.iinfo: _static_ctor(torch.iinfo),
+        torch.Size: _size, slice: lambda tx, *a: const_vt(slice(*[x.const() for x in a])),
+        contextlib.nullcontext: _nullcontext, torch.autocast: _autocast,
+    }
+
+
+def _buildable_dataclass(cls: type) -> bool:
+    import dataclasses
+
+    return dataclasses.is_dataclass(cls) and cls.__new__ in (object.__new__, dict.__new__) \
+        or (dataclasses.is_dataclass(cls) and hasattr(cls, "to_tuple"))
+
+
+def call_builtin_type(tx, cls: type, args: list, kwargs: dict) -> VT:
+    handler = _builtin_types().get(cls) or BUILTINS.get(cls)
+    if handler is None and _buildable_dataclass(cls):
+        from .objects import DataclassVT
+
+        return DataclassVT(cls, list(args), dict(kwargs))
+    if handler is None:
+        unsupported(f"constructing an instance of {cls.__qualname__}",
+                    why="creating user-defined or torch objects is not captured")
+    return handler(tx, *args, **kwargs)

@@ -1,0 +1,382 @@
+"""Callables: user functions (inlined), bound methods, builtins, torch functions."""
+from __future__ import annotations
+
+import types
+from typing import Any, Optional
+
+from ..sources import Source
+from .base import VT, ConstantVT, const_vt, unsupported
+
+
+class BoundMethodVT(VT):
+    """``obj.name`` where obj is a VT that answers ``call_method``."""
+
+    def __init__(self, obj: VT, name: str):
+        self.obj = obj
+        self.name = name
+
+    def python_type(self) -> type:
+        return types.MethodType
+
+    def call(self, tx, args: list, kwargs: dict) -> VT:
+        return self.obj.call_method(tx, self.name, args, kwargs)
+
+    def reconstruct(self, cg) -> str:
+        return f"({cg.expr(self.obj)}).{self.name}"
+
+    def __repr__(self) -> str:
+        return f"BoundMethodVT({self.obj}.{self.name})"
+
+
+class ConstMethodVT(VT):
+    """A method of an immutable constant (``"{}".format``, ``(1).__add__``)."""
+
+    def __init__(self, value: Any, name: str):
+        self.value = value
+        self.name = name
+
+    def call(self, tx, args: list, kwargs: dict) -> VT:
+        fa = [a.const() for a in args]
+        fk = {k: v.const() for k, v in kwargs.items()}
+        return const_vt(getattr(self.value, self.name)(*fa, **fk))
+
+    def reconstruct(self, cg) -> str:
+        return f"({cg.const_expr(self.value)}).{self.name}"
+
+
+class UserFunctionVT(VT):
+    """A Python function of the user's; calls are inlined."""
+
+    def __init__(self, fn: types.FunctionType, source: Optional[Source] = None):
+        self.fn = fn
+        self.source = source
+
+    def python_type(self) -> type:
+        return types.FunctionType
+
+    def call(self, tx, args: list, kwargs: dict) -> VT:
+        if getattr(self.fn, "_kiln_disable", False):
+            unsupported(f"call to {self.fn.__qualname__}, disabled by kiln.disable")
+        special = _py_special().get(self.fn)
+        if special is not None:
+            return special(tx, *args, **kwargs)
+        return tx.inline_function(getattr(self.fn, "_kiln_orig", self.fn), args, kwargs)
+
+    def getattr(self, tx, name: str) -> VT:
+        if name in ("__name__", "__qualname__", "__module__", "__doc__", "__code__"):
+            return ConstantVT(getattr(self.fn, name))
+        if name in ("__defaults__", "__kwdefaults__", "__wrapped__", "__dict__", "__globals__"):
+            return tx.wrap_static(getattr(self.fn, name))
+        return super().getattr(tx, name)
+
+    def reconstruct(self, cg) -> str:
+        return self.source.expr if self.source is not None else cg.obj(self.fn)
+
+    def __repr__(self) -> str:
+        return f"UserFunctionVT({self.fn.__qualname__})"
+
+
+class UserMethodVT(VT):
+    """A user function bound to a tracked object (module or user object)."""
+
+    def __init__(self, fn: types.FunctionType, obj: VT):
+        self.fn = fn
+        self.obj = obj
+
+    def python_type(self) -> type:
+        return types.MethodType
+
+    def call(self, tx, args: list, kwargs: dict) -> VT:
+        return tx.inline_function(self.fn, [self.obj] + list(args), kwargs)
+
+    def reconstruct(self, cg) -> str:
+        return f"{cg.obj(types.MethodType)}({cg.obj(self.fn)}, {cg.expr(self.obj)})"
+
+    def __repr__(self) -> str:
+        return f"UserMethodVT({self.fn.__qualname__})"
+
+
+class CellVT(VT):
+    """A closure cell created in a traced frame (holds a VT)."""
+
+    def __init__(self, value: Optional[VT] = None):
+        self.value = value
+
+
+class RealCellVT(VT):
+    """A real closure cell of an enclosing (already running) function."""
+
+    def __init__(self, cell):
+        self.cell = cell
+
+    def reconstruct(self, cg) -> str:
+        return cg.obj(self.cell)
+
+
+class NestedFunctionVT(VT):
+    """A function created by MAKE_FUNCTION while tracing (a closure)."""
+
+    def __init__(self, code, fn_globals: dict, defaults: Optional[VT], kwdefaults: Optional[VT],
+                 closure: Optional[list], qualname: str):
+        self.code = code
+        self.fn_globals = fn_globals
+        self.defaults = defaults
+        self.kwdefaults = kwdefaults
+        self.closure = closure or []
+        self.qualname = qualname
+
+    def python_type(self) -> type:
+        return types.FunctionType
+
+    def call(self, tx, args: list, kwargs: dict) -> VT:
+        return tx.inline_nested(self, args, kwargs)
+
+    def __repr__(self) -> str:
+        return f"NestedFunctionVT({self.qualname})"
+
+
+class BuiltinVT(VT):
+    """A Python builtin; behaviour comes from the table in builtins.py."""
+
+    def __init__(self, fn: Any, source: Optional[Source] = None):
+        self.fn = fn
+        self.source = source
+
+    def python_type(self) -> type:
+        return type(self.fn)
+
+    def call(self, tx, args: list, kwargs: dict) -> VT:
+        from .builtins import call_builtin
+
+        return call_builtin(tx, self.fn, args, kwargs)
+
+    def reconstruct(self, cg) -> str:
+        return cg.obj(self.fn)
+
+    def __repr__(self) -> str:
+        return f"BuiltinVT({getattr(self.fn, '__name__', self.fn)})"
+
+
+class TorchFnVT(VT):
+    """A torch function, Tensor method, op overload or autograd.Function.apply:
+    calls become graph nodes (special ones are handled in torch_fns.py)."""
+
+    def __init__(self, fn: Any, source: Optional[Source] = None):
+        self.fn = fn
+        self.source = source
+
+    def python_type(self) -> type:
+        return type(self.fn)
+
+    def call(self, tx, args: list, kwargs: dict) -> VT:
+        from .torch_fns import call_torch
+
+        return call_torch(tx, self.fn, args, kwargs)
+
+    def getattr(self, tx, name: str) -> VT:
+        attr = getattr(self.fn, name)
+        return tx.wrap_static(attr)
+
+    def reconstruct(self, cg) -> str:
+        return cg.obj(self.fn)
+
+    def __repr__(self) -> str:
+        return f"TorchFnVT({getattr(self.fn, '__name__', self.fn)})"
+
+
+class PyModuleVT(VT):
+    """A Python module object (``torch``, ``math``, a user module)."""
+
+    def __init__(self, mod: types.ModuleType, source: Optional[Source] = None):
+        self.mod = mod
+        self.source = source
+
+    def python_type(self) -> type:
+        return types.ModuleType
+
+    def getattr(self, tx, name: str) -> VT:
+        try:
+            value = getattr(self.mod, name)
+        except AttributeError:
+            unsupported(f"module '{self.mod.__name__}' has no attribute '{name}'")
+        if is_library_module(self.mod) or self.source is None:
+            return tx.wrap_static(value)
+        return tx.wrap(value, self.source.attr(name))
+
+    def reconstruct(self, cg) -> str:
+        return cg.obj(self.mod)
+
+
+def is_library_module(mod: types.ModuleType) -> bool:
+    name = getattr(mod, "__name__", "") or ""
+    root = name.split(".")[0]
+    return root in _LIBRARY_ROOTS
+
+
+_LIBRARY_ROOTS = {"torch", "math", "operator", "kiln", "functools", "itertools", "builtins",
+                  "collections", "typing", "numbers", "warnings", "inspect", "functorch"}
+
+
+class ClassVT(VT):
+    """A class object."""
+
+    def __init__(self, cls: type, source: Optional[Source] = None):
+        self.cls = cls
+        self.source = source
+
+    def python_type(self) -> type:
+        return type(self.cls)
+
+    def is_const(self) -> bool:
+        return True
+
+    def const(self) -> Any:
+        return self.cls
+
+    def getattr(self, tx, name: str) -> VT:
+        import torch
+
+        if name == "apply" and issubclass(self.cls, torch.autograd.Function):
+            return TorchFnVT(autograd_apply(self.cls))
+        value = getattr(self.cls, name)
+        if isinstance(value, types.FunctionType):
+            return tx.wrap_static(value)
+        return tx.wrap_static(value)
+
+    def call(self, tx, args: list, kwargs: dict) -> VT:
+        from .builtins import call_builtin_type
+
+        return call_builtin_type(tx, self.cls, args, kwargs)
+
+    def reconstruct(self, cg) -> str:
+        return cg.obj(self.cls)
+
+    def __repr__(self) -> str:
+        return f"ClassVT({self.cls.__name__})"
+
+
+_APPLIES: dict = {}
+
+
+def autograd_apply(cls: type):
+    """A plain function calling ``cls.apply`` (fx cannot name the bound classmethod)."""
+    fn = _APPLIES.get(cls)
+    if fn is None:
+        def fn(*args, **kwargs):
+            return cls.apply(*args, **kwargs)
+
+        fn.__name__ = fn.__qualname__ = f"{cls.__name__}_apply"
+        _APPLIES[cls] = fn
+    return fn
+
+
+class PartialVT(VT):
+    """A functools.partial object."""
+
+    def __init__(self, func: VT, args: list, kwargs: dict, source: Optional[Source] = None):
+        self.func = func
+        self.args = args
+        self.kwargs = kwargs
+        self.source = source
+
+    def call(self, tx, args: list, kwargs: dict) -> VT:
+        return self.func.call(tx, self.args + list(args), {**self.kwargs, **kwargs})
+
+    def reconstruct(self, cg) -> str:
+        if self.source is not None:
+            return self.source.expr
+        import functools
+
+        parts = [cg.expr(self.func)] + [cg.expr(a) for a in self.args]
+        parts += [f"{k}={cg.expr(v)}" for k, v in self.kwargs.items()]
+        return f"{cg.obj(functools.partial)}({', '.join(parts)})"
+
+
+class SuperVT(VT):
+    """``super()`` inside an inlined method."""
+
+    def __init__(self, cls: type, obj: VT):
+        self.cls = cls
+        self.obj = obj
+
+    def getattr(self, tx, name: str) -> VT:
+        mro = self.obj.python_type().__mro__
+        for klass in mro[mro.index(self.cls) + 1:]:
+            if name in vars(klass):
+                attr = vars(klass)[name]
+                if isinstance(attr, types.FunctionType):
+                    return UserMethodVT(attr, self.obj)
+                if isinstance(attr, staticmethod):
+                    return tx.wrap_static(attr.__func__)
+                if isinstance(attr, classmethod):
+                    return UserMethodVT(attr.__func__, ClassVT(self.obj.python_type()))
+                return BoundMethodVT(self, name)
+        unsupported(f"super() has no attribute {name}")
+
+    def call_method(self, tx, name: str, args: list, kwargs: dict) -> VT:
+        from .objects import UserObjectVT, dict_item, dict_keys
+
+        obj = self.obj
+        if isinstance(obj, UserObjectVT) and isinstance(obj.obj, dict) and obj.source is not None \
+                and name in ("get", "__getitem__", "__contains__") and self.cls in type(obj.obj).__mro__:
+            k = args[0].const()
+            present = k in dict_keys(tx, obj)
+            if name == "__contains__":
+                return ConstantVT(present)
+            if present:
+                return dict_item(tx, obj, k)
+            if name == "get":
+                return args[1] if len(args) > 1 else ConstantVT(None)
+        unsupported(f"call to super().{name} (a builtin method)")
+
+    def reconstruct(self, cg) -> str:
+        return f"super({cg.obj(self.cls)}, {cg.expr(self.obj)})"
+
+
+class WeakRefVT(VT):
+    """A weakref.ref: calling it reads the referent (guarded like any source)."""
+
+    def __init__(self, ref, source: Optional[Source]):
+        self.ref = ref
+        self.source = source
+
+    def call(self, tx, args: list, kwargs: dict) -> VT:
+        if args or kwargs or self.source is None:
+            unsupported("call of a weak reference")
+        return tx.wrap(self.ref(), Source(f"{self.source.name}()", f"{self.source.expr}()"))
+
+
+def _signature(tx, fn: VT, **kwargs) -> VT:
+    """inspect.signature of a user function or method: its parameters as constants."""
+    import inspect
+
+    from .containers import DictVT
+
+    if isinstance(fn, UserMethodVT):
+        params = list(inspect.signature(fn.fn, **{k: v.const() for k, v in kwargs.items()}).parameters.items())[1:]
+    elif isinstance(fn, UserFunctionVT):
+        params = list(inspect.signature(fn.fn, **{k: v.const() for k, v in kwargs.items()}).parameters.items())
+    else:
+        unsupported(f"inspect.signature of {fn}")
+    return SignatureVT(DictVT({k: ConstantVT(p) for k, p in params}))
+
+
+class SignatureVT(VT):
+    def __init__(self, parameters: VT):
+        self.parameters = parameters
+
+    def getattr(self, tx, name: str) -> VT:
+        if name == "parameters":
+            return self.parameters
+        unsupported(f"Signature.{name}")
+
+
+_PY_SPECIAL: dict = {}
+
+
+def _py_special() -> dict:
+    if not _PY_SPECIAL:
+        import inspect
+
+        _PY_SPECIAL[inspect.signature] = _signature
+    return _PY_SPECIAL

@@ -1,0 +1,420 @@
+"""nn.Modules, user objects, grad-mode context managers and hook handles."""
+from __future__ import annotations
+
+import collections
+import contextlib
+import inspect
+import os
+import types
+from typing import Any, Optional
+
+import torch
+
+from ..sources import Source
+from .base import VT, ConstantVT, unsupported
+from .callables import ClassVT, UserFunctionVT, UserMethodVT
+
+
+def _class_attr(tx, obj_vt: VT, cls: type, name: str) -> Optional[VT]:
+    """Attributes found on the class: methods bind, properties run inline."""
+    try:
+        attr = inspect.getattr_static(cls, name)
+    except AttributeError:
+        return None
+    if isinstance(attr, types.FunctionType):
+        return UserMethodVT(attr, obj_vt)
+    if isinstance(attr, staticmethod):
+        return tx.wrap_static(attr.__func__)
+    if isinstance(attr, classmethod):
+        return UserMethodVT(attr.__func__, ClassVT(cls))
+    if isinstance(attr, property) and isinstance(attr.fget, types.FunctionType):
+        return tx.inline_function(attr.fget, [obj_vt], {})
+    return None
+
+
+class PendingAttrs:
+    """Attribute writes seen during capture (replayed after the graph)."""
+
+    def _pending(self) -> dict:
+        if not hasattr(self, "_attrs"):
+            self._attrs = {}
+        return self._attrs
+
+    def setattr(self, tx, name: str, value: VT) -> None:
+        if self.source is None:
+            unsupported(f"setting attribute '{name}' on an object created in the compiled region")
+        self._pending()[name] = value
+        tx.output.side_effects.track_attr(self, name, value)
+
+
+class NNModuleVT(PendingAttrs, VT):
+    def __init__(self, mod: torch.nn.Module, source: Optional[Source]):
+        self.mod = mod
+        self.source = source
+
+    def python_type(self) -> type:
+        return type(self.mod)
+
+    def getattr(self, tx, name: str) -> VT:
+        pend = self._pending()
+        if name in pend:
+            return pend[name]
+        d = self.mod.__dict__
+        for table in ("_parameters", "_buffers", "_modules"):
+            if name in d.get(table, {}):
+                return tx.wrap(d[table][name], self.source.module_entry(table, name))
+        if name in d:
+            return tx.wrap(d[name], self.source.attr(name))
+        found = _class_attr(tx, self, type(self.mod), name)
+        if found is not None:
+            return found
+        if hasattr(type(self.mod), name):
+            return tx.wrap(getattr(self.mod, name), self.source.attr(name))
+        if type(self.mod).__getattr__ is torch.nn.Module.__getattr__:
+            raise AttributeError(f"'{type(self.mod).__name__}' object has no attribute '{name}'")
+        unsupported(f"attribute '{name}' of module {type(self.mod).__name__}")
+
+    def children(self) -> list:
+        return [(k, NNModuleVT(m, self.source.attr("_modules").item(k))) for k, m in self.mod._modules.items()]
+
+    def call(self, tx, args: list, kwargs: dict) -> VT:
+        m = self.mod
+        if m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or _global_hooks():
+            unsupported(f"call to module {type(m).__name__} with hooks")
+        if type(m) is torch.nn.Sequential:
+            out = args[0]
+            for _, child in self.children():
+                out = child.call(tx, [out], {})
+            return out
+        fwd = inspect.getattr_static(type(m), "forward")
+        if not isinstance(fwd, types.FunctionType):
+            unsupported(f"module {type(m).__name__} without a Python forward")
+        return tx.inline_function(fwd, [self] + list(args), kwargs)
+
+    def unpack(self, tx) -> list:
+        if isinstance(self.mod, (torch.nn.Sequential, torch.nn.ModuleList)):
+            return [c for _, c in self.children()]
+        if isinstance(self.mod, torch.nn.ModuleDict):
+            return [ConstantVT(k) for k in self.mod._modules]
+        return super().unpack(tx)
+
+    def call_method(self, tx, name: str, args: list, kwargs: dict) -> VT:
+        if name == "__getitem__" and isinstance(self.mod, (torch.nn.Sequential, torch.nn.ModuleList,
+                                                           torch.nn.ModuleDict)):
+            k = args[0].const()
+            kids = self.children()
+            if isinstance(self.mod, torch.nn.ModuleDict):
+                return dict(kids)[k]
+            if isinstance(k, slice):
+                from .containers import ListVT
+
+                # NOTE: a slice of a ModuleList/Sequential is iterated like a list of its children.
+                return ListVT([c for _, c in kids[k]])
+            return kids[k][1]
+        if name == "__len__":
+            return ConstantVT(len(self.mod))
+        return super().call_method(tx, name, args, kwargs)
+
+    def __repr__(self) -> str:
+        return f"NNModuleVT({type(self.mod).__name__})"
+
+
+def _global_hooks() -> bool:
+    from torch.nn.modules import module as m
+
+    return bool(m._global_forward_hooks or m._global_forward_pre_hooks or m._global_backward_hooks)
+
+
+class UserObjectVT(PendingAttrs, VT):
+    """An instance of a user class, read through its attributes."""
+
+    def __init__(self, obj: Any, source: Optional[Source]):
+        self.obj = obj
+        self.source = source
+
+    def python_type(self) -> type:
+        return type(self.obj)
+
+    def getattr(self, tx, name: str) -> VT:
+        pend = self._pending()
+        if name in pend:
+            return pend[name]
+        cls = type(self.obj)
+        custom = not isinstance(inspect.getattr_static(cls, "__getattribute__"), types.WrapperDescriptorType)
+        if custom or "__getattr__" in dir(cls):
+            # NOTE: read through the real getattr (assumed side-effect free, like config
+            # objects); the guard re-reads the same expression on every call.
+            return tx.wrap(getattr(self.obj, name), self.source.attr(name))
+        d = getattr(self.obj, "__dict__", {})
+        if name in d:
+            return tx.wrap(d[name], self.source.attr(name))
+        if (self.obj is os.environ and name in ("get", "__getitem__", "__contains__")) or (
+                isinstance(self.obj, dict) and name in _DICT_READS
+                and getattr(cls, name) in (getattr(dict, name), getattr(collections.OrderedDict, name, None))):
+            from .callables import BoundMethodVT
+
+            return BoundMethodVT(self, name)
+        found = _class_attr(tx, self, cls, name)
+        if found is not None:
+            return found
+        try:
+            value = getattr(self.obj, name)
+        except AttributeError:
+            raise
+        return tx.wrap(value, self.source.attr(name))
+
+    def call_method(self, tx, name: str, args: list, kwargs: dict) -> VT:
+        if self.obj is os.environ and self.source is not None and not kwargs \
+                and name in ("get", "__getitem__", "__contains__"):
+            return environ_call(tx, self, name, args)
+        if isinstance(self.obj, dict) and self.source is not None and name in ("keys", "values", "items") \
+                and getattr(type(self.obj), name) in (getattr(dict, name), getattr(collections.OrderedDict, name)):
+            from .containers import ListVT, TupleVT
+
+            keys = dict_keys(tx, self)
+            if name == "keys":
+                return ListVT([ConstantVT(k) for k in keys])
+            vals = [dict_item(tx, self, k) for k in keys]
+            if name == "values":
+                return ListVT(vals)
+            return ListVT([TupleVT([ConstantVT(k), v]) for k, v in zip(keys, vals)])
+        if _plain_dict(self.obj) and self.source is not None:
+            if name == "get" and type(self.obj).get is dict.get:
+                k = args[0].const()
+                if k in dict_keys(tx, self):
+                    return dict_item(tx, self, k)
+                return args[1] if len(args) > 1 else ConstantVT(None)
+            if name == "__contains__":
+                return ConstantVT(args[0].const() in dict_keys(tx, self))
+            if name == "__getitem__":
+                k = args[0].const()
+                if k in dict_keys(tx, self):
+                    return dict_item(tx, self, k)
+        return super().call_method(tx, name, args, kwargs)
+
+    def call(self, tx, args: list, kwargs: dict) -> VT:
+        call = inspect.getattr_static(type(self.obj), "__call__", None)
+        if isinstance(call, types.FunctionType):
+            return tx.inline_function(call, [self] + list(args), kwargs)
+        unsupported(f"call to object of {type(self.obj).__name__}")
+
+    def truthy(self, tx) -> bool:
+        cls = type(self.obj)
+        if not hasattr(cls, "__bool__") and not hasattr(cls, "__len__"):
+            return True
+        unsupported(f"truth value of {cls.__name__} object")
+
+    def __repr__(self) -> str:
+        return f"UserObjectVT({type(self.obj).__name__})"
+
+
+class GradModeVT(VT):
+    """torch.no_grad() / enable_grad() / set_grad_enabled(b) objects."""
+
+    def __init__(self, mode: bool):
+        self.mode = mode
+        self.prev: Optional[bool] = None
+
+    @classmethod
+    def entered_now(cls, tx, mode: bool) -> "GradModeVT":
+        vt = cls(mode)
+        vt.prev = tx.output.grad_enabled
+        tx.output.set_grad_enabled(mode)
+        return vt
+
+    def python_type(self) -> type:
+        return torch.set_grad_enabled if self.prev is not None else torch.no_grad
+
+    def call_method(self, tx, name: str, args: list, kwargs: dict) -> VT:
+        if name == "__enter__":
+            if self.prev is None:
+                self.prev = tx.output.grad_enabled
+                tx.output.set_grad_enabled(self.mode)
+            return ConstantVT(None)
+        if name == "__exit__":
+            return self.getattr(tx, "__exit__").call(tx, args, kwargs)
+        unsupported(f"method {name} of a grad-mode context manager")
+
+    def getattr(self, tx, name: str) -> VT:
+        if name == "__exit__":
+            return GradExitVT(self.prev if self.prev is not None else tx.output.grad_enabled)
+        unsupported(f"attribute {name} of a grad-mode context manager")
+
+    def reconstruct(self, cg) -> str:
+        return f"{cg.obj(torch.set_grad_enabled)}({self.mode})" if self.prev is None else cg.const_expr(None)
+
+
+class NullContextVT(VT):
+    """A context manager with no effect on the graph: ``contextlib.nullcontext(x)``, and
+    ``torch.autocast(..., enabled=False)`` while autocast is off (every entry guards the
+    autocast state, so that stays true whenever the entry runs)."""
+
+    def __init__(self, enter_result: VT):
+        self.enter_result = enter_result
+
+    def python_type(self) -> type:
+        return contextlib.nullcontext
+
+    def call_method(self, tx, name: str, args: list, kwargs: dict) -> VT:
+        if name == "__enter__":
+            return self.enter_result
+        if name == "__exit__":
+            return ConstantVT(None)
+        unsupported(f"method {name} of a no-op context manager")
+
+    def getattr(self, tx, name: str) -> VT:
+        if name == "__exit__":
+            return NullExitVT()
+        unsupported(f"attribute {name} of a no-op context manager")
+
+    def reconstruct(self, cg) -> str:
+        return f"{cg.obj(contextlib.nullcontext)}({cg.expr(self.enter_result)})"
+
+
+def _null_exit(*exc) -> None:
+    return None
+
+
+def _make_exit(prev: bool):
+    def __exit__(*exc) -> None:
+        torch._C._set_grad_enabled(prev)
+
+    return __exit__
+
+
+class ReplayableExitVT(VT):
+    """The ``__exit__`` of a with-block kiln can replay from generated code: a graph break
+    inside such a block keeps compiling the rest of the frame (see convert.break_at)."""
+
+
+class NullExitVT(ReplayableExitVT):
+    def call(self, tx, args: list, kwargs: dict) -> VT:
+        return ConstantVT(None)
+
+    def reconstruct(self, cg) -> str:
+        return cg.obj(_null_exit)
+
+
+class GradExitVT(ReplayableExitVT):
+    def __init__(self, prev: bool):
+        self.prev = prev
+
+    def call(self, tx, args: list, kwargs: dict) -> VT:
+        tx.output.set_grad_enabled(self.prev)
+        return ConstantVT(None)
+
+    def reconstruct(self, cg) -> str:
+        return f"{cg.obj(_make_exit)}({self.prev})"
+
+
+class HandleVT(VT):
+    """The RemovableHandle of a register_hook replayed after the graph."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def reconstruct(self, cg) -> str:
+        return self.name
+
+
+__all__ = ["NNModuleVT", "UserObjectVT", "GradModeVT", "GradExitVT", "NullContextVT", "NullExitVT",
+           "ReplayableExitVT", "HandleVT", "UserFunctionVT"]
+
+
+_DICT_READS = ("keys", "values", "items", "get", "__contains__", "__getitem__")
+
+
+def _plain_dict(obj: Any) -> bool:
+    """A dict subclass that keeps dict's own lookups (a registry or mapping object)."""
+    t = type(obj)
+    return isinstance(obj, dict) and t.__contains__ is dict.__contains__ and t.__getitem__ is dict.__getitem__
+
+
+def dict_keys(tx, vt: "UserObjectVT") -> list:
+    """The real keys of a dict-like user object, guarded."""
+    keys = list(dict.keys(vt.obj))
+    src = vt.source
+    tx.output.guards.custom(("dkeys", src.name), f"list(dict.keys({src.expr})) == {keys!r}",
+                            f"keys of {src.name} changed")
+    return keys
+
+
+def environ_call(tx, vt: "UserObjectVT", name: str, args: list) -> VT:
+    """os.environ.get(k[, d]) / [k] / `k in`: read now, guarded on the value read."""
+    vals = [a.const() for a in args]
+    value = getattr(os.environ, name)(*vals)
+    call = f"{name}({', '.join(repr(v) for v in vals)})"
+    return tx.wrap(value, vt.source.attr(call))
+
+
+def dict_item(tx, vt: "UserObjectVT", key: Any) -> VT:
+    src = vt.source
+    return tx.wrap(dict.__getitem__(vt.obj, key),
+                   Source(f"{src.name}[{key!r}]", f"dict.__getitem__({src.expr}, {key!r})"))
+
+
+class DataclassVT(VT):
+    """A dataclass instance built in the compiled region (e.g. a ModelOutput): its
+    fields are the VTs passed in; the object itself is built after the graph runs."""
+
+    def __init__(self, cls: type, args: list, kwargs: dict):
+        import dataclasses
+
+        self.cls = cls
+        self.args = args
+        self.kwargs = kwargs
+        names = [f.name for f in dataclasses.fields(cls)]
+        self.fields: dict = {}
+        for f in dataclasses.fields(cls):
+            if f.default is not dataclasses.MISSING:
+                self.fields[f.name] = f.default
+        self.fields.update(zip(names, args))
+        self.fields.update(kwargs)
+        self.order = names
+
+    def python_type(self) -> type:
+        return self.cls
+
+    def _field(self, name: str) -> VT:
+        v = self.fields[name]
+        if isinstance(v, VT):
+            return v
+        from .base import const_vt
+
+        return const_vt(v)
+
+    def getattr(self, tx, name: str) -> VT:
+        if name in self.fields:
+            return self._field(name)
+        found = _class_attr(tx, self, self.cls, name)
+        if found is not None:
+            return found
+        unsupported(f"attribute '{name}' of a {self.cls.__name__} built in the compiled region")
+
+    def _present(self) -> list:
+        out = []
+        for n in self.order:
+            if n in self.fields:
+                v = self._field(n)
+                if not (isinstance(v, ConstantVT) and v.value is None):
+                    out.append(v)
+        return out
+
+    def call_method(self, tx, name: str, args: list, kwargs: dict) -> VT:
+        from .containers import TupleVT
+
+        if name == "__getitem__":
+            k = args[0].const()
+            if isinstance(k, str):
+                return self._field(k)
+            if hasattr(self.cls, "to_tuple"):
+                return TupleVT(self._present()).getitem(tx, args[0])
+        if name == "to_tuple" and hasattr(self.cls, "to_tuple"):
+            return TupleVT(self._present())
+        if name in ("keys", "values", "items") and hasattr(self.cls, "to_tuple"):
+            unsupported(f"{self.cls.__name__}.{name}()")
+        return super().call_method(tx, name, args, kwargs)
+
+    def reconstruct(self, cg) -> str:
+        parts = [cg.expr(a) for a in self.args] + [f"{k}={cg.expr(v)}" for k, v in self.kwargs.items()]
+        return cg.container(self, f"{cg.obj(self.cls)}({', '.join(parts)})")

@@ -1,0 +1,159 @@
+"""Tensors: a fake tensor (shape oracle) plus the fx node that produces it."""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+
+from ..sources import Source
+from .base import VT, ConstantVT, const_vt, unsupported
+from .containers import TupleVT
+
+# NOTE: metadata queries answer from the fake tensor and never enter the graph.
+_META_METHODS = {
+    "size", "dim", "ndimension", "numel", "nelement", "stride", "is_contiguous",
+    "element_size", "get_device", "is_floating_point", "is_complex", "storage_offset",
+}
+_META_ATTRS = {
+    "dtype", "device", "ndim", "requires_grad", "is_leaf", "is_cuda", "layout", "is_sparse",
+    "is_quantized", "is_meta", "is_nested",
+}
+_BREAKING_METHODS = {
+    "item": "Tensor.item() reads data (data-dependent value)",
+    "tolist": "Tensor.tolist() reads data",
+    "numpy": "Tensor.numpy() leaves torch",
+    "data_ptr": "Tensor.data_ptr() is not available on fake tensors",
+    "backward": "Tensor.backward() runs autograd inside the compiled region",
+    "__bool__": "bool() of a tensor depends on its data",
+    "untyped_storage": "storage access",
+    "set_": "Tensor.set_ swaps storage",
+    "register_hook": "register_hook on an intermediate tensor",
+    "retain_grad": "retain_grad on a tensor",
+}
+_GRAPH_ATTRS = {"T", "mT", "H", "mH", "real", "imag"}
+
+
+class TensorVT(VT):
+    def __init__(self, node, fake: torch.Tensor, source: Optional[Source] = None, pytype: type = torch.Tensor):
+        self.node = node
+        self.fake = fake
+        self.source = source
+        self.pytype = pytype
+
+    def python_type(self) -> type:
+        return self.pytype
+
+    def truthy(self, tx) -> bool:
+        unsupported("data-dependent branch on a tensor",
+                    why="the condition depends on tensor values, unknown while tracing")
+
+    def getattr(self, tx, name: str) -> VT:
+        from .callables import BoundMethodVT
+
+        if name == "shape":
+            return self._meta(tx, "size", [])
+        if name in _META_ATTRS:
+            return const_vt(getattr(self.fake, name))
+        if name in _GRAPH_ATTRS:
+            return tx.output.call_graph("call_function", getattr, [self, ConstantVT(name)], {})
+        if name in ("grad", "data", "_base", "grad_fn", "_version"):
+            unsupported(f"Tensor.{name}", why="autograd/storage state is not captured")
+        if callable(getattr(torch.Tensor, name, None)):
+            return BoundMethodVT(self, name)
+        if not hasattr(self.fake, name):
+            raise AttributeError(f"'Tensor' object has no attribute '{name}'")
+        unsupported(f"Tensor attribute '{name}'")
+
+    def call_method(self, tx, name: str, args: list, kwargs: dict) -> VT:
+        if name in _META_METHODS:
+            fa = [a.const() for a in args]
+            fk = {k: v.const() for k, v in kwargs.items()}
+            if fk:
+                return const_vt(_concrete_all(getattr(self.fake, name)(*fa, **fk)))
+            return self._meta(tx, name, fa)
+        if name == "register_hook" and self.source is not None and not kwargs and len(args) == 1:
+            return tx.output.side_effects.register_hook(self, args[0])
+        if name in _BREAKING_METHODS:
+            unsupported(f"call to Tensor.{name}", why=_BREAKING_METHODS[name])
+        if name == "type" and not args and not kwargs:
+            return ConstantVT(self.fake.type())
+        if name == "__getitem__":
+            return tx.output.call_graph("call_function", _getitem(), [self, args[0]], {})
+        return tx.output.call_graph("call_method", name, [self] + list(args), kwargs)
+
+    def _meta(self, tx, name: str, args: list) -> VT:
+        """A metadata answer (``size``, ``stride``, ``numel``...): constants, or symbolic sizes
+        read by graph nodes (``x.size(0)``) when the dims are dynamic."""
+        value = getattr(self.fake, name)(*args)
+        graph = tx.output.graph
+
+        def make(i=None):
+            if i is None:
+                return graph.call_method(name, (self.node, *args))
+            if name in ("size", "stride") and not args:
+                return graph.call_method(name, (self.node, i))
+            import operator
+
+            return graph.call_function(operator.getitem, (graph.call_method(name, (self.node, *args)), i))
+
+        return tx.output.sym_vt(value, make)
+
+    def unpack(self, tx) -> list:
+        if self.fake.dim() == 0:
+            unsupported("iteration over a 0-d tensor")
+        import operator
+
+        return [tx.output.call_graph("call_function", operator.getitem, [self, ConstantVT(i)], {})
+                for i in range(self.fake.shape[0])]
+
+    def reconstruct(self, cg) -> str:
+        return cg.tensor_expr(self)
+
+    def __repr__(self) -> str:
+        return f"TensorVT({self.node}, {tuple(self.fake.shape)})"
+
+
+def _concrete_all(v: Any) -> Any:
+    from .symbolic import concrete
+
+    if isinstance(v, (tuple, list)):
+        return tuple(concrete(x) for x in v)
+    return concrete(v)
+
+
+def _getitem():
+    import operator
+
+    return operator.getitem
+
+
+def fake_value(v: VT) -> Any:
+    """VT -> the value a fake-tensor call sees (fake tensors, constants, nested)."""
+    from .containers import ListVT, SliceVT
+
+    if isinstance(v, TensorVT):
+        return v.fake
+    if hasattr(v, "sym"):
+        return v.sym
+    if isinstance(v, (TupleVT, ListVT)):
+        vals = [fake_value(i) for i in v.items]
+        return vals if isinstance(v, ListVT) else (tuple(vals) if v.pytype is not torch.Size else torch.Size(vals))
+    if isinstance(v, SliceVT):
+        return slice(*(fake_value(p) for p in v.parts))
+    if v.is_const():
+        return v.const()
+    unsupported(f"{v} passed to a torch function")
+
+
+def node_value(v: VT) -> Any:
+    """VT -> the fx argument (nodes, constants, nested)."""
+    from .containers import ListVT, SliceVT
+
+    if isinstance(v, TensorVT) or hasattr(v, "sym"):
+        return v.node
+    if isinstance(v, (TupleVT, ListVT)):
+        vals = [node_value(i) for i in v.items]
+        return vals if isinstance(v, ListVT) else tuple(vals)
+    if isinstance(v, SliceVT):
+        return slice(*(node_value(p) for p in v.parts))
+    return v.const()

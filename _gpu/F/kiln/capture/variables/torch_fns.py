@@ -1,0 +1,97 @@
+"""Torch functions: most become graph nodes; a table handles the special ones."""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+
+from .base import VT, ConstantVT, unsupported
+
+
+def _is_grad_enabled(tx) -> VT:
+    return ConstantVT(tx.output.grad_enabled)
+
+
+def _set_grad_enabled_call(tx, mode: VT) -> VT:
+    from .objects import GradModeVT
+
+    return GradModeVT.entered_now(tx, bool(mode.const()))
+
+
+def _grad_ctx(mode: bool) -> Callable:
+    def run(tx) -> VT:
+        from .objects import GradModeVT
+
+        return GradModeVT(mode)
+
+    return run
+
+
+def _raw_set_grad(tx, mode: VT) -> VT:
+    tx.output.set_grad_enabled(bool(mode.const()))
+    return ConstantVT(None)
+
+
+def _break(what: str, why: str = "") -> Callable:
+    def run(tx, *args, **kwargs):
+        unsupported(what, why=why)
+
+    return run
+
+
+def _const(value: Any) -> Callable:
+    return lambda tx, *a, **k: ConstantVT(value)
+
+
+def _is_tensor(tx, x: VT) -> VT:
+    return ConstantVT(issubclass(x.python_type(), torch.Tensor))
+
+
+def _special() -> dict:
+    from kiln.capture.api import graph_break
+
+    table = {
+        torch.is_grad_enabled: _is_grad_enabled,
+        torch.set_grad_enabled: _set_grad_enabled_call,
+        torch.no_grad: _grad_ctx(False),
+        torch.enable_grad: _grad_ctx(True),
+        torch._C._set_grad_enabled: _raw_set_grad,
+        graph_break: _break("call to graph_break()", "the user asked for a graph break"),
+        torch.autograd.grad: _break("call to torch.autograd.grad", "autograd runs eagerly"),
+        torch.autograd.backward: _break("call to torch.autograd.backward", "autograd runs eagerly"),
+        torch.manual_seed: _break("call to torch.manual_seed", "global RNG state change"),
+        torch.is_tensor: _is_tensor,
+        torch._C._get_tracing_state: _const(None),
+        torch.jit.is_scripting: _const(False),
+        torch.jit.is_tracing: _const(False),
+        torch.compiler.is_compiling: _const(True),
+        torch.inference_mode: _break("torch.inference_mode", "inference mode is not captured"),
+    }
+    dyn = getattr(torch, "_dynamo", None)
+    if dyn is not None and "graph_break" in getattr(dyn, "__dict__", {}):
+        table[dyn.__dict__["graph_break"]] = table[graph_break]
+    return table
+
+
+_SPECIAL: dict = {}
+
+
+def is_special(fn: Any) -> bool:
+    if not _SPECIAL:
+        _SPECIAL.update(_special())
+    try:
+        return fn in _SPECIAL
+    except TypeError:
+        return False
+
+
+def call_torch(tx, fn: Any, args: list, kwargs: dict) -> VT:
+    if not _SPECIAL:
+        _SPECIAL.update(_special())
+    try:
+        handler = _SPECIAL.get(fn)
+    except TypeError:
+        handler = None
+    if handler is not None:
+        return handler(tx, *args, **kwargs)
+    return tx.output.call_graph("call_function", fn, list(args), dict(kwargs))

@@ -1,0 +1,28 @@
+"""kiln.codegen.config: switches of the code generator (patchable).
+
+    from kiln.codegen import config
+    with config.patch(profitability_check=False): ...
+"""
+from __future__ import annotations
+
+import os
+
+from kiln.settings import make_patch
+
+# Which printer generates kernels for CPU tensors: "cpp" (C++/OpenMP) or "triton"
+# (Triton kernels; on CPU tensors they run under TRITON_INTERPRET=1).
+cpu_backend: str = "cpp"
+# The C++ compiler: None finds one ($CXX, then g++, then clang++).
+cpp_compiler: str | None = None
+# Optimisation flags; "-march=native" is added where the compiler accepts it.
+cpp_opt_flags: str = "-O3"
+# Where compiled kernels and their sources live (plain files, keyed by content hash).
+cache_dir: str = os.environ.get("KILN_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".cache", "kiln"))
+# After compiling a graph, time it against the ATen graph run eagerly and keep the faster.
+profitability_check: bool = True
+# Upper bound on the time the profitability check may take per graph, in seconds.
+profitability_budget_s: float = 0.5
+# mode="max-autotune" widens tile searches (Triton).
+max_autotune: bool = False
+
+patch = make_patch(__name__)

@@ -1,0 +1,26 @@
+"""ops/: kiln's higher-order operators.
+
+In:  callables/operators plus tensor operands.
+Out: results as eager PyTorch computes them; under kiln's tracer, one graph
+     node per call (``with_effects``, ``trace_wrapped``'s ``self_invoke``,
+     ``strict_mode`` with its body as a subgraph attribute).
+"""
+from kiln.ops.base import HigherOrderOperator
+from kiln.ops.effects import (
+    EffectType,
+    get_effect,
+    has_aliasing,
+    is_effectful,
+    new_token,
+    register_effectful_op,
+    unregister_effectful_op,
+    with_effects,
+)
+from kiln.ops.strict_mode import strict_mode
+from kiln.ops.trace_wrapped import trace_wrapped
+
+__all__ = [
+    "HigherOrderOperator", "EffectType", "get_effect", "has_aliasing", "is_effectful",
+    "new_token", "register_effectful_op", "unregister_effectful_op", "with_effects",
+    "strict_mode", "trace_wrapped",
+]
