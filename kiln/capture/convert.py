@@ -17,9 +17,9 @@ import torch
 from kiln.exc import KilnError, Unsupported
 
 from . import bytecode as bc
-from .codegen import Codegen, base_namespace, build_entry
+from .entry_source import EntryWriter, base_namespace, build_entry
 from .interpreter import LazyLocal, Translator, internal_error
-from .ops_control import COND_JUMPS
+from .handlers_control import COND_JUMPS
 from .output import GraphCompileReason, OutputGraph
 from .sources import local_source
 from .variables.base import NullVT, unsupported
@@ -93,7 +93,7 @@ class RootTranslator(Translator):
     def _emit_graph(self, values: list, reason: GraphCompileReason) -> None:
         """Compile the graph with the tensors ``values`` need, emit its call."""
         out = self.output
-        collect = Codegen(out.objects, symbols=out.symbols)
+        collect = EntryWriter(out.objects, symbols=out.symbols)
         for v in values + out.side_effects.values():
             if not isinstance(v, NullVT):
                 collect.expr(v)
@@ -103,7 +103,7 @@ class RootTranslator(Translator):
         compiled = out.compile(outputs, reason)
         self.compiled = compiled
         self.out_nodes = nodes
-        self.cg = Codegen(out.objects, {n: i for i, n in enumerate(nodes)}, symbols=out.symbols)
+        self.cg = EntryWriter(out.objects, {n: i for i, n in enumerate(nodes)}, symbols=out.symbols)
         if compiled is not None:
             args = ", ".join(s.expr for s, *_ in out.inputs)
             self.cg.line(f"___o = ___graph({args})")
@@ -112,7 +112,7 @@ class RootTranslator(Translator):
     def _emit_side_effects(self) -> None:
         # NOTE: after every value was read into a temp: replay may mutate sources.
         out = self.output
-        out.side_effects.codegen(self.cg)
+        out.side_effects.emit_replay(self.cg)
         if out.grad_enabled != out.initial_grad:
             self.cg.line(f"___set_grad({out.grad_enabled})")
 
@@ -321,7 +321,7 @@ def _callable_slot(inst: bc.Inst, stack: list):
 def simple_step(inst: bc.Inst, depth: int):
     """(operands popped, Python statement over them, stack slots pushed) for
     instructions the generated code can run itself at a graph break; else None."""
-    from .ops_binary import NB_OPS
+    from .operators import NB_OPS
 
     op, name = inst.opname, inst.argval
     if op == "LOAD_ATTR" and not (bc.PY >= (3, 12) and inst.arg & 1):

@@ -131,7 +131,7 @@ class GuardSet:
         self._add(("autocast",), f"___autocast_state() == {state!r}",
                   f"GLOBAL_STATE changed: autocast (expected {state})", f"AUTOCAST: {state}")
 
-    # ------------------------------------------------------------ codegen
+    # ------------------------------------------------------------ source of the guard functions
     def fast_expr(self) -> str:
         return " and ".join(f"({e})" for e, _ in self.checks) or "True"
 

@@ -4,8 +4,10 @@ In: a code object plus symbolic locals.  Out: the fx graph (through the
 shared OutputGraph) and the symbolic return value, or a graph break.
 
 Each opcode has one handler method named after it, registered with the CPython
-versions it serves (``bytecode.handles``); the handlers live in the ``ops_*``
-mixins grouped by family.
+versions it serves (``bytecode.handles``); the handlers live in the
+``handlers_*`` mixins grouped by family (``handlers_basic``, ``handlers_call``,
+``handlers_control``); operator semantics shared with the builtins live in
+``operators``.
 """
 from __future__ import annotations
 
@@ -18,9 +20,9 @@ from typing import Any, Optional
 from kiln.exc import KilnError, Unsupported, format_location
 
 from . import bytecode as bc
-from .ops_basic import BasicOps
-from .ops_call import CallOps
-from .ops_control import ControlOps
+from .handlers_basic import BasicHandlers
+from .handlers_call import CallHandlers
+from .handlers_control import ControlHandlers
 from .sources import Source, global_source, local_source
 from .variables.base import VT, ConstantVT, NullVT, unsupported
 from .variables.builder import wrap
@@ -47,7 +49,7 @@ class BreakSignal(Exception):
     """Raised by the root translator once it has generated its break code."""
 
 
-class Translator(BasicOps, CallOps, ControlOps):
+class Translator(BasicHandlers, CallHandlers, ControlHandlers):
     def __init__(self, code: types.CodeType, f_globals: dict, output, locals_: dict,
                  cells: dict, parent: Optional["Translator"] = None, fn_label: str = ""):
         self.code = code

@@ -3,7 +3,7 @@
 In: symbolic calls from the interpreter.  Out: a torch-level fx.GraphModule
 (call_function / call_method nodes of torch functions, operator.* and Tensor
 methods; one placeholder per distinct input tensor, named after its source)
-handed to the backend, plus the bookkeeping the runner codegen needs.
+handed to the backend, plus the bookkeeping the entry writer (entry_source.py) needs.
 """
 from __future__ import annotations
 
@@ -75,7 +75,7 @@ class SideEffects:
             vals += list(c.items.values()) if isinstance(c.items, dict) else list(c.items)
         return vals
 
-    def codegen(self, cg) -> None:
+    def emit_replay(self, cg) -> None:
         """Read every new value into temps first, then mutate (sources may alias)."""
         n = [0]
 

@@ -80,7 +80,7 @@ def _minmax(op: Callable) -> Callable:
 
 
 def _sum(tx, seq: VT, start: VT = None) -> VT:
-    from ..ops_binary import binary_op
+    from ..operators import binary_op
 
     acc = start if start is not None else ConstantVT(0)
     for item in seq.unpack(tx):

@@ -1,4 +1,7 @@
-"""Code generation for compiled entries: guard + graph call + rebuild + resume.
+"""Python source of compiled entries: guard + graph call + rebuild + resume.
+
+(Not to be confused with ``kiln/codegen/``, the kernel generator: this module writes
+the small Python function that checks a frame's guards and calls its graph.)
 
 In: the symbolic state at a return or a graph break.  Out: Python source of an
 ``___entry`` function with the frame's own signature: a straight-line guard
@@ -17,14 +20,14 @@ import torch
 
 from .guard_cse import hoist_guard
 from .guards import autocast_state
-from .ops_binary import NB_OPS
+from .operators import NB_OPS
 from .variables.base import VT, NullVT, unsupported
 
 _SIMPLE = (int, str, bool, type(None), bytes)
 
 
-class Codegen:
-    """Turns VTs into Python expressions (``collect`` mode finds graph outputs)."""
+class EntryWriter:
+    """Turns VTs into Python expressions of an entry's body (``collect`` mode finds graph outputs)."""
 
     def __init__(self, objects, out_index: Optional[dict] = None, symbols=None):
         self.objects = objects
