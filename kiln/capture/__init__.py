@@ -27,7 +27,8 @@ Invariants:
   original bytecode with a prefix that rebuilds the stack) compiled on their
   first call.
 
-Python covered (3.11 and 3.12; handlers declare their versions):
+Python covered (3.11 and 3.12; each handler declares the versions it was tested on,
+and on any other interpreter capture warns once and every frame runs eagerly):
 locals/globals/closures (LOAD/STORE_FAST, _DEREF, _GLOBAL, MAKE_CELL), constants,
 arithmetic/comparison/identity/containment operators, tuples/lists/dicts/slices
 and their literals, unpacking (incl. starred), subscripts and slices, attribute

@@ -15,6 +15,7 @@ from typing import Any, Callable
 import torch
 
 from kiln.exc import KilnError, Unsupported
+from kiln.fallbacks import record_fallback
 
 from . import bytecode as bc
 from .entry_source import EntryWriter, base_namespace, build_entry
@@ -324,10 +325,8 @@ def simple_step(inst: bc.Inst, depth: int):
     from .operators import NB_OPS
 
     op, name = inst.opname, inst.argval
-    if op == "LOAD_ATTR" and not (bc.PY >= (3, 12) and inst.arg & 1):
-        return 1, f"___r = {{0}}.{name}", ["___r"]
     if op in ("LOAD_METHOD", "LOAD_ATTR"):
-        return 1, f"___r = {{0}}.{name}", [None, "___r"]
+        return 1, f"___r = {{0}}.{name}", [None, "___r"] if bc.is_method_load(inst) else ["___r"]
     if op == "BINARY_SUBSCR":
         return 2, "___r = {0}[{1}]", ["___r"]
     if op == "STORE_ATTR":
@@ -351,6 +350,7 @@ def _vt_of(out: OutputGraph, node) -> TensorVT:
 
 def compile_frame(ctx, fn: types.FunctionType, args: tuple, kwargs: dict):
     """Trace one call of ``fn``; returns (entry, why) generated functions."""
+    check_python_version()
     if fn.__code__.co_flags & bc.UNSUPPORTED_FLAGS:
         unsupported(f"generator or coroutine function {fn.__qualname__}")
     bound = inspect.signature(fn, follow_wrapped=False).bind(*args, **kwargs)
@@ -370,6 +370,25 @@ def compile_frame(ctx, fn: types.FunctionType, args: tuple, kwargs: dict):
         finally:
             torch._C._set_grad_enabled(prev_grad)
     raise break_error
+
+
+_VERSION_WARNED = False
+
+
+def check_python_version() -> None:
+    """Refuse an interpreter the opcode handlers were not tested on: warn once per
+    process (a recorded fallback), then raise Unsupported for every frame (each runs
+    eagerly, or the error reaches the user under fullgraph=True)."""
+    global _VERSION_WARNED
+    reason = bc.unsupported_version_reason()
+    if reason is None:
+        return
+    if not _VERSION_WARNED:
+        _VERSION_WARNED = True
+        record_fallback("capture", "every compiled function", reason)
+    raise Unsupported(f"capture on Python {'.'.join(map(str, bc.PY))}", why=reason,
+                      hint=f"use Python {'.'.join(map(str, bc.OLDEST_TESTED))} to "
+                           f"{'.'.join(map(str, bc.NEWEST_TESTED))} to compile")
 
 
 def _finish(ctx, fn, tx: RootTranslator):
