@@ -16,6 +16,12 @@ Invariants:
 - Python side effects seen while tracing (list/dict mutation of inputs,
   attribute writes, global writes, closure-cell writes, grad-mode changes,
   ``Tensor.register_hook`` on inputs) are replayed after the graph runs.
+- Every captured value has a source (sources.py): a small tree (local, global,
+  closure cell, attribute, item, module table entry, ...) that prints PyTorch's
+  name (``L['self'].weight``) and writes the code that reads it
+  (``self._parameters['weight']``).  Guards are records (guards.Guard: a kind,
+  a source, checks with their reasons), rendered into the entry's guard
+  function with repeated access chains bound once (guard_cse.py).
 - Guards cover tensor dtype/device/shape/stride/requires_grad and type,
   aliasing between input tensors, constants, object identity, types, list
   lengths, dict keys, globals and closure cells read, and grad mode.  Failure

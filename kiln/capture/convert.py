@@ -22,7 +22,7 @@ from .entry_source import EntryWriter, base_namespace, build_entry
 from .interpreter import LazyLocal, Translator, internal_error
 from .handlers_control import COND_JUMPS
 from .output import GraphCompileReason, OutputGraph
-from .sources import local_source
+from .sources import LocalSource
 from .variables.base import NullVT, unsupported
 from .variables.callables import CellVT
 from .variables.tensor import TensorVT
@@ -44,7 +44,7 @@ class RootTranslator(Translator):
     def __init__(self, ctx, fn: types.FunctionType, bound: inspect.BoundArguments, break_step, break_error):
         code = fn.__code__
         output = OutputGraph(ctx, fn.__globals__, ctx.frame_state(code))
-        locals_ = {n: LazyLocal(v, local_source(n)) for n, v in bound.arguments.items()}
+        locals_ = {n: LazyLocal(v, LocalSource(n)) for n, v in bound.arguments.items()}
         cells = dict(zip(code.co_freevars, fn.__closure__ or ()))
         super().__init__(code, fn.__globals__, output, locals_, cells)
         self.ctx = ctx
@@ -53,6 +53,7 @@ class RootTranslator(Translator):
         self.break_step = break_step
         self.break_error = break_error
         self.body: list[str] = []
+        self.graph_args = None  # sources of the graph's inputs, once it is compiled
 
     # ---------------------------------------------------------- main loop
     def run(self):
@@ -84,7 +85,7 @@ class RootTranslator(Translator):
     def on_return(self, value):
         reason = GraphCompileReason("return", self.user_stack(), graph_break=False)
         self._emit_graph([value], reason)
-        self.export_info = ([(s.name, v) for s, v, *_ in self.output.inputs], value, self.out_nodes)
+        self.export_info = ([(s, v) for s, v, *_ in self.output.inputs], value, self.out_nodes)
         self.cg.line(f"___ret = {self.cg.expr(value)}")
         self._emit_side_effects()
         self.cg.line("return ___ret")
@@ -105,9 +106,9 @@ class RootTranslator(Translator):
         self.compiled = compiled
         self.out_nodes = nodes
         self.cg = EntryWriter(out.objects, {n: i for i, n in enumerate(nodes)}, symbols=out.symbols)
-        if compiled is not None:
-            args = ", ".join(s.expr for s, *_ in out.inputs)
-            self.cg.line(f"___o = ___graph({args})")
+        # NOTE: the graph call itself is written by build_entry, right after the guard,
+        # so that it reads the access chains the guard has bound (guard_cse.py).
+        self.graph_args = [s for s, *_ in out.inputs] if compiled is not None else None
         self.body = self.cg.lines
 
     def _emit_side_effects(self) -> None:
@@ -399,9 +400,9 @@ def _finish(ctx, fn, tx: RootTranslator):
         from .dynamic import shape_guards
 
         for expr, reason in shape_guards(tx.output.fake_mode.shape_env, tx.output.symbols):
-            guards.custom(("shape", expr), expr, reason)
+            guards.shape(expr, reason)
     tx.output.frame_state.compiles += 1
-    entry, why, _ = build_entry(fn, guards.fast_expr(), guards.why_lines(), tx.body, ns, fn.__qualname__)
-    entry.__kiln_guards__ = list(guards.names)
+    entry, why, _ = build_entry(fn, guards, tx.graph_args, tx.body, ns, fn.__qualname__)
+    entry.__kiln_guards__ = list(guards.guards)
     entry.__kiln_export__ = getattr(tx, "export_info", None)
     return entry, why

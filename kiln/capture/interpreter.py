@@ -23,7 +23,7 @@ from . import bytecode as bc
 from .handlers_basic import BasicHandlers
 from .handlers_call import CallHandlers
 from .handlers_control import ControlHandlers
-from .sources import Source, global_source, local_source
+from .sources import ClosureSource, Source, global_source
 from .variables.base import VT, ConstantVT, NullVT, unsupported
 from .variables.builder import wrap
 from .variables.callables import CellVT, NestedFunctionVT, is_library_module
@@ -213,8 +213,7 @@ class Translator(BasicHandlers, CallHandlers, ControlHandlers):
             value = cell.cell_contents
         except ValueError:
             unsupported(f"free variable '{name}' referenced before assignment")
-        src = self.output.objects.source(cell)
-        src = Source(f"L[{name!r}]", f"{src.expr}.cell_contents")
+        src = ClosureSource(self.output.objects.name_of(cell), name)
         if self.library:
             return self.wrap_static(value)
         return self.wrap(value, src)

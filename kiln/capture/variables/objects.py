@@ -10,7 +10,7 @@ from typing import Any, Optional
 
 import torch
 
-from ..sources import Source
+from ..sources import DictItemSource, Source
 from .base import VT, ConstantVT, unsupported
 from .callables import ClassVT, UserFunctionVT, UserMethodVT
 
@@ -365,9 +365,7 @@ def _plain_dict(obj: Any) -> bool:
 def dict_keys(tx, vt: "UserObjectVT") -> list:
     """The real keys of a dict-like user object, guarded."""
     keys = list(dict.keys(vt.obj))
-    src = vt.source
-    tx.output.guards.custom(("dkeys", src.name), f"list(dict.keys({src.expr})) == {keys!r}",
-                            f"keys of {src.name} changed")
+    tx.output.guards.mapping_keys(vt.source, keys)
     return keys
 
 
@@ -375,14 +373,13 @@ def environ_call(tx, vt: "UserObjectVT", name: str, args: list) -> VT:
     """os.environ.get(k[, d]) / [k] / `k in`: read now, guarded on the value read."""
     vals = [a.const() for a in args]
     value = getattr(os.environ, name)(*vals)
-    call = f"{name}({', '.join(repr(v) for v in vals)})"
-    return tx.wrap(value, vt.source.attr(call))
+    return tx.wrap(value, vt.source.method_call(name, *vals))
 
 
 def dict_item(tx, vt: "UserObjectVT", key: Any) -> VT:
     src = vt.source
     return tx.wrap(dict.__getitem__(vt.obj, key),
-                   Source(f"{src.name}[{key!r}]", f"dict.__getitem__({src.expr}, {key!r})"))
+                   DictItemSource(src, key))
 
 
 class DataclassVT(VT):
