@@ -11,7 +11,7 @@ import torch.fx as fx
 
 from kiln.exc import Unsupported, user_location
 
-from .sources import AttrSource, ItemSource, LocalSource, ModuleEntrySource, SizeSource, Source
+from .sources import AttrSource, ItemSource, LocalSource, ModuleEntrySource, ModuleTableSource, SizeSource, Source
 
 
 def _output_cls():
@@ -115,6 +115,7 @@ def _source_node(g: fx.Graph, src: Source, value: Any, ph: dict, has_self: bool,
 # ``self`` (a module's ``_modules`` table is part of how a child is read, not of its name) ...
 _STEPS = {
     AttrSource: lambda s: [] if s.attr_name == "_modules" else [s.attr_name],
+    ModuleTableSource: lambda s: [],
     ModuleEntrySource: lambda s: [s.key],
     ItemSource: lambda s: [str(s.key)],
     SizeSource: None,
@@ -122,6 +123,7 @@ _STEPS = {
 # ... and the node that reads it from an argument.
 _READ = {
     AttrSource: lambda g, n, s: g.call_function(getattr, (n, s.attr_name)),
+    ModuleTableSource: lambda g, n, s: n,
     ModuleEntrySource: lambda g, n, s: g.call_function(getattr, (n, s.key)),
     ItemSource: lambda g, n, s: g.call_function(operator.getitem, (n, s.key)),
     SizeSource: lambda g, n, s: g.call_method("size", (n, s.dim)),

@@ -171,6 +171,25 @@ class ItemSource(Source):
 
 
 @dataclass(frozen=True)
+class ModuleTableSource(Source):
+    """A module's ``_parameters`` / ``_buffers`` / ``_modules`` table: part of how an
+    entry is read (so that reading it once serves every entry), not of its name."""
+
+    of: Source
+    table: str  # "_parameters" | "_buffers" | "_modules"
+    hoistable = True
+
+    def base(self) -> Source:
+        return self.of
+
+    def name(self) -> str:
+        return self.of.name()
+
+    def render(self, base_code: Optional[str]) -> str:
+        return f"{base_code}.{self.table}"
+
+
+@dataclass(frozen=True)
 class ModuleEntrySource(Source):
     """A parameter, buffer or submodule: named ``m.key`` as PyTorch names it, read as
     ``m._parameters['key']``.
@@ -185,13 +204,13 @@ class ModuleEntrySource(Source):
     hoistable = True
 
     def base(self) -> Source:
-        return self.of
+        return ModuleTableSource(self.of, self.table)
 
     def name(self) -> str:
         return f"{self.of.name()}.{self.key}"
 
     def render(self, base_code: Optional[str]) -> str:
-        return f"{base_code}.{self.table}[{self.key!r}]"
+        return f"{base_code}[{self.key!r}]"
 
 
 @dataclass(frozen=True)
@@ -298,6 +317,6 @@ def global_source(table: ObjectTable, gdict: dict, root_globals: dict, name: str
 
 __all__ = [
     "Source", "LocalSource", "GlobalSource", "ObjectSource", "ClosureSource", "AttrSource", "ItemSource",
-    "ModuleEntrySource", "DictItemSource", "MethodCallSource", "CallSource", "SizeSource",
+    "ModuleTableSource", "ModuleEntrySource", "DictItemSource", "MethodCallSource", "CallSource", "SizeSource",
     "local_source", "global_source", "ObjectTable",
 ]

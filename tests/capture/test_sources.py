@@ -9,7 +9,7 @@ import torch
 import kiln
 from kiln.capture.guards import Guard, GuardKind, GuardSet
 from kiln.capture.sources import (AttrSource, CallSource, ClosureSource, DictItemSource, GlobalSource, ItemSource,
-                                  LocalSource, ModuleEntrySource, ObjectSource, ObjectTable, SizeSource,
+                                  LocalSource, ModuleEntrySource, ModuleTableSource, ObjectSource, ObjectTable, SizeSource,
                                   global_source)
 
 
@@ -40,7 +40,8 @@ def test_sources_are_structural_values():
     assert a == ModuleEntrySource(LocalSource("m"), "_parameters", "w") and hash(a) == hash(
         ModuleEntrySource(LocalSource("m"), "_parameters", "w"))
     assert a != LocalSource("m").attr("w")  # same name, read differently
-    assert a.chain() == [a, LocalSource("m")] and a.root() == LocalSource("m")
+    assert a.chain() == [a, ModuleTableSource(LocalSource("m"), "_parameters"), LocalSource("m")]
+    assert a.root() == LocalSource("m")
     assert isinstance(LocalSource("x").item(0), ItemSource) and isinstance(LocalSource("x").attr("a"), AttrSource)
 
 
