@@ -242,9 +242,6 @@ class GuardSet:
         self._one(GuardKind.SHAPE_ENV, None, _t(code), reason, detail=reason, key=(GuardKind.SHAPE_ENV, code))
 
     # ------------------------------------------------------------ source of the guard functions
-    def fast_expr(self, code_of: Callable[[Source], str] = lambda s: s.code()) -> str:
-        return " and ".join(f"({g.code(code_of)})" for g in self.guards) or "True"
-
     def why_lines(self) -> list[str]:
         """Body lines of the function that returns the first failure reason."""
         code_of = _plain_code

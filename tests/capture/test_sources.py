@@ -108,3 +108,28 @@ def test_compiled_entries_carry_guard_records():
     srcs = {g.source.name() for g in out.out_guards if g.source is not None}
     assert {"L['x']", "L['k']", "L['ref']()", "G['os'].environ.get('KILN_TEST_UNSET_VAR', '1')"} <= srcs, srcs
     assert "Out Guards:" in str(out) and "TENSOR_MATCH: L['x']" in str(out)
+
+
+def test_export_rebuilds_reads_by_walking_sources():
+    class Holder:
+        pass
+
+    h = Holder()
+    h.scale = torch.tensor(3.0)
+
+    def f(xs, obj):
+        return xs[0] * obj.scale + xs[1]
+
+    xs = [torch.randn(2), torch.randn(2)]
+    gm, guards = kiln.capture.export(f)(xs, h)
+    torch.testing.assert_close(gm(xs, h), f(xs, h))
+    ops = [n.target for n in gm.graph.nodes if n.op == "call_function"]
+    assert getattr in ops  # obj.scale read from the argument, not baked in as a constant
+    assert guards and all(isinstance(g, Guard) for g in guards)
+
+    m = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.ReLU())
+    gm, _ = kiln.capture.export(m)(torch.randn(2, 3))
+    targets = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
+    assert targets == {"0.weight", "0.bias"}, targets
+    x = torch.randn(2, 3)
+    torch.testing.assert_close(gm(x), m(x))
