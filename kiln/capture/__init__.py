@@ -97,11 +97,13 @@ from typing import Any
 from . import config
 
 # NOTE: names resolve lazily so that the bytecode layer (capture/bytecode.py) stays
-# importable on an interpreter without torch.
+# importable on an interpreter without torch.  No submodule may share a lazy name: a
+# submodule's import binds it as an attribute of this package, hiding the function
+# (explain() lived in explain.py, so kiln.capture.export() made kiln.explain a module).
 _LAZY = {
     "compile": "api", "optimize": "api", "optimize_assert": "api", "disable": "api", "reset": "api",
     "graph_break": "api", "OptimizedModule": "api", "DEFAULT_BACKEND": "api",
-    "explain": "explain", "export": "explain",
+    "explain": "explain_export", "export": "explain_export",
 }
 
 

@@ -133,3 +133,15 @@ def test_export_rebuilds_reads_by_walking_sources():
     assert targets == {"0.weight", "0.bias"}, targets
     x = torch.randn(2, 3)
     torch.testing.assert_close(gm(x), m(x))
+
+
+def test_explain_stays_a_function_after_export():
+    import importlib
+    import subprocess
+    import sys
+
+    # a fresh interpreter: the lazy names of kiln.capture resolve in this order there
+    code = ("import torch, kiln\n"
+            "kiln.capture.export(lambda x: x + 1)(torch.ones(2))\n"
+            "assert callable(kiln.explain) and kiln.explain(lambda x: x * 2)(torch.ones(2)).graph_count == 1\n")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=importlib.import_module("kiln").__path__[0] + "/..")
