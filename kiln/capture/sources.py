@@ -12,7 +12,7 @@ table entry, method call, ...).  Each node answers two questions:
 
 Generated code is built by walking the tree (``render``), so that a pass can
 replace a repeated sub-chain by a local (guard_cse.py), and export can turn a
-source into graph nodes (explain.py), without parsing text back.
+source into graph nodes (explain_export.py), without parsing text back.
 """
 from __future__ import annotations
 
