@@ -16,6 +16,12 @@ Invariants:
 - Python side effects seen while tracing (list/dict mutation of inputs,
   attribute writes, global writes, closure-cell writes, grad-mode changes,
   ``Tensor.register_hook`` on inputs) are replayed after the graph runs.
+- Every captured value has a source (sources.py): a small tree (local, global,
+  closure cell, attribute, item, module table entry, ...) that prints PyTorch's
+  name (``L['self'].weight``) and writes the code that reads it
+  (``self._parameters['weight']``).  Guards are records (guards.Guard: a kind,
+  a source, checks with their reasons), rendered into the entry's guard
+  function with repeated access chains bound once (guard_cse.py).
 - Guards cover tensor dtype/device/shape/stride/requires_grad and type,
   aliasing between input tensors, constants, object identity, types, list
   lengths, dict keys, globals and closure cells read, and grad mode.  Failure
@@ -27,7 +33,8 @@ Invariants:
   original bytecode with a prefix that rebuilds the stack) compiled on their
   first call.
 
-Python covered (3.11 and 3.12; handlers declare their versions):
+Python covered (3.11 and 3.12; each handler declares the versions it was tested on,
+and on any other interpreter capture warns once and every frame runs eagerly):
 locals/globals/closures (LOAD/STORE_FAST, _DEREF, _GLOBAL, MAKE_CELL), constants,
 arithmetic/comparison/identity/containment operators, tuples/lists/dicts/slices
 and their literals, unpacking (incl. starred), subscripts and slices, attribute
@@ -95,11 +102,13 @@ from typing import Any
 from . import config
 
 # NOTE: names resolve lazily so that the bytecode layer (capture/bytecode.py) stays
-# importable on an interpreter without torch.
+# importable on an interpreter without torch.  No submodule may share a lazy name: a
+# submodule's import binds it as an attribute of this package, hiding the function
+# (explain() lived in explain.py, so kiln.capture.export() made kiln.explain a module).
 _LAZY = {
     "compile": "api", "optimize": "api", "optimize_assert": "api", "disable": "api", "reset": "api",
     "graph_break": "api", "OptimizedModule": "api", "DEFAULT_BACKEND": "api",
-    "explain": "explain", "export": "explain",
+    "explain": "explain_export", "export": "explain_export",
 }
 
 

@@ -17,6 +17,13 @@ from typing import Callable, Iterable, Optional
 
 PY = sys.version_info[:2]
 
+# NOTE: the CPython versions the opcode handlers were tested on (CI: 3.11, the GPU
+# machine: 3.12).  Bytecode changes between minor versions (3.13 reshuffled stack
+# layouts of calls and loads), so a handler claims only these versions, and capture
+# refuses any other interpreter (the frame runs eagerly) instead of guessing a layout.
+OLDEST_TESTED = (3, 11)
+NEWEST_TESTED = (3, 12)
+
 CO_VARARGS = 0x04  # noqa: used by interpreter.bind_args
 CO_VARKEYWORDS = 0x08
 CO_GENERATOR = 0x20
@@ -27,8 +34,11 @@ UNSUPPORTED_FLAGS = CO_GENERATOR | CO_COROUTINE | CO_ASYNC_GENERATOR | CO_ITERAB
 
 
 # ---------------------------------------------------------------- handlers
-def handles(*opnames: str, min_version: tuple = (3, 11), max_version: tuple = (3, 99)):
+def handles(*opnames: str, min_version: tuple = OLDEST_TESTED, max_version: tuple = NEWEST_TESTED):
     """Mark a method as the handler of ``opnames`` on CPython min..max (inclusive).
+
+    The defaults are the oldest and newest versions tested: a handler never claims
+    a version it was not run on.
 
     NOTE: version differences live here, on the handler, never as scattered
     ``sys.version_info`` checks inside handlers.
@@ -53,6 +63,28 @@ def build_dispatch(cls: type, version: tuple = PY) -> dict[str, str]:
                     for op in opnames:
                         table[op] = name
     return table
+
+
+def unsupported_version_reason(version: Optional[tuple] = None) -> Optional[str]:
+    """Why capture cannot run on CPython ``version`` (default: this interpreter), or None."""
+    v = tuple(version if version is not None else PY)[:2]
+    if OLDEST_TESTED <= v <= NEWEST_TESTED:
+        return None
+    lo, hi = (".".join(map(str, t)) for t in (OLDEST_TESTED, NEWEST_TESTED))
+    side = "newer" if v > NEWEST_TESTED else "older"
+    return (f"Python {'.'.join(map(str, v))} is {side} than the versions kiln's bytecode handlers were "
+            f"tested on ({lo} to {hi}); its bytecode may lay out the stack differently, so "
+            f"compiled functions run eagerly")
+
+
+def is_method_load(inst: "Inst") -> bool:
+    """Whether a LOAD_ATTR / LOAD_METHOD pushes a method pair (NULL-or-self below the value).
+
+    NOTE: 3.12 folded LOAD_METHOD into LOAD_ATTR, flagged by the low bit of its argument.
+    """
+    if inst.opname == "LOAD_METHOD":
+        return True
+    return inst.opname == "LOAD_ATTR" and PY >= (3, 12) and bool(inst.arg & 1)
 
 
 # ---------------------------------------------------------------- decoding
@@ -297,5 +329,6 @@ def loads_after(insts: list[Inst], offset: int) -> Optional[set]:
 __all__ = [
     "handles", "build_dispatch", "Inst", "decode", "ExcEntry", "parse_exception_table",
     "assemble_exception_table", "in_try_block", "ResumeSpec", "make_resume_code",
-    "ResumeCodeError", "loads_after", "PY", "UNSUPPORTED_FLAGS",
+    "ResumeCodeError", "loads_after", "PY", "UNSUPPORTED_FLAGS", "OLDEST_TESTED", "NEWEST_TESTED",
+    "unsupported_version_reason", "is_method_load",
 ]

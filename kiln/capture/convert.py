@@ -15,13 +15,14 @@ from typing import Any, Callable
 import torch
 
 from kiln.exc import KilnError, Unsupported
+from kiln.fallbacks import record_fallback
 
 from . import bytecode as bc
-from .codegen import Codegen, base_namespace, build_entry
+from .entry_source import EntryWriter, base_namespace, build_entry
 from .interpreter import LazyLocal, Translator, internal_error
-from .ops_control import COND_JUMPS
+from .handlers_control import COND_JUMPS
 from .output import GraphCompileReason, OutputGraph
-from .sources import local_source
+from .sources import LocalSource
 from .variables.base import NullVT, unsupported
 from .variables.callables import CellVT
 from .variables.tensor import TensorVT
@@ -43,7 +44,7 @@ class RootTranslator(Translator):
     def __init__(self, ctx, fn: types.FunctionType, bound: inspect.BoundArguments, break_step, break_error):
         code = fn.__code__
         output = OutputGraph(ctx, fn.__globals__, ctx.frame_state(code))
-        locals_ = {n: LazyLocal(v, local_source(n)) for n, v in bound.arguments.items()}
+        locals_ = {n: LazyLocal(v, LocalSource(n)) for n, v in bound.arguments.items()}
         cells = dict(zip(code.co_freevars, fn.__closure__ or ()))
         super().__init__(code, fn.__globals__, output, locals_, cells)
         self.ctx = ctx
@@ -52,6 +53,7 @@ class RootTranslator(Translator):
         self.break_step = break_step
         self.break_error = break_error
         self.body: list[str] = []
+        self.graph_args = None  # sources of the graph's inputs, once it is compiled
 
     # ---------------------------------------------------------- main loop
     def run(self):
@@ -83,7 +85,7 @@ class RootTranslator(Translator):
     def on_return(self, value):
         reason = GraphCompileReason("return", self.user_stack(), graph_break=False)
         self._emit_graph([value], reason)
-        self.export_info = ([(s.name, v) for s, v, *_ in self.output.inputs], value, self.out_nodes)
+        self.export_info = ([(s, v) for s, v, *_ in self.output.inputs], value, self.out_nodes)
         self.cg.line(f"___ret = {self.cg.expr(value)}")
         self._emit_side_effects()
         self.cg.line("return ___ret")
@@ -93,7 +95,7 @@ class RootTranslator(Translator):
     def _emit_graph(self, values: list, reason: GraphCompileReason) -> None:
         """Compile the graph with the tensors ``values`` need, emit its call."""
         out = self.output
-        collect = Codegen(out.objects, symbols=out.symbols)
+        collect = EntryWriter(out.objects, symbols=out.symbols)
         for v in values + out.side_effects.values():
             if not isinstance(v, NullVT):
                 collect.expr(v)
@@ -103,16 +105,16 @@ class RootTranslator(Translator):
         compiled = out.compile(outputs, reason)
         self.compiled = compiled
         self.out_nodes = nodes
-        self.cg = Codegen(out.objects, {n: i for i, n in enumerate(nodes)}, symbols=out.symbols)
-        if compiled is not None:
-            args = ", ".join(s.expr for s, *_ in out.inputs)
-            self.cg.line(f"___o = ___graph({args})")
+        self.cg = EntryWriter(out.objects, {n: i for i, n in enumerate(nodes)}, symbols=out.symbols)
+        # NOTE: the graph call itself is written by build_entry, right after the guard,
+        # so that it reads the access chains the guard has bound (guard_cse.py).
+        self.graph_args = [s for s, *_ in out.inputs] if compiled is not None else None
         self.body = self.cg.lines
 
     def _emit_side_effects(self) -> None:
         # NOTE: after every value was read into a temp: replay may mutate sources.
         out = self.output
-        out.side_effects.codegen(self.cg)
+        out.side_effects.emit_replay(self.cg)
         if out.grad_enabled != out.initial_grad:
             self.cg.line(f"___set_grad({out.grad_enabled})")
 
@@ -321,13 +323,11 @@ def _callable_slot(inst: bc.Inst, stack: list):
 def simple_step(inst: bc.Inst, depth: int):
     """(operands popped, Python statement over them, stack slots pushed) for
     instructions the generated code can run itself at a graph break; else None."""
-    from .ops_binary import NB_OPS
+    from .operators import NB_OPS
 
     op, name = inst.opname, inst.argval
-    if op == "LOAD_ATTR" and not (bc.PY >= (3, 12) and inst.arg & 1):
-        return 1, f"___r = {{0}}.{name}", ["___r"]
     if op in ("LOAD_METHOD", "LOAD_ATTR"):
-        return 1, f"___r = {{0}}.{name}", [None, "___r"]
+        return 1, f"___r = {{0}}.{name}", [None, "___r"] if bc.is_method_load(inst) else ["___r"]
     if op == "BINARY_SUBSCR":
         return 2, "___r = {0}[{1}]", ["___r"]
     if op == "STORE_ATTR":
@@ -351,6 +351,7 @@ def _vt_of(out: OutputGraph, node) -> TensorVT:
 
 def compile_frame(ctx, fn: types.FunctionType, args: tuple, kwargs: dict):
     """Trace one call of ``fn``; returns (entry, why) generated functions."""
+    check_python_version()
     if fn.__code__.co_flags & bc.UNSUPPORTED_FLAGS:
         unsupported(f"generator or coroutine function {fn.__qualname__}")
     bound = inspect.signature(fn, follow_wrapped=False).bind(*args, **kwargs)
@@ -372,6 +373,25 @@ def compile_frame(ctx, fn: types.FunctionType, args: tuple, kwargs: dict):
     raise break_error
 
 
+_VERSION_WARNED = False
+
+
+def check_python_version() -> None:
+    """Refuse an interpreter the opcode handlers were not tested on: warn once per
+    process (a recorded fallback), then raise Unsupported for every frame (each runs
+    eagerly, or the error reaches the user under fullgraph=True)."""
+    global _VERSION_WARNED
+    reason = bc.unsupported_version_reason()
+    if reason is None:
+        return
+    if not _VERSION_WARNED:
+        _VERSION_WARNED = True
+        record_fallback("capture", "every compiled function", reason)
+    raise Unsupported(f"capture on Python {'.'.join(map(str, bc.PY))}", why=reason,
+                      hint=f"use Python {'.'.join(map(str, bc.OLDEST_TESTED))} to "
+                           f"{'.'.join(map(str, bc.NEWEST_TESTED))} to compile")
+
+
 def _finish(ctx, fn, tx: RootTranslator):
     ns = base_namespace(tx.output, ctx)
     ns["___graph"] = tx.compiled
@@ -380,9 +400,9 @@ def _finish(ctx, fn, tx: RootTranslator):
         from .dynamic import shape_guards
 
         for expr, reason in shape_guards(tx.output.fake_mode.shape_env, tx.output.symbols):
-            guards.custom(("shape", expr), expr, reason)
+            guards.shape(expr, reason)
     tx.output.frame_state.compiles += 1
-    entry, why, _ = build_entry(fn, guards.fast_expr(), guards.why_lines(), tx.body, ns, fn.__qualname__)
-    entry.__kiln_guards__ = list(guards.names)
+    entry, why, _ = build_entry(fn, guards, tx.graph_args, tx.body, ns, fn.__qualname__)
+    entry.__kiln_guards__ = list(guards.guards)
     entry.__kiln_export__ = getattr(tx, "export_info", None)
     return entry, why

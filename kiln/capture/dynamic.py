@@ -24,6 +24,8 @@ from typing import Any, Optional
 
 import torch
 
+from .sources import Source
+
 _NAME = re.compile(r"\b[a-z]\d+\b")
 
 # NOTE: these backends compile the torch-level graph for its example sizes (ONNX/TVM
@@ -174,49 +176,52 @@ def shape_guards(shape_env, table: SymbolTable) -> list[tuple[str, str]]:
     return out
 
 
-def tensor_shape_checks(e: str, name: str, fake: torch.Tensor, table: SymbolTable) -> Optional[tuple]:
+def tensor_shape_checks(src: "Source", fake: torch.Tensor, table: SymbolTable) -> Optional[tuple]:
     """``_tensor_shape_checks``, or None (the table unchanged) when a stride or size
     cannot be written over known sources."""
     saved = dict(table.exprs), dict(table.names)
     try:
-        return _tensor_shape_checks(e, name, fake, table)
+        return _tensor_shape_checks(src, fake, table)
     except KeyError:
         table.exprs, table.names = saved
         return None
 
 
-def _tensor_shape_checks(e: str, name: str, fake: torch.Tensor, table: SymbolTable) -> tuple[list, list, list]:
+def _tensor_shape_checks(src: "Source", fake: torch.Tensor, table: SymbolTable) -> tuple[list, list, list]:
     """Shape and stride checks of a tensor with symbolic dims, registering its new symbols.
 
     Static dims are compared exactly; a dim whose symbol is new binds it (its range
     and relations come from the ShapeEnv guards); a duck-sized repeat of a known
     symbol is compared with the symbol's first source.  Returns (shape checks,
-    stride checks, [(dim, SymInt) for each new size symbol]).
+    stride checks, [(dim, SymInt) for each new size symbol]); a check is a guard test
+    (a tuple of text and the source itself, see guards.Check).
     """
     import sympy
 
-    shape_parts = [f"{e}.dim() == {fake.dim()}"]
+    e, name = src.code(), src.name()
+    shape_parts = [(src, f".dim() == {fake.dim()}")]
     new = []
     for i, s in enumerate(fake.shape):
         if not (isinstance(s, torch.SymInt) and not s.node.is_constant()):
-            shape_parts.append(f"{e}.size({i}) == {int(s)}")
+            shape_parts.append((src, f".size({i}) == {int(s)}"))
             continue
         x = s.node.expr
         if isinstance(x, sympy.Symbol) and table.add(x, f"{e}.size({i})", f"{name}.size()[{i}]"):
             new.append((i, s))
         else:
-            shape_parts.append(f"{e}.size({i}) == {table.py(x)}")
-    strides = []
+            shape_parts.append((src, f".size({i}) == {table.py(x)}"))
+    strides: list = []
     for i, s in enumerate(fake.stride()):
+        strides.append(", " if i else "")
         if not isinstance(s, torch.SymInt) or s.node.is_constant():
             strides.append(str(int(s)))
             continue
         x = s.node.expr
         if isinstance(x, sympy.Symbol) and table.add(x, f"{e}.stride({i})", f"{name}.stride()[{i}]"):
-            strides.append(f"{e}.stride({i})")
+            strides += [src, f".stride({i})"]
         else:
             strides.append(table.py(x))
-    stride_part = f"{e}.stride() == ({', '.join(strides)}{',' if fake.dim() == 1 else ''})"
+    stride_part = (src, ".stride() == (", *strides, f"{',' if fake.dim() == 1 else ''})")
     off = fake.storage_offset()
     if isinstance(off, torch.SymInt) and isinstance(off.node.expr, sympy.Symbol):
         table.add(off.node.expr, f"{e}.storage_offset()", f"{name}.storage_offset()")

@@ -1,20 +1,26 @@
 """Guards: the conditions under which a compiled entry may be reused.
 
-In: checks added by the variable builder while tracing (each over a source).
-Out: Python source of one straight-line boolean expression (the fast path)
-and of a "why" function that returns the first failing check, worded as
-PyTorch words it (``tensor 'L['y']' requires_grad mismatch. expected
-requires_grad=1``, ``L['a'] is L['b']``).
+In: guards added by the variable builder while tracing, each a :class:`Guard`
+record (a kind, the source it is about, and its checks: Python tests written as
+fragments of text and :class:`~kiln.capture.sources.Source` nodes, each with the
+reason PyTorch gives when it fails: ``tensor 'L['y']' requires_grad mismatch.
+expected requires_grad=1``, ``L['a'] is L['b']``).
+Out: the Python source of one straight-line boolean expression (the fast path,
+repeated access chains bound once: guard_cse.py) and the body of a "why"
+function that returns the first failing check's reason.
 """
 from __future__ import annotations
 
-from typing import Any
+import enum
+from dataclasses import dataclass
+from typing import Any, Callable, Optional, Union
 
 import torch
 
 from .sources import ObjectTable, Source
 
-_DTYPE_NAMES = {v: k for k, v in vars(torch).items() if isinstance(v, torch.dtype)}
+# A test is a tuple of fragments: text, and sources rendered in place.
+Fragment = Union[str, Source]
 
 
 def _dtype_word(dt: torch.dtype) -> str:
@@ -31,123 +37,229 @@ def autocast_state() -> tuple:
     return tuple((d, torch.is_autocast_enabled(d), str(torch.get_autocast_dtype(d))) for d in _AUTOCAST_DEVICES)
 
 
+class GuardKind(str, enum.Enum):
+    """What a guard checks (PyTorch's guard names where it has one)."""
+
+    TENSOR_MATCH = "TENSOR_MATCH"
+    CONSTANT_MATCH = "CONSTANT_MATCH"
+    ID_MATCH = "ID_MATCH"
+    TYPE_MATCH = "TYPE_MATCH"
+    SEQUENCE_LENGTH = "SEQUENCE_LENGTH"
+    DICT_KEYS = "DICT_KEYS"
+    ITERATOR_MATCH = "ITERATOR_MATCH"
+    OBJECT_ALIASING = "OBJECT_ALIASING"
+    DUPLICATE_INPUTS = "DUPLICATE_INPUTS"
+    GRAD_MODE = "GRAD_MODE"
+    AUTOCAST = "AUTOCAST"
+    SHAPE_ENV = "SHAPE_ENV"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+@dataclass(frozen=True)
+class Check:
+    """One test (true when the guard holds) and PyTorch's words for its failure."""
+
+    test: tuple  # of Fragment
+    reason: str
+
+    def render(self, code_of: Callable[[Source], str]) -> str:
+        return "".join(f if isinstance(f, str) else code_of(f) for f in self.test)
+
+    def sources(self) -> list[Source]:
+        return [f for f in self.test if isinstance(f, Source)]
+
+
+@dataclass(frozen=True)
+class Guard:
+    """A guard record: ``kind`` over ``source`` (None for global state); every check must
+    hold, and a failing call reports the first failing check's reason.  ``fast`` is an
+    optional cheaper test equal to all checks together (used on the fast path).
+
+    NOTE: a test is an ``and`` chain of expressions that are all evaluated when it holds
+    (no ``or``, conditional expression or lambda around a source): guard_cse.py binds a
+    repeated source at its first occurrence and relies on that.
+    """
+
+    kind: GuardKind
+    source: Optional[Source]
+    checks: tuple  # of Check
+    fast: Optional[tuple] = None  # of Fragment
+    detail: str = ""  # printed after the source, e.g. " == 3"
+
+    def fast_test(self) -> tuple:
+        if self.fast is not None:
+            return self.fast
+        parts: list = []
+        for i, c in enumerate(self.checks):
+            if i:
+                parts.append(" and ")
+            parts.extend(c.test)
+        return tuple(parts)
+
+    def code(self, code_of: Callable[[Source], str] = lambda s: s.code()) -> str:
+        """The fast-path test as Python source."""
+        return "".join(f if isinstance(f, str) else code_of(f) for f in self.fast_test())
+
+    @property
+    def reasons(self) -> list[str]:
+        return [c.reason for c in self.checks]
+
+    def __str__(self) -> str:
+        if self.source is None:
+            return f"{self.kind}: {self.detail}" if self.detail else str(self.kind)
+        return f"{self.kind}: {self.source.name()}{self.detail}"
+
+
+def _t(*parts: Fragment) -> tuple:
+    return tuple(parts)
+
+
 class GuardSet:
-    """Ordered, de-duplicated checks: (expr, reason) pairs of Python source."""
+    """Ordered, de-duplicated guard records of one entry."""
 
     def __init__(self, objects: ObjectTable):
         self.objects = objects
-        self.checks: list[tuple[str, str]] = []
+        self.guards: list[Guard] = []
         self._seen: set = set()
-        self.names: list[str] = []  # human readable guard list (export's guards)
 
-    def _add(self, key: Any, expr: str, reason: str, human: str) -> None:
+    def add(self, guard: Guard, key: Any = None) -> None:
+        key = (guard.kind, guard.source) if key is None else key
         if key in self._seen:
             return
         self._seen.add(key)
-        self.checks.append((expr, reason))
-        self.names.append(human)
+        self.guards.append(guard)
 
+    def _one(self, kind: GuardKind, src: Optional[Source], test: tuple, reason: str, detail: str = "",
+             key: Any = None) -> None:
+        self.add(Guard(kind, src, (Check(test, reason),), detail=detail), key)
+
+    # ------------------------------------------------------------ guards over sources
     def tensor(self, src: Source, t: torch.Tensor, dyn: Any = None) -> None:
-        """Tensor metadata; ``dyn`` = (shape checks, stride checks) when some dims are symbolic."""
-        e, n = src.expr, src.name
+        """Tensor metadata; ``dyn`` = (shape tests, stride tests), each a fragment tuple,
+        when some dims are symbolic."""
         o = self.objects
-        tn = f"tensor '{n}'"
-        parts = [
-            (f"type({e}) is {o.name_of(type(t))}", f"{tn} type mismatch. expected {type(t).__name__}"),
-            (f"{e}.dtype is {o.name_of(t.dtype)}", f"{tn} dtype mismatch. expected {_dtype_word(t.dtype)}"),
-            (f"{e}.device == {o.name_of(t.device)}", f"{tn} device mismatch. expected {t.device}"),
-            (f"{e}.requires_grad is {bool(t.requires_grad)}",
-             f"{tn} requires_grad mismatch. expected requires_grad={int(t.requires_grad)}"),
+        tn = f"tensor '{src.name()}'"
+        checks = [
+            Check(_t("type(", src, f") is {o.name_of(type(t))}"), f"{tn} type mismatch. expected {type(t).__name__}"),
+            Check(_t(src, f".dtype is {o.name_of(t.dtype)}"), f"{tn} dtype mismatch. expected {_dtype_word(t.dtype)}"),
+            Check(_t(src, f".device == {o.name_of(t.device)}"), f"{tn} device mismatch. expected {t.device}"),
+            Check(_t(src, f".requires_grad is {bool(t.requires_grad)}"),
+                  f"{tn} requires_grad mismatch. expected requires_grad={int(t.requires_grad)}"),
         ]
         if dyn is None:
-            parts += [
-                (f"{e}.shape == {tuple(t.shape)!r}", f"{tn} size mismatch. expected {tuple(t.shape)}"),
-                (f"{e}.stride() == {tuple(t.stride())!r}", f"{tn} stride mismatch. expected {tuple(t.stride())}"),
+            checks += [
+                Check(_t(src, f".shape == {tuple(t.shape)!r}"), f"{tn} size mismatch. expected {tuple(t.shape)}"),
+                Check(_t(src, f".stride() == {tuple(t.stride())!r}"),
+                      f"{tn} stride mismatch. expected {tuple(t.stride())}"),
             ]
         else:
-            parts += [(p, f"{tn} size mismatch. expected {p}") for p in dyn[0]]
-            parts += [(p, f"{tn} stride mismatch. expected {p}") for p in dyn[1]]
-        expr = " and ".join(p for p, _ in parts)
-        self._add(("tensor", n), expr, "", f"TENSOR_MATCH: {n}")
-        # NOTE: the fast path uses the joined expression; the reason path checks each part.
-        self.checks[-1] = (expr, parts)
+            checks += [Check(p, f"{tn} size mismatch. expected {_plain(p)}") for p in dyn[0]]
+            checks += [Check(p, f"{tn} stride mismatch. expected {_plain(p)}") for p in dyn[1]]
+        self.add(Guard(GuardKind.TENSOR_MATCH, src, tuple(checks)))
 
     def const(self, src: Source, value: Any) -> None:
         if value is None or isinstance(value, bool):
-            expr = f"{src.expr} is {value!r}"
+            test = _t(src, f" is {value!r}")
         elif isinstance(value, (int, float, str, bytes)) and type(value) in (int, float, str, bytes):
-            expr = f"type({src.expr}) is {type(value).__name__} and {src.expr} == {value!r}"
+            test = _t("type(", src, f") is {type(value).__name__} and ", src, f" == {value!r}")
         else:
-            expr = f"{src.expr} == {self.objects.name_of(value)}"
-        self._add(("const", src.name), expr, f"{src.name} == {value!r}", f"CONSTANT_MATCH: {src.name} == {value!r}")
+            test = _t(src, f" == {self.objects.name_of(value)}")
+        self._one(GuardKind.CONSTANT_MATCH, src, test, f"{src.name()} == {value!r}", detail=f" == {value!r}")
 
     def ident(self, src: Source, obj: Any) -> None:
-        self._add(("id", src.name), f"{src.expr} is {self.objects.name_of(obj)}",
-                  f"{src.name} is not the object seen at compile time", f"ID_MATCH: {src.name}")
+        self._one(GuardKind.ID_MATCH, src, _t(src, f" is {self.objects.name_of(obj)}"),
+                  f"{src.name()} is not the object seen at compile time")
 
     def type_of(self, src: Source, obj: Any) -> None:
         t = type(obj)
-        self._add(("type", src.name), f"type({src.expr}) is {self.objects.name_of(t)}",
-                  f"type({src.name}) is not {t.__qualname__}", f"TYPE_MATCH: {src.name}")
+        self._one(GuardKind.TYPE_MATCH, src, _t("type(", src, f") is {self.objects.name_of(t)}"),
+                  f"type({src.name()}) is not {t.__qualname__}")
 
     def length(self, src: Source, obj: Any) -> None:
         t = type(obj)
-        self._add(("len", src.name), f"type({src.expr}) is {self.objects.name_of(t)} and len({src.expr}) == {len(obj)}",
-                  f"len({src.name}) != {len(obj)}", f"SEQUENCE_LENGTH: {src.name} len={len(obj)}")
+        self._one(GuardKind.SEQUENCE_LENGTH, src,
+                  _t("type(", src, f") is {self.objects.name_of(t)} and len(", src, f") == {len(obj)}"),
+                  f"len({src.name()}) != {len(obj)}", detail=f" len={len(obj)}")
 
     def dict_keys(self, src: Source, d: dict) -> None:
         keys = list(d.keys())
-        self._add(("keys", src.name), f"type({src.expr}) is dict and list({src.expr}.keys()) == {keys!r}",
-                  f"keys of {src.name} changed", f"DICT_KEYS: {src.name}")
+        self._one(GuardKind.DICT_KEYS, src, _t("type(", src, f") is dict and list(", src, f".keys()) == {keys!r}"),
+                  f"keys of {src.name()} changed")
 
-    def custom(self, key: Any, expr: str, reason: str) -> None:
-        self._add(key, expr, reason, reason)
+    def mapping_keys(self, src: Source, keys: list) -> None:
+        """The keys of a dict subclass, read past its own methods."""
+        self._one(GuardKind.DICT_KEYS, src, _t("list(dict.keys(", src, f")) == {keys!r}"),
+                  f"keys of {src.name()} changed", key=(GuardKind.DICT_KEYS, "raw", src))
+
+    def iterator(self, src: Source, it: Any, pos: int, length: int) -> None:
+        """A live tuple/list iterator: its type, position and the length of what it iterates."""
+        red = src.method_call("__reduce__")
+        self._one(GuardKind.ITERATOR_MATCH, src,
+                  _t("type(", src, f") is {self.objects.name_of(type(it))} and ", red.item(2), f" == {pos} and len(",
+                     red.item(1).item(0), f") == {length}"),
+                  f"iterator {src.name()} changed")
 
     def alias(self, a: Source, b: Source) -> None:
-        self._add(("alias", a.name, b.name), f"{b.expr} is {a.expr}", f"{a.name} is {b.name}",
-                  f"{a.name} is {b.name}")
+        self.add(Guard(GuardKind.OBJECT_ALIASING, b, (Check(_t(b, " is ", a), f"{a.name()} is {b.name()}"),)),
+                 key=(GuardKind.OBJECT_ALIASING, a.name(), b.name()))
 
     def distinct(self, srcs: list) -> None:
         if len(srcs) < 2:
             return
-        if len(srcs) == 2:
-            expr = f"{srcs[0].expr} is not {srcs[1].expr}"
-        else:
-            expr = "len({" + ", ".join(f"id({s.expr})" for s in srcs) + f"}}) == {len(srcs)}"
-        self._add(("distinct",), expr, ("distinct", srcs), "DUPLICATE_INPUTS")
+        checks = tuple(Check(_t(srcs[i], " is not ", srcs[j]), f"{srcs[i].name()} is not {srcs[j].name()}")
+                       for i in range(len(srcs)) for j in range(i + 1, len(srcs)))
+        fast = None
+        if len(srcs) > 2:
+            parts: list = ["len({"]
+            for i, s in enumerate(srcs):
+                parts += [", " if i else "", "id(", s, ")"]
+            fast = tuple(parts + [f"}}) == {len(srcs)}"])
+        self.add(Guard(GuardKind.DUPLICATE_INPUTS, None, checks, fast=fast), key=(GuardKind.DUPLICATE_INPUTS,))
 
+    # ------------------------------------------------------------ global state
     def grad_mode(self, mode: bool) -> None:
-        self._add(("grad",), f"___grad() is {mode}", f"GLOBAL_STATE changed: grad_mode (expected {mode})",
-                  f"GRAD_MODE: {mode}")
+        self._one(GuardKind.GRAD_MODE, None, _t(f"___grad() is {mode}"),
+                  f"GLOBAL_STATE changed: grad_mode (expected {mode})", detail=str(mode))
 
     def autocast(self) -> None:
         """The autocast state seen while tracing (PyTorch's global-state guard covers it too):
         a graph traced without autocast must not serve a call made inside an autocast region."""
         if not torch._C._is_any_autocast_enabled():
-            self._add(("autocast",), "not ___autocast()", "GLOBAL_STATE changed: autocast (expected disabled)",
-                      "AUTOCAST: disabled")
+            self._one(GuardKind.AUTOCAST, None, _t("not ___autocast()"),
+                      "GLOBAL_STATE changed: autocast (expected disabled)", detail="disabled")
             return
         state = autocast_state()
-        self._add(("autocast",), f"___autocast_state() == {state!r}",
-                  f"GLOBAL_STATE changed: autocast (expected {state})", f"AUTOCAST: {state}")
+        self._one(GuardKind.AUTOCAST, None, _t(f"___autocast_state() == {state!r}"),
+                  f"GLOBAL_STATE changed: autocast (expected {state})", detail=str(state))
 
-    # ------------------------------------------------------------ codegen
-    def fast_expr(self) -> str:
-        return " and ".join(f"({e})" for e, _ in self.checks) or "True"
+    def shape(self, code: str, reason: str) -> None:
+        """A ShapeEnv guard, printed over the inputs' sizes (dynamic.shape_guards).
 
+        NOTE: kept as text: sympy may print ``or`` / conditional expressions, where no
+        access chain may be bound to a local (guard_cse.py leaves it alone)."""
+        self._one(GuardKind.SHAPE_ENV, None, _t(code), reason, detail=reason, key=(GuardKind.SHAPE_ENV, code))
+
+    # ------------------------------------------------------------ source of the guard functions
     def why_lines(self) -> list[str]:
         """Body lines of the function that returns the first failure reason."""
-        lines = []
-        for expr, reason in self.checks:
-            if isinstance(reason, list):
-                for part, r in reason:
-                    lines.append(f"if not ({part}): return {r!r}")
-            elif isinstance(reason, tuple) and reason[0] == "distinct":
-                srcs = reason[1]
-                for i in range(len(srcs)):
-                    for j in range(i + 1, len(srcs)):
-                        r = f"{srcs[i].name} is not {srcs[j].name}"
-                        lines.append(f"if {srcs[i].expr} is {srcs[j].expr}: return {r!r}")
-            else:
-                lines.append(f"if not ({expr}): return {reason!r}")
+        code_of = _plain_code
+        lines = [f"if not ({c.render(code_of)}): return {c.reason!r}" for g in self.guards for c in g.checks]
         return lines or ["pass"]
+
+    @property
+    def names(self) -> list[str]:
+        """Human-readable guard list (export's guards, explain's out_guards)."""
+        return [str(g) for g in self.guards]
+
+
+def _plain_code(src: Source) -> str:
+    return src.code()
+
+
+def _plain(test: tuple) -> str:
+    return "".join(f if isinstance(f, str) else f.code() for f in test)
+
+
+__all__ = ["Guard", "GuardKind", "Check", "GuardSet", "autocast_state"]

@@ -4,8 +4,10 @@ In: a code object plus symbolic locals.  Out: the fx graph (through the
 shared OutputGraph) and the symbolic return value, or a graph break.
 
 Each opcode has one handler method named after it, registered with the CPython
-versions it serves (``bytecode.handles``); the handlers live in the ``ops_*``
-mixins grouped by family.
+versions it serves (``bytecode.handles``); the handlers live in the
+``handlers_*`` mixins grouped by family (``handlers_basic``, ``handlers_call``,
+``handlers_control``); operator semantics shared with the builtins live in
+``operators``.
 """
 from __future__ import annotations
 
@@ -19,10 +21,10 @@ from kiln import fallbacks
 from kiln.exc import KilnError, Unsupported, format_location
 
 from . import bytecode as bc
-from .ops_basic import BasicOps
-from .ops_call import CallOps
-from .ops_control import ControlOps
-from .sources import Source, global_source, local_source
+from .handlers_basic import BasicHandlers
+from .handlers_call import CallHandlers
+from .handlers_control import ControlHandlers
+from .sources import ClosureSource, Source, global_source
 from .variables.base import VT, ConstantVT, NullVT, unsupported
 from .variables.builder import wrap
 from .variables.callables import CellVT, NestedFunctionVT, is_library_module
@@ -48,7 +50,7 @@ class BreakSignal(Exception):
     """Raised by the root translator once it has generated its break code."""
 
 
-class Translator(BasicOps, CallOps, ControlOps):
+class Translator(BasicHandlers, CallHandlers, ControlHandlers):
     def __init__(self, code: types.CodeType, f_globals: dict, output, locals_: dict,
                  cells: dict, parent: Optional["Translator"] = None, fn_label: str = ""):
         self.code = code
@@ -212,8 +214,7 @@ class Translator(BasicOps, CallOps, ControlOps):
             value = cell.cell_contents
         except ValueError:
             unsupported(f"free variable '{name}' referenced before assignment")
-        src = self.output.objects.source(cell)
-        src = Source(f"L[{name!r}]", f"{src.expr}.cell_contents")
+        src = ClosureSource(self.output.objects.name_of(cell), name)
         if self.library:
             return self.wrap_static(value)
         return self.wrap(value, src)

@@ -3,7 +3,7 @@
 In: symbolic calls from the interpreter.  Out: a torch-level fx.GraphModule
 (call_function / call_method nodes of torch functions, operator.* and Tensor
 methods; one placeholder per distinct input tensor, named after its source)
-handed to the backend, plus the bookkeeping the runner codegen needs.
+handed to the backend, plus the bookkeeping the entry writer (entry_source.py) needs.
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from kiln.passes import checking, log_graph, verify_graph
 
 from .dynamic import FrameState, SymbolTable, fake_with_dims, new_fake_mode, tensor_shape_checks
 from .guards import GuardSet
-from .sources import ObjectTable, Source
+from .sources import ObjectTable, SizeSource, Source
 from .variables.base import VT, ConstantVT, const_vt, unsupported
 from .variables.containers import ListVT, TupleVT
 from .variables.symbolic import SYM_TYPES, SymNodeVT, concrete, is_symbolic
@@ -75,7 +75,7 @@ class SideEffects:
             vals += list(c.items.values()) if isinstance(c.items, dict) else list(c.items)
         return vals
 
-    def codegen(self, cg) -> None:
+    def emit_replay(self, cg) -> None:
         """Read every new value into temps first, then mutate (sources may alias)."""
         n = [0]
 
@@ -85,15 +85,15 @@ class SideEffects:
             cg.line(f"{name} = {expr}")
             return name
 
-        targets = [temp(c.source.expr) for c in self.containers]
+        targets = [temp(c.source.code()) for c in self.containers]
         conts = []
         for c in self.containers:
             if isinstance(c, ListVT):
                 conts.append(temp("[" + ", ".join(cg.expr(i) for i in c.items) + "]"))
             else:
                 conts.append(temp("{" + ", ".join(f"{k!r}: {cg.expr(v)}" for k, v in c.items.items()) + "}"))
-        attrs = [(temp(o.source.expr), name, temp(cg.expr(v))) for o, name, v in self.attrs]
-        globs = [(src.expr, temp(cg.expr(v))) for src, v in self.globals.values()]
+        attrs = [(temp(o.source.code()), name, temp(cg.expr(v))) for o, name, v in self.attrs]
+        globs = [(src.code(), temp(cg.expr(v))) for src, v in self.globals.values()]
         hooks = [(temp(cg.expr(t)), temp(cg.expr(fn)), h) for t, fn, h in self.hooks]
         for c, tgt, new in zip(self.containers, targets, conts):
             if isinstance(c, ListVT):
@@ -112,8 +112,9 @@ class FakeCallError(Unsupported, RuntimeError):
     """A torch call failed on fake tensors (a RuntimeError under fullgraph, else a graph break)."""
 
 
-def _placeholder_name(source: Source) -> str:
-    n = re.sub(r"[^0-9a-zA-Z_]", "_", source.name)
+def _placeholder_name(name: str) -> str:
+    """PyTorch's placeholder name for a source name: ``L['x']`` -> ``L_x_``."""
+    n = re.sub(r"[^0-9a-zA-Z_]", "_", name)
     return re.sub(r"_+", "_", n) + ("_" if not n.endswith("_") else "")
 
 
@@ -149,15 +150,15 @@ class OutputGraph:
     def add_tensor_input(self, value: torch.Tensor, source: Source, from_module: bool = False) -> TensorVT:
         prev = self._by_id.get(id(value))
         if prev is not None:
-            if prev.source.name != source.name:
+            if prev.source.name() != source.name():
                 self.guards.alias(prev.source, source)
             return prev
-        dims = self.frame_state.dynamic_dims(getattr(self.ctx, "dynamic", None), source.name, value,
+        dims = self.frame_state.dynamic_dims(getattr(self.ctx, "dynamic", None), source.name(), value,
                                              isinstance(value, torch.nn.Parameter))
         fake = fake_with_dims(self.fake_mode, value, dims)
         checks = None
         if any(is_symbolic(d) for d in list(fake.shape) + list(fake.stride())):
-            checks = tensor_shape_checks(source.expr, source.name, fake, self.symbols)
+            checks = tensor_shape_checks(source, fake, self.symbols)
             if checks is None:
                 # NOTE: strides not expressible over the sizes (a strided view of a bigger
                 # tensor): this input keeps static shapes.
@@ -168,9 +169,9 @@ class OutputGraph:
                 self._add_size_input(source, i, sym)
         else:
             self.guards.tensor(source, value)
-        node = self._make_placeholder(source)
+        node = self._make_placeholder(source.name())
         node.meta["example_value"] = fake
-        node.meta["source"] = source.name
+        node.meta["source"] = source.name()
         vt = TensorVT(node, fake, source, type(value))
         self._by_id[id(value)] = vt
         self.inputs.append((source, value, vt, from_module))
@@ -178,10 +179,10 @@ class OutputGraph:
 
     def _add_size_input(self, source: Source, dim: int, sym: torch.SymInt) -> None:
         """A graph input for a new size symbol (PyTorch's ``s0: Sym(s0)`` placeholders)."""
-        src = Source(f"{source.name}.size()[{dim}]", f"{source.expr}.size({dim})")
-        node = self._make_placeholder(Source(str(sym.node.expr), ""))
+        src = SizeSource(source, dim)
+        node = self._make_placeholder(str(sym.node.expr))
         node.meta["example_value"] = node.meta["val"] = sym
-        node.meta["source"] = src.name
+        node.meta["source"] = src.name()
         vt = SymNodeVT(node, sym)
         self.size_nodes[sym.node.expr] = node
         self.inputs.append((src, sym, vt, True))
@@ -204,8 +205,8 @@ class OutputGraph:
     def has_symbols(self) -> bool:
         return bool(self.size_nodes)
 
-    def _make_placeholder(self, source: Source) -> fx.Node:
-        name = _placeholder_name(source)
+    def _make_placeholder(self, source_name: str) -> fx.Node:
+        name = _placeholder_name(source_name)
         last = None
         for n in self.graph.nodes:
             if n.op == "placeholder":
@@ -294,7 +295,7 @@ class OutputGraph:
             return None
         gm = fx.GraphModule(torch.nn.Module(), self.graph)
         gm.compile_subgraph_reason = reason
-        gm.meta["kiln_sources"] = [s.name for s, *_ in self.inputs]
+        gm.meta["kiln_sources"] = [s.name() for s, *_ in self.inputs]
         log_graph("capture", "output_graph", gm)
         if checking():
             verify_graph(gm, after="capture.output_graph")

@@ -1,8 +1,10 @@
-"""Hoisting repeated access chains out of generated guards."""
+"""Hoisting repeated access chains out of generated guards (walking the source trees)."""
 import torch
 
 import kiln
-from kiln.capture.guard_cse import hoist_guard
+from kiln.capture.guard_cse import Hoister, hoist_guard, repeated_sources
+from kiln.capture.guards import Check, Guard, GuardKind
+from kiln.capture.sources import LocalSource
 
 
 class Counting:
@@ -26,28 +28,49 @@ def _run(guard, body, **env):
     return ns["f"](**env)
 
 
+def _guard(*test):
+    return Guard(GuardKind.CONSTANT_MATCH, None, (Check(tuple(test), "r"),))
+
+
 def test_repeated_chain_is_read_once():
     inner = Counting(w=3)
     outer = Counting(a=inner)
-    guard = "outer.a.w == 3 and type(outer.a.w) is int and outer.a is not None"
-    new_guard, body = hoist_guard(guard, ["___o = ___graph(outer.a.w)", "return ___o"])
-    assert ":=" in new_guard
-    result = _run(new_guard, body, outer=outer, ___graph=lambda v: v * 2)
+    a = LocalSource("outer").attr("a")
+    w = a.attr("w")
+    guards = [_guard(w, " == 3"), _guard("type(", w, ") is int"), _guard(a, " is not None")]
+    guard, args = hoist_guard(guards, [w])
+    assert ":=" in guard and args.startswith("___b")
+    result = _run(guard, [f"return ___graph({args})"], outer=outer, ___graph=lambda v: v * 2)
     assert result == 6
     assert outer.reads == 1 and inner.reads == 1
 
 
-def test_no_binding_inside_or():
-    guard, body = hoist_guard("(x.a == 1 or x.a == 2) and x.a > 0", [])
-    assert "(x.a == 1 or x.a == 2)" in guard  # nothing bound where it might not run
-    ns = Counting(a=2)
-    assert _run(guard, ["return 'hit'"], x=ns) == "hit"
+def test_chains_read_once_are_not_bound():
+    x = LocalSource("x")
+    guard, args = hoist_guard([_guard(x.attr("a"), " == 1"), _guard(x.attr("b"), " == 2")], None)
+    assert guard == "(x.a == 1) and (x.b == 2)" and args is None
 
 
-def test_body_after_side_effects_keeps_fresh_reads():
-    guard, body = hoist_guard("x.a.b == 1 and x.a.b > 0",
-                              ["___o = ___graph(x.a.b)", "x.a = None", "return x.a"])
-    assert body[-1] == "return x.a"  # read again: the body rebinds x.a first
+def test_roots_and_calls_are_never_bound():
+    x = LocalSource("x")
+    size = x.method_call("size", 0)
+    assert repeated_sources([(size, " == 2"), (size, " > 0"), (x, " is not None")]) == set()
+
+
+def test_text_tests_are_left_alone():
+    # shape guards stay text (they may contain `or`): nothing is bound inside them
+    x = LocalSource("x")
+    g = Guard(GuardKind.SHAPE_ENV, None, (Check(("x.a == 1 or x.a == 2",), "r"),))
+    guard, _ = hoist_guard([g, _guard(x.attr("a"), " > 0")], None)
+    assert ":=" not in guard
+    assert _run(guard, ["return 'hit'"], x=Counting(a=2)) == "hit"
+
+
+def test_reader_uses_bound_names_only():
+    x = LocalSource("x").attr("a")
+    h = Hoister({x})
+    assert h.read(x) == "x.a"  # not bound yet: read in full, bind nothing
+    assert h.bind(x) == "(___b0 := x.a)" and h.read(x) == "___b0" and h.bind(x.attr("c")) == "___b0.c"
 
 
 def test_compiled_module_guard_reads_each_parameter_once():
@@ -70,3 +93,8 @@ def test_compiled_module_guard_reads_each_parameter_once():
     torch.testing.assert_close(out, m(x))
     # 4 parameters: without hoisting the guard walks each chain ~7 times
     assert calls["n"] <= 8, calls
+    src = c._kiln_fwd.func._kiln_cache.entries[0].__kiln_source__
+    entry = src.split("def ___why")[0]
+    # each layer's parameter table is read once, then each parameter once, then locals
+    assert entry.count("._parameters") == 2 and entry.count("['weight']") == 2 and entry.count("['bias']") == 2
+    assert "___graph(input, ___b" in entry  # the graph call reads the bound locals

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 import kiln
 from kiln.testing import CompileCounter
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "models"))
+sys.path.insert(0, os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "models")))
 import zoo  # noqa: E402  (the model zoo shared with tests/models and tests/aot)
 
 

@@ -59,7 +59,7 @@ class VT:
 
     def reconstruct(self, cg) -> str:
         if self.source is not None:
-            return self.source.expr
+            return self.source.code()
         unsupported(f"cannot rebuild {self} in generated code")
 
     def __repr__(self) -> str:

@@ -128,11 +128,7 @@ def _wrap_iterator(tx, it: Any, source: Source) -> VT:
     from .containers import IteratorVT
 
     _, (seq,), pos = it.__reduce__()
-    red = f"{source.expr}.__reduce__()"
-    tx.output.guards.custom(("iter", source.name),
-                            f"type({source.expr}) is {tx.output.objects.name_of(type(it))} and "
-                            f"{red}[2] == {pos} and len({red}[1][0]) == {len(seq)}",
-                            f"iterator {source.name} changed")
-    items = [wrap(tx, v, Source(f"{source.name}.__reduce__()[1][0][{pos + i}]", f"{red}[1][0][{pos + i}]"))
-             for i, v in enumerate(seq[pos:])]
+    tx.output.guards.iterator(source, it, pos, len(seq))
+    items_src = source.method_call("__reduce__").item(1).item(0)
+    items = [wrap(tx, v, items_src.item(pos + i)) for i, v in enumerate(seq[pos:])]
     return IteratorVT(items)

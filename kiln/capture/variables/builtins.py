@@ -80,7 +80,7 @@ def _minmax(op: Callable) -> Callable:
 
 
 def _sum(tx, seq: VT, start: VT = None) -> VT:
-    from ..ops_binary import binary_op
+    from ..operators import binary_op
 
     acc = start if start is not None else ConstantVT(0)
     for item in seq.unpack(tx):
@@ -310,8 +310,8 @@ def _builtin_types() -> dict:
 def _buildable_dataclass(cls: type) -> bool:
     import dataclasses
 
-    return dataclasses.is_dataclass(cls) and cls.__new__ in (object.__new__, dict.__new__) \
-        or (dataclasses.is_dataclass(cls) and hasattr(cls, "to_tuple"))
+    # NOTE: a class with its own __new__ may not be built from its fields alone.
+    return dataclasses.is_dataclass(cls) and cls.__new__ in (object.__new__, dict.__new__)
 
 
 def call_builtin_type(tx, cls: type, args: list, kwargs: dict) -> VT:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import types
 from typing import Any, Optional
 
-from ..sources import Source
+from ..sources import CallSource, Source
 from .base import VT, ConstantVT, const_vt, unsupported
 
 
@@ -70,7 +70,7 @@ class UserFunctionVT(VT):
         return super().getattr(tx, name)
 
     def reconstruct(self, cg) -> str:
-        return self.source.expr if self.source is not None else cg.obj(self.fn)
+        return self.source.code() if self.source is not None else cg.obj(self.fn)
 
     def __repr__(self) -> str:
         return f"UserFunctionVT({self.fn.__qualname__})"
@@ -284,7 +284,7 @@ class PartialVT(VT):
 
     def reconstruct(self, cg) -> str:
         if self.source is not None:
-            return self.source.expr
+            return self.source.code()
         import functools
 
         parts = [cg.expr(self.func)] + [cg.expr(a) for a in self.args]
@@ -343,7 +343,7 @@ class WeakRefVT(VT):
     def call(self, tx, args: list, kwargs: dict) -> VT:
         if args or kwargs or self.source is None:
             unsupported("call of a weak reference")
-        return tx.wrap(self.ref(), Source(f"{self.source.name}()", f"{self.source.expr}()"))
+        return tx.wrap(self.ref(), CallSource(self.source))
 
 
 def _signature(tx, fn: VT, **kwargs) -> VT:

@@ -74,7 +74,7 @@ class TupleVT(SequenceVT):
 
     def reconstruct(self, cg) -> str:
         if self.source is not None:
-            return self.source.expr
+            return self.source.code()
         inner = ", ".join(cg.expr(i) for i in self.items)
         body = f"({inner},)" if len(self.items) == 1 else f"({inner})"
         if self.pytype is not tuple:
@@ -109,7 +109,7 @@ class ListVT(SequenceVT):
 
     def reconstruct(self, cg) -> str:
         if self.source is not None:
-            return self.source.expr
+            return self.source.code()
         return cg.container(self, "[" + ", ".join(cg.expr(i) for i in self.items) + "]")
 
     def __repr__(self) -> str:
@@ -216,7 +216,7 @@ class DictVT(VT):
 
     def reconstruct(self, cg) -> str:
         if self.source is not None:
-            return self.source.expr
+            return self.source.code()
         body = "{" + ", ".join(f"{k!r}: {cg.expr(v)}" for k, v in self.items.items()) + "}"
         if self.pytype is not dict:
             body = f"{cg.obj(self.pytype)}({body})"

@@ -10,7 +10,7 @@ from typing import Any, Optional
 
 import torch
 
-from ..sources import Source
+from ..sources import DictItemSource, Source
 from .base import VT, ConstantVT, unsupported
 from .callables import ClassVT, UserFunctionVT, UserMethodVT
 
@@ -325,6 +325,38 @@ __all__ = ["NNModuleVT", "UserObjectVT", "GradModeVT", "GradExitVT", "NullContex
 
 
 _DICT_READS = ("keys", "values", "items", "get", "__contains__", "__getitem__")
+_MAPPING_METHODS = _DICT_READS + ("to_tuple", "__len__", "__iter__")
+
+
+def _set_fields_method(tx, vt: "DataclassVT", name: str, args: list, kwargs: dict) -> VT:
+    """A mapping read of a ``SetFieldsMapping`` (library_types.py) built in the region."""
+    from .containers import ListVT, TupleVT
+
+    if kwargs:
+        unsupported(f"{vt.cls.__name__}.{name}() with keyword arguments")
+    present = vt._set_fields()
+    values = TupleVT([v for _, v in present])
+    keys = [n for n, _ in present]
+    if name == "to_tuple":
+        return values
+    if name == "__len__":
+        return ConstantVT(len(present))
+    if name == "keys" or name == "__iter__":
+        return ListVT([ConstantVT(k) for k in keys])
+    if name == "values":
+        return ListVT(list(values.items))
+    if name == "items":
+        return ListVT([TupleVT([ConstantVT(k), v]) for k, v in present])
+    k = args[0].const()
+    if name == "__contains__":
+        return ConstantVT(k in keys)
+    if name == "get":
+        return dict(present)[k] if k in keys else (args[1] if len(args) > 1 else ConstantVT(None))
+    if isinstance(k, str):
+        if k not in keys:
+            unsupported(f"{vt.cls.__name__}[{k!r}]: not a field that is set", why="eager raises KeyError")
+        return dict(present)[k]
+    return values.getitem(tx, args[0])
 
 
 def _custom_getattr(cls: type) -> bool:
@@ -348,9 +380,7 @@ def _plain_dict(obj: Any) -> bool:
 def dict_keys(tx, vt: "UserObjectVT") -> list:
     """The real keys of a dict-like user object, guarded."""
     keys = list(dict.keys(vt.obj))
-    src = vt.source
-    tx.output.guards.custom(("dkeys", src.name), f"list(dict.keys({src.expr})) == {keys!r}",
-                            f"keys of {src.name} changed")
+    tx.output.guards.mapping_keys(vt.source, keys)
     return keys
 
 
@@ -358,22 +388,27 @@ def environ_call(tx, vt: "UserObjectVT", name: str, args: list) -> VT:
     """os.environ.get(k[, d]) / [k] / `k in`: read now, guarded on the value read."""
     vals = [a.const() for a in args]
     value = getattr(os.environ, name)(*vals)
-    call = f"{name}({', '.join(repr(v) for v in vals)})"
-    return tx.wrap(value, vt.source.attr(call))
+    return tx.wrap(value, vt.source.method_call(name, *vals))
 
 
 def dict_item(tx, vt: "UserObjectVT", key: Any) -> VT:
     src = vt.source
     return tx.wrap(dict.__getitem__(vt.obj, key),
-                   Source(f"{src.name}[{key!r}]", f"dict.__getitem__({src.expr}, {key!r})"))
+                   DictItemSource(src, key))
 
 
 class DataclassVT(VT):
-    """A dataclass instance built in the compiled region (e.g. a ModelOutput): its
-    fields are the VTs passed in; the object itself is built after the graph runs."""
+    """A dataclass instance built in the compiled region (e.g. a model output): its
+    fields are the VTs passed in; the object itself is built after the graph runs.
+
+    Methods of the class are inlined like any user method.  A dataclass that is also a
+    dict has mapping contents only its own code knows: those of the types in
+    ``library_types.KNOWN_LIBRARY_TYPES`` are modelled, other mapping reads break."""
 
     def __init__(self, cls: type, args: list, kwargs: dict):
         import dataclasses
+
+        from .library_types import library_model
 
         self.cls = cls
         self.args = args
@@ -386,6 +421,7 @@ class DataclassVT(VT):
         self.fields.update(zip(names, args))
         self.fields.update(kwargs)
         self.order = names
+        self.model = library_model(cls)
 
     def python_type(self) -> type:
         return self.cls
@@ -401,33 +437,34 @@ class DataclassVT(VT):
     def getattr(self, tx, name: str) -> VT:
         if name in self.fields:
             return self._field(name)
+        if self.model is not None and name in _MAPPING_METHODS:
+            from .callables import BoundMethodVT
+
+            return BoundMethodVT(self, name)
         found = _class_attr(tx, self, self.cls, name)
         if found is not None:
             return found
         unsupported(f"attribute '{name}' of a {self.cls.__name__} built in the compiled region")
 
-    def _present(self) -> list:
+    def _set_fields(self) -> list:
+        """(name, VT) of the fields that are not None, in field order."""
         out = []
         for n in self.order:
             if n in self.fields:
                 v = self._field(n)
                 if not (isinstance(v, ConstantVT) and v.value is None):
-                    out.append(v)
+                    out.append((n, v))
         return out
 
     def call_method(self, tx, name: str, args: list, kwargs: dict) -> VT:
-        from .containers import TupleVT
+        from .library_types import SetFieldsMapping
 
-        if name == "__getitem__":
-            k = args[0].const()
-            if isinstance(k, str):
-                return self._field(k)
-            if hasattr(self.cls, "to_tuple"):
-                return TupleVT(self._present()).getitem(tx, args[0])
-        if name == "to_tuple" and hasattr(self.cls, "to_tuple"):
-            return TupleVT(self._present())
-        if name in ("keys", "values", "items") and hasattr(self.cls, "to_tuple"):
-            unsupported(f"{self.cls.__name__}.{name}()")
+        if self.model is SetFieldsMapping and name in _MAPPING_METHODS:
+            return _set_fields_method(tx, self, name, args, kwargs)
+        if isinstance(self.cls, type) and issubclass(self.cls, dict) and self.model is None \
+                and name in _MAPPING_METHODS:
+            unsupported(f"{self.cls.__name__}.{name}() of a dict dataclass built in the compiled region",
+                        why="its mapping contents depend on its own construction code")
         return super().call_method(tx, name, args, kwargs)
 
     def reconstruct(self, cg) -> str:

@@ -14,7 +14,7 @@ def _attr(tx, obj, name: str):
         unsupported(f"AttributeError: {e}", why="the attribute does not exist (eager raises it)")
 
 
-class CallOps:
+class CallHandlers:
     # ---------------------------------------------------------- attributes
     @handles("LOAD_ATTR", max_version=(3, 11))
     def LOAD_ATTR(self, inst):

@@ -1,4 +1,7 @@
-"""Code generation for compiled entries: guard + graph call + rebuild + resume.
+"""Python source of compiled entries: guard + graph call + rebuild + resume.
+
+(Not to be confused with ``kiln/codegen/``, the kernel generator: this module writes
+the small Python function that checks a frame's guards and calls its graph.)
 
 In: the symbolic state at a return or a graph break.  Out: Python source of an
 ``___entry`` function with the frame's own signature: a straight-line guard
@@ -16,15 +19,15 @@ from typing import Any, Callable, Optional
 import torch
 
 from .guard_cse import hoist_guard
-from .guards import autocast_state
-from .ops_binary import NB_OPS
+from .guards import GuardSet, autocast_state
+from .operators import NB_OPS
 from .variables.base import VT, NullVT, unsupported
 
 _SIMPLE = (int, str, bool, type(None), bytes)
 
 
-class Codegen:
-    """Turns VTs into Python expressions (``collect`` mode finds graph outputs)."""
+class EntryWriter:
+    """Turns VTs into Python expressions of an entry's body (``collect`` mode finds graph outputs)."""
 
     def __init__(self, objects, out_index: Optional[dict] = None, symbols=None):
         self.objects = objects
@@ -38,14 +41,14 @@ class Codegen:
         from .interpreter import LazyLocal
 
         if isinstance(vt, LazyLocal):
-            return vt.source.expr
+            return vt.source.code()
         if isinstance(vt, NullVT):
             unsupported("NULL cannot be rebuilt as a value")
         return vt.reconstruct(self)
 
     def tensor_expr(self, vt) -> str:
         if vt.node.op == "placeholder":
-            return vt.source.expr
+            return vt.source.code()
         if self.out_index is None:
             if all(n is not vt.node for n in self.needed):
                 self.needed.append(vt.node)
@@ -110,19 +113,25 @@ def signature_params(fn: Callable, ns: dict) -> str:
     return ", ".join(parts)
 
 
-def build_entry(fn: Callable, guard_expr: str, why_lines: list, body: list, ns: dict, label: str):
-    """exec the generated entry and why functions; returns (entry, why, source)."""
+def build_entry(fn: Callable, guards: GuardSet, graph_args: Optional[list], body: list, ns: dict, label: str):
+    """exec the generated entry and why functions; returns (entry, why, source).
+
+    ``graph_args``: the sources of the graph's inputs (None when there is no graph);
+    the graph call ``___o = ___graph(...)`` is the first statement after the guard.
+    """
     params = signature_params(fn, ns)
-    guard_expr, body = hoist_guard(guard_expr, body)
+    guard_expr, args = hoist_guard(guards.guards, graph_args)
     src = [f"def ___entry({params}):",
            "    try:",
            f"        if not ({guard_expr}):",
            "            return ___MISS",
            "    except Exception:",
            "        return ___MISS"]
+    if args is not None:
+        src.append(f"    ___o = ___graph({args})")
     src += ["    " + line for line in body]
     src += [f"def ___why({params}):", "    try:"]
-    src += ["        " + line for line in why_lines]
+    src += ["        " + line for line in guards.why_lines()]
     src += ["    except Exception as e:", "        return f'guard raised {type(e).__name__}: {e}'",
             "    return None"]
     text = "\n".join(src) + "\n"

@@ -27,7 +27,7 @@ def jump_taken(tx, opname: str, v) -> bool:
     return truth if opname.endswith("IF_TRUE") else not truth
 
 
-class ControlOps:
+class ControlHandlers:
     @handles("JUMP_FORWARD", "JUMP_BACKWARD", "JUMP_BACKWARD_NO_INTERRUPT", "JUMP")
     def JUMP_FORWARD(self, inst):
         self.jump_to(inst.argval)

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import inspect
-import re
 import operator
 import types
 from typing import Any, Callable
@@ -12,6 +11,8 @@ import torch.fx as fx
 
 from kiln import fallbacks
 from kiln.exc import Unsupported, user_location
+
+from .sources import AttrSource, ItemSource, LocalSource, ModuleEntrySource, ModuleTableSource, SizeSource, Source
 
 
 def _output_cls():
@@ -95,30 +96,43 @@ def export(fn: Callable, *extra_args: Any, **extra_kwargs: Any) -> Callable:
     return inner
 
 
-_ACCESS = re.compile(r"\.([A-Za-z_][A-Za-z_0-9]*)|\[('[^']*'|-?\d+)\]")
+def _source_node(g: fx.Graph, src: Source, value: Any, ph: dict, has_self: bool, consts: dict) -> fx.Node:
+    """The graph node that reads ``src`` in the exported graph, built by walking the source tree:
+    module state becomes ``get_attr`` of its path, a read of an argument becomes getattr /
+    getitem nodes, anything else (globals, closures) a constant of the exported module."""
+    chain = list(reversed(src.chain()))  # root first
+    root, steps = chain[0], chain[1:]
+    known = isinstance(root, LocalSource) and all(type(s) in _READ for s in steps)
+    if known and has_self and root.local == "self" and all(_STEPS[type(s)] is not None for s in steps):
+        return g.get_attr(".".join(p for s in steps for p in _STEPS[type(s)](s)))
+    if known and root.local in ph:
+        node = ph[root.local]
+        for s in steps:
+            node = _READ[type(s)](g, node, s)
+        return node
+    # NOTE: tensors read from globals/closures become constants of the exported module.
+    attr = f"_const_{len(consts)}"
+    consts[attr] = value
+    return g.get_attr(attr)
 
 
-def _source_node(g: fx.Graph, name: str, value: Any, ph: dict, has_self: bool, consts: dict) -> fx.Node:
-    m = re.match(r"L\['([^']+)'\]", name)
-    if m is None or (m.group(1) not in ph and not (has_self and m.group(1) == "self")):
-        # NOTE: tensors read from globals/closures become constants of the exported module.
-        attr = f"_const_{len(consts)}"
-        consts[attr] = value
-        return g.get_attr(attr)
-    base, rest = m.group(1), name[m.end():]
-    steps = [(a, k) for a, k in _ACCESS.findall(rest)]
-    if has_self and base == "self":
-        path = []
-        for attr, key in steps:
-            if attr == "_modules":
-                continue
-            path.append(attr or key.strip("'"))
-        return g.get_attr(".".join(path))
-    node = ph[base]
-    for attr, key in steps:
-        node = g.call_function(getattr, (node, attr)) if attr else \
-            g.call_function(operator.getitem, (node, key.strip("'") if key.startswith("'") else int(key)))
-    return node
+# NOTE: each access step that export can follow -> the attribute path it adds under
+# ``self`` (a module's ``_modules`` table is part of how a child is read, not of its name) ...
+_STEPS = {
+    AttrSource: lambda s: [] if s.attr_name == "_modules" else [s.attr_name],
+    ModuleTableSource: lambda s: [],
+    ModuleEntrySource: lambda s: [s.key],
+    ItemSource: lambda s: [str(s.key)],
+    SizeSource: None,
+}
+# ... and the node that reads it from an argument.
+_READ = {
+    AttrSource: lambda g, n, s: g.call_function(getattr, (n, s.attr_name)),
+    ModuleTableSource: lambda g, n, s: n,
+    ModuleEntrySource: lambda g, n, s: g.call_function(getattr, (n, s.key)),
+    ItemSource: lambda g, n, s: g.call_function(operator.getitem, (n, s.key)),
+    SizeSource: lambda g, n, s: g.call_method("size", (n, s.dim)),
+}
 
 
 def _rebuild(fn, self_obj, gm, entry, args, kwargs) -> fx.GraphModule:
@@ -144,7 +158,7 @@ def _rebuild(fn, self_obj, gm, entry, args, kwargs) -> fx.GraphModule:
         from .variables.tensor import TensorVT
 
         if isinstance(vt, TensorVT):
-            return src_nodes[vt.source.name] if vt.node.op == "placeholder" else outs[index[vt.node]]
+            return src_nodes[vt.source] if vt.node.op == "placeholder" else outs[index[vt.node]]
         if isinstance(vt, (TupleVT, ListVT)):
             vals = [conv(v) for v in vt.items]
             return vals if isinstance(vt, ListVT) else tuple(vals)

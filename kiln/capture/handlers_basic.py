@@ -5,7 +5,7 @@ import operator
 
 from .bytecode import handles
 from .variables.symbolic import SymNodeVT
-from .ops_binary import COMPARE, NB_OPS, binary_op, contains, is_same, unary_op
+from .operators import COMPARE, NB_OPS, binary_op, contains, is_same, unary_op
 from .variables.base import ConstantVT, NullVT, const_vt, is_const_value, unsupported
 from .variables.callables import CellVT, RealCellVT
 from .variables.containers import DictVT, ListVT, SequenceVT, SliceVT, TupleVT
@@ -31,7 +31,7 @@ def _setitem(tx, obj, key, value):
         unsupported(f"item assignment on {obj}")
 
 
-class BasicOps:
+class BasicHandlers:
     # ---------------------------------------------------------- no-ops
     @handles("NOP", "RESUME", "CACHE", "EXTENDED_ARG", "COPY_FREE_VARS")
     def NOP(self, inst):
