@@ -91,8 +91,9 @@ class FunctionCache:
             if isinstance(e, Unsupported) and e.why:
                 why_text += f" ({e.why})"
             self.ctx.eager_frames.append(f"{_frame_name(fn)} runs eagerly: {type(e).__name__}: {e}")
-            fallbacks.record_fallback("capture", _frame_name(fn), why_text,
-                                      where=(getattr(e, "where", "") or _frame_where(fn)).splitlines()[0])
+            if not getattr(e, "fallback_recorded", False):
+                fallbacks.record_fallback("capture", _frame_name(fn), why_text,
+                                          where=(getattr(e, "where", "") or _frame_where(fn)).splitlines()[0])
             self.skip = True
             return fn(*args, **kwargs)
         self.entries.insert(0, entry)

@@ -387,9 +387,11 @@ def check_python_version() -> None:
     if not _VERSION_WARNED:
         _VERSION_WARNED = True
         record_fallback("capture", "every compiled function", reason)
-    raise Unsupported(f"capture on Python {'.'.join(map(str, bc.PY))}", why=reason,
+    err = Unsupported(f"capture on Python {'.'.join(map(str, bc.PY))}", why=reason,
                       hint=f"use Python {'.'.join(map(str, bc.OLDEST_TESTED))} to "
                            f"{'.'.join(map(str, bc.NEWEST_TESTED))} to compile")
+    err.fallback_recorded = True  # NOTE: recorded once above; the frame cache must not record it per frame
+    raise err
 
 
 def _finish(ctx, fn, tx: RootTranslator):
