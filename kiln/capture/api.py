@@ -9,7 +9,7 @@ import torch
 
 from kiln.exc import InvalidBackend, user_location
 
-DEFAULT_BACKEND = "aot_eager"  # NOTE: becomes "inductor" once codegen/ lands.
+DEFAULT_BACKEND = "inductor"
 
 
 def graph_break() -> None:
@@ -33,6 +33,9 @@ def _resolve_backend(backend: Any, mode: Optional[str] = None, options: Optional
         raise InvalidBackend(f"backend must be a name or a callable, got {type(backend).__name__}",
                              where=user_location(), hint="pass e.g. backend='eager'")
     extra = {k: v for k, v in (("mode", mode), ("options", options)) if v is not None}
+    check = getattr(fn, "check_options", None)
+    if extra and check is not None:
+        check(**extra)  # NOTE: a misspelled option fails here, not at the first call
     if extra:
         inner = fn
         fn = lambda gm, ex: inner(gm, ex, **extra)  # noqa: E731
@@ -152,3 +155,6 @@ def reset() -> None:
     from .cache import reset_all
 
     reset_all()
+    from kiln.codegen import metrics  # NOTE: lazy: codegen is a later stage
+
+    metrics.reset()

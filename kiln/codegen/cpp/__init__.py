@@ -1,0 +1,1 @@
+"""codegen/cpp/: C++/OpenMP kernels for CPU tensors (build.py compiles and loads them)."""
