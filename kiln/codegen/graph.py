@@ -71,7 +71,7 @@ class GraphLowering:
                 se = x.node.shape_env
             if se is not None:
                 self.shape_env = se
-                self.var_to_val = dict(se.var_to_val)
+                self.var_to_val = dict(getattr(se, "backed_var_to_val", None) or se.var_to_val)
                 break
 
     # ------------------------------------------------------------------ helpers for lowerings
@@ -286,11 +286,10 @@ def _sym_query(target, args):
 
 def _dense(t: torch.Tensor) -> bool:
     """True when ``t``'s strides are a permutation of contiguous strides (no overlap, no gap)."""
-    try:
-        sizes = [int(s) for s in t.shape]
-        strides = [int(s) for s in t.stride()]
-    except Exception:  # symbolic: only contiguous counts
+    # NOTE: never int() a SymInt here: that would guard on (specialize) its value.
+    if not all(type(s) is int for s in list(t.shape) + list(t.stride())):
         return False
+    sizes, strides = list(t.shape), list(t.stride())
     order = sorted(range(len(sizes)), key=lambda d: strides[d])
     expect = 1
     for d in order:

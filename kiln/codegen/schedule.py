@@ -109,6 +109,7 @@ class Scheduler:
     def __init__(self, lowered):
         self.lowered = lowered
         self.log: list[str] = []
+        self._ext_out: dict = {}
 
     def why_not(self, k: Kernel, n: Node, writers: dict) -> Optional[str]:
         """None when ``n`` can join kernel ``k``; else the reason."""
@@ -157,29 +158,42 @@ class Scheduler:
         needed = self._live_buffers()
         steps: list = []
         writers: dict[str, Node] = {}
-        current: Optional[Kernel] = None
         for buf in lw.order:
             if buf.name not in needed:
                 self.log.append(f"{buf.name}: dropped (unused)")
                 continue
             if isinstance(buf.body, Extern):
-                current = None
                 steps.append(buf)
                 continue
             node = canonical(buf)
-            if current is not None:
-                reason = self.why_not(current, node, writers)
-                if reason is None:
-                    if node.is_reduction and not current.has_reduction:
-                        current.outer = node.ranges
-                    current.nodes.append(node)
-                    writers[buf.name] = node
-                    self.log.append(f"{buf.name}: fused into {current.name} "
-                                    f"(with {', '.join(m.buf.name for m in current.nodes[:-1])})")
-                    continue
-                self.log.append(f"{buf.name}: new kernel, not fused into {current.name}: {reason}")
+            target, reasons = None, []
+            # NOTE: a node may join an earlier kernel when no step after that kernel
+            # produces something it reads (moving it earlier keeps the order valid).
+            for step in reversed(steps):
+                if isinstance(step, Kernel):
+                    reason = self.why_not(step, node, writers)
+                    if reason is None:
+                        target = step
+                        break
+                    reasons.append(f"{step.name}: {reason}")
+                    if any(m.buf.name in node.reads for m in step.nodes):
+                        break
+                elif self._extern_outputs(step) & node.reads:
+                    break
+                if len(reasons) >= 4:
+                    break
+            if target is not None:
+                if node.is_reduction and not target.has_reduction:
+                    target.outer = node.ranges
+                target.nodes.append(node)
+                writers[buf.name] = node
+                self.log.append(f"{buf.name}: fused into {target.name} "
+                                f"(with {', '.join(m.buf.name for m in target.nodes[:-1])})")
+                continue
             current = Kernel(f"kernel{sum(isinstance(s, Kernel) for s in steps)}",
                              list(node.ranges), [node])
+            self.log.append(f"{buf.name}: new kernel {current.name}"
+                            + (f"; not fused: {'; '.join(reasons)}" if reasons else ""))
             writers[buf.name] = node
             steps.append(current)
         self._finish(steps, needed)
@@ -187,6 +201,14 @@ class Scheduler:
             print("===== [kiln schedule] =====", file=sys.stderr)
             print("\n".join(self.log), file=sys.stderr)
         return Plan(steps, needed, self.log)
+
+    def _extern_outputs(self, ext: Buffer) -> set:
+        out = self._ext_out.get(ext.name)
+        if out is None:
+            out = self._ext_out[ext.name] = {
+                b.name for b in self.lowered.buffers.values()
+                if isinstance(b.body, ir.InputBuffer) and b.body.producer == ext.name}
+        return out
 
     def _live_buffers(self) -> set:
         """Buffers reachable from the outputs (dead code dropped)."""

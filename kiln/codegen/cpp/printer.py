@@ -272,6 +272,19 @@ class Body:
             s = f"static_cast<{cpp_type(e.dtype)}>({index_str(e.expr)})"
         elif isinstance(e, Load):
             s = self.p.load(self, e)
+        elif isinstance(e, Op) and e.name == "masked":
+            # NOTE: the value's loads may be out of bounds where the mask is false, so
+            # they run inside the if (a ternary of precomputed temporaries would not do).
+            m = self.expr(e.args[0])
+            o = self.expr(e.args[2])
+            name = self.p.tmp()
+            child = Body(self.p, self)
+            v = child.expr(e.args[1])
+            self.lines.append(f"{cpp_type(e.dtype)} {name} = {o};")
+            self.lines.append(f"if ({m}) {{")
+            self.lines += ["    " + ln for ln in child.lines] + [f"    {name} = {v};", "}"]
+            self.cse[e] = name
+            return name
         elif isinstance(e, Op):
             a = [self.expr(x) for x in e.args]
             s = op_str(e.name, a, e.args, e.dtype)
@@ -308,6 +321,9 @@ class KernelPrinter:
             return self.local[e.buf]
         index = e.index
         for sym, val, bound in e.indirect:
+            if ("ind", sym) in body.cse:
+                continue
+            body.cse[("ind", sym)] = sym.name
             v = body.expr(val)
             body.lines.append(f"int64_t {sym.name} = kiln_wrap(static_cast<int64_t>({v}), "
                               f"{index_str(bound)});")

@@ -107,8 +107,13 @@ def _scale(s: TensorValue, count, out_dtype, acc, offset=0) -> TensorValue:
 
     def loader(index):
         denom = count - offset
-        d = (Const(float(denom), acc) if sympy.sympify(denom).is_Integer
-             else cast(_index_value(denom), acc))
+        dd = sympy.sympify(denom)
+        if dd.is_number:
+            d = Const(float(dd), acc)
+        else:
+            d = cast(_index_value(dd), acc)
+            if offset:
+                d = Op("sub", (cast(_index_value(count), acc), Const(float(offset), acc)), acc)
         return cast(Op("truediv", (ld(index), d), acc), out_dtype)
 
     return TensorValue(out_dtype, s.device, s.sizes, loader)
