@@ -112,10 +112,24 @@ class WrapperWriter:
             L.append(f"    {', '.join(names)}{',' if len(names) == 1 else ''} = args")
         L.append("    args.clear()")
         defined = self._symbols()
+        # NOTE: kernels and as_strided views assume the layout the fake values had; a
+        # tensor that arrives (or an extern that returns one) with other strides is
+        # copied into that layout first.
         kernel_reads = set()
         for s in plan.steps:
             if isinstance(s, Kernel):
                 kernel_reads |= set(s.reads)
+        refs: list = []
+        for s in plan.steps:
+            if not isinstance(s, Kernel):
+                _collect_refs(s.body.args, refs)
+                _collect_refs(tuple(s.body.kwargs.values()), refs)
+        _collect_refs(tuple(lw.outputs), refs)
+        for r in refs:
+            b = lw.buffers[r.buf]
+            if not (list(r.sizes) == list(b.sizes) and list(r.strides) == list(b.strides)
+                    and sympy.sympify(r.offset) == 0):
+                kernel_reads.add(r.buf)
         for name, b in lw.inputs:
             if isinstance(b, ir.Buffer) and name in kernel_reads:
                 L.append(f"    if {name}.stride() != {_tuple(b.strides)}: "

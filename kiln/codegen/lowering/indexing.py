@@ -35,6 +35,11 @@ def load_indirect(x: TensorValue, index: list, bindings: list):
     return map_loads(e, attach)
 
 
+def _base(ctx, x: TensorValue) -> TensorValue:
+    """The indexed tensor as a strided buffer view (indirect loads need plain loads)."""
+    return x if x.strided is not None else ctx.realize(x)
+
+
 def _int_index(t) -> bool:
     return isinstance(t, TensorValue) and t.dtype in (torch.int64, torch.int32)
 
@@ -43,6 +48,7 @@ def _int_index(t) -> bool:
 def _index(ctx, x, indices):
     if not isinstance(x, TensorValue) or not all(i is None or _int_index(i) for i in indices):
         raise NotLowered("index with bool masks")
+    x = _base(ctx, x)
     val = ctx.node.meta["val"]
     sizes = out_sizes(ctx)
     n = len(x.sizes)
@@ -81,6 +87,7 @@ def _unsafe_index(ctx, x, indices):
 def _gather(ctx, x, dim, index, *, sparse_grad=False):
     if not isinstance(x, TensorValue) or not _int_index(index):
         raise NotLowered("gather operands")
+    x = _base(ctx, x)
     val = ctx.node.meta["val"]
     sizes = out_sizes(ctx)
     n = len(x.sizes)
@@ -102,6 +109,7 @@ def _gather(ctx, x, dim, index, *, sparse_grad=False):
 def _embedding(ctx, weight, indices, padding_idx=-1, scale_grad_by_freq=False, sparse=False):
     if not isinstance(weight, TensorValue) or not _int_index(indices) or len(weight.sizes) != 2:
         raise NotLowered("embedding operands")
+    weight = _base(ctx, weight)
     val = ctx.node.meta["val"]
     sizes = out_sizes(ctx)
     k = len(indices.sizes)
