@@ -32,18 +32,20 @@ from kiln.settings import options_of
 
 
 # --------------------------------------------------------------------------- the core
-# NOTE: the one import of the codegen core (kiln/codegen/graph.py, decompose.py).  Until
-# the core lands, these stand-ins run each ATen graph eagerly, with no decompositions.
+# NOTE: the one place the codegen core (graph.py, decompose.py) is imported; lazily, as
+# the core imports cpp/build.py, which imports this package.
 
 
 def _compile_aten_graph(gm: fx.GraphModule, example_inputs: list) -> Callable:
-    from kiln.aot import nop
+    from kiln.codegen.graph import compile_aten_graph
 
-    return nop(gm, example_inputs)
+    return compile_aten_graph(gm, example_inputs)
 
 
 def _decomposition_table() -> dict:
-    return {}
+    from kiln.codegen.decompose import decomposition_table
+
+    return decomposition_table()
 
 
 # --------------------------------------------------------------------------- options

@@ -1,0 +1,49 @@
+"""kiln.codegen.decompose: the decomposition table codegen graphs are traced with.
+
+Out: :func:`decomposition_table` -> ``{OpOverload: Callable}``, kiln's selection from
+``torch._decomp``: PyTorch's core-ATen set plus the composite ops the lowerings would
+otherwise call as externs (softmax, log_softmax, layer/group/batch norm, gelu, addmm's
+bias, activations, and their backward ops).  What remains (mm, convolution, sdpa,
+random ops, ...) runs as extern ATen calls.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Callable
+
+import torch
+from torch._decomp import core_aten_decompositions, get_decompositions
+
+aten = torch.ops.aten
+
+# NOTE: composite ops beyond the core set whose decompositions are pointwise + reductions
+# (the lowerings fuse them into row kernels).
+_EXTRA = [
+    aten._softmax, aten._log_softmax, aten.native_layer_norm, aten.native_group_norm,
+    aten.native_batch_norm, aten._native_batch_norm_legit_functional,
+    aten._native_batch_norm_legit_no_training, aten.gelu, aten.addmm, aten.hardtanh,
+    aten.leaky_relu, aten.elu, aten.index_select, aten.linalg_vector_norm, aten.flip,
+    aten.repeat, aten.diagonal, aten.cumsum,
+]
+
+# NOTE: kept as ATen calls: dropout's decomposition draws random numbers differently from
+# eager (bernoulli_ vs rand), so results would differ for the same seed; cumsum's
+# decomposition is a quadratic reduction.
+_KEEP = {aten.native_dropout.default, aten.cumsum.default, aten.cumsum.out}
+
+
+@functools.lru_cache(maxsize=1)
+def _table() -> dict:
+    table = dict(core_aten_decompositions())
+    table.update(get_decompositions(_EXTRA))
+    for op in _KEEP:
+        table.pop(op, None)
+    return table
+
+
+def decomposition_table() -> dict[torch._ops.OpOverload, Callable]:
+    """kiln's decomposition table (a copy; cached underneath)."""
+    return dict(_table())
+
+
+__all__ = ["decomposition_table"]

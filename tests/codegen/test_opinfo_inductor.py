@@ -1,0 +1,123 @@
+"""PyTorch's OpInfo samples through kiln's code generator (fp32 CPU, forward and
+backward), against eager: the sweep of tests/aot/sweep_lib.py with codegen's compilers,
+decompositions and partitioner (profitability check off).
+
+Default suite: every 40th float32 op, one test per op.  ``pytest -m slow
+tests/codegen/test_opinfo_inductor.py`` runs every op and prints the failing ops with
+their reasons and the ops codegen ran eagerly; it needs >= 95% of the samples eager
+runs to match.  By hand: ``python tests/codegen/test_opinfo_inductor.py [--limit N]``.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib
+import os
+import sys
+
+import pytest
+
+_AOT_TESTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "aot")
+sys.path.insert(0, _AOT_TESTS)
+import sweep_lib  # noqa: E402
+from sweep_lib import float32_ops, op_name  # noqa: E402
+
+from kiln import fallbacks  # noqa: E402
+
+compile_fx_mod = importlib.import_module("kiln.codegen.compile_fx")
+
+# NOTE: ops whose sampled run does not match eager through codegen, with the reason;
+# the sampled tests leave them out, the full sweep lists them (keep it short: each entry
+# is a codegen bug to fix).
+KNOWN_FAILING: dict[str, str] = {}
+# NOTE: codegen runs these graphs eagerly by design (DESIGN.md: no complex kernels yet).
+INTENDED_FALLBACKS = ("no codegen for dtype torch.complex",)
+
+
+@contextlib.contextmanager
+def codegen_sweep():
+    """sweep_lib's aot_function calls compiled with codegen, as the inductor backend does."""
+    patches = {"profitability_check": False}
+    fw = compile_fx_mod._graph_compiler("forward", -1, patches, None)
+    kwargs = dict(bw_compiler=compile_fx_mod._graph_compiler("backward", -1, patches, None),
+                  inference_compiler=compile_fx_mod._graph_compiler("inference", -1, patches, None),
+                  decompositions=compile_fx_mod._decomposition_table(),
+                  partition_fn=compile_fx_mod.partition_fn())
+    # NOTE: sweep_lib passes its module-level ``nop`` as the forward compiler.
+    saved = sweep_lib.nop
+    sweep_lib.nop = fw
+    try:
+        yield kwargs
+    finally:
+        sweep_lib.nop = saved
+
+
+def run(ops: list, verbose: bool = False):
+    """(report, {op: codegen fallback reason}) for ``ops``."""
+    fell: dict = {}
+    results = []
+    with codegen_sweep() as kwargs:
+        for op in ops:
+            since = fallbacks.mark()
+            rep = sweep_lib.sweep([op], aot_kwargs=kwargs, verbose=verbose)
+            results += rep.results
+            recs = [r for r in fallbacks.recorded(since) if r.stage == "codegen"
+                    and not any(w in r.why for w in INTENDED_FALLBACKS)]
+            if recs:
+                fell[op_name(op)] = recs[0].why.splitlines()[0][:200]
+    report = sweep_lib.SweepReport(results)
+    return report, fell
+
+
+_OPS = None
+
+
+def _ops():
+    global _OPS
+    if _OPS is None:
+        _OPS = float32_ops()
+    return _OPS
+
+
+def _sampled():
+    return [op_name(op) for op in _ops()[::40] if op_name(op) not in KNOWN_FAILING]
+
+
+@pytest.mark.expect_fallback("no codegen for dtype torch.complex", required=False)
+@pytest.mark.parametrize("name", _sampled())
+def test_sampled_op_matches_eager_through_codegen(name):
+    op = next(o for o in _ops() if op_name(o) == name)
+    report, fell = run([op])
+    bad = [r for r in report.results if r.status in ("mismatch", "error")]
+    assert not bad, "; ".join(f"[{r.index}] {r.status}: {r.reason}" for r in bad)
+    assert not fell, fell  # NOTE: a codegen fallback would hide a kernel bug
+
+
+def _print_report(report, fell) -> None:
+    print(f"\n{len(report.results)} samples, eager ran {len(report.eager_ran)}, matched "
+          f"{len(report.matched)} = {report.rate():.1%}; codegen ran {len(fell)} ops eagerly")
+    for k, v in sorted(report.failing_ops().items()):
+        print(f"FAIL {k}: {v}")
+    for k, v in sorted(fell.items()):
+        print(f"EAGER {k}: {v}")
+
+
+@pytest.mark.slow
+@pytest.mark.expect_fallback("kiln.codegen", required=False)  # NOTE: listed by the report
+def test_full_sweep_through_codegen():
+    report, fell = run(_ops())
+    _print_report(report, fell)
+    assert report.rate() >= 0.95, f"match rate {report.rate():.1%}"
+    unexpected = {k: v for k, v in report.failing_ops().items() if k not in KNOWN_FAILING}
+    assert not unexpected, unexpected
+
+
+if __name__ == "__main__":
+    import argparse
+
+    sys.path.insert(0, os.path.dirname(_AOT_TESTS.rstrip(os.sep)).rsplit(os.sep, 1)[0])
+    p = argparse.ArgumentParser()
+    p.add_argument("--limit", type=int, default=0)
+    p.add_argument("--start", type=int, default=0)
+    a = p.parse_args()
+    ops = _ops()[a.start:]
+    _print_report(*run(ops[: a.limit] if a.limit else ops, verbose=True))
