@@ -26,6 +26,7 @@ import ctypes
 import hashlib
 import json
 import os
+import sys
 import tempfile
 import uuid
 from typing import Any, Callable, Optional
@@ -120,7 +121,11 @@ def _valid_library(key: str) -> Optional[str]:
 
 
 def _drop(key: str, so_path: Optional[str], why: str) -> None:
+    from kiln.passes import should_log
+
     metrics.cache_corrupt_count += 1
+    if should_log("codegen", "cache"):
+        print(f"kiln.codegen cache: entry {key[:16]} is corrupt ({why}); rebuilding", file=sys.stderr)
     _unlink(paths(key)["json"])
     if so_path:
         _unlink(so_path)

@@ -16,8 +16,11 @@ import sys
 
 import pytest
 
-_AOT_TESTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "aot")
+_TESTS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_AOT_TESTS = os.path.join(_TESTS, "aot")
 sys.path.insert(0, _AOT_TESTS)
+if __name__ == "__main__":
+    sys.path.insert(0, os.path.dirname(_TESTS))  # NOTE: the kiln of this checkout
 import sweep_lib  # noqa: E402
 from sweep_lib import float32_ops, op_name  # noqa: E402
 
@@ -114,7 +117,6 @@ def test_full_sweep_through_codegen():
 if __name__ == "__main__":
     import argparse
 
-    sys.path.insert(0, os.path.dirname(_AOT_TESTS.rstrip(os.sep)).rsplit(os.sep, 1)[0])
     p = argparse.ArgumentParser()
     p.add_argument("--limit", type=int, default=0)
     p.add_argument("--start", type=int, default=0)
