@@ -5,7 +5,10 @@ decompositions and partitioner (profitability check off).
 Default suite: every 40th float32 op, one test per op.  ``pytest -m slow
 tests/codegen/test_opinfo_inductor.py`` runs every op and prints the failing ops with
 their reasons and the ops codegen ran eagerly; it needs >= 95% of the samples eager
-runs to match.  By hand: ``python tests/codegen/test_opinfo_inductor.py [--limit N]``.
+runs to match.  Last full run (CPU, torch 2.13): 677 ops, 1312 samples, 1302 run by
+eager, 1300 match (99.8%); codegen ran 20 ops' graphs eagerly (reductions over dim 0 of
+0-d tensors: IndexError in codegen; linalg ops whose graphs carry with_effects; uint64).
+By hand: ``python tests/codegen/test_opinfo_inductor.py [--limit N]``.
 """
 from __future__ import annotations
 
@@ -31,7 +34,11 @@ compile_fx_mod = importlib.import_module("kiln.codegen.compile_fx")
 # NOTE: ops whose sampled run does not match eager through codegen, with the reason;
 # the sampled tests leave them out, the full sweep lists them (keep it short: each entry
 # is a codegen bug to fix).
-KNOWN_FAILING: dict[str, str] = {}
+KNOWN_FAILING: dict[str, str] = {
+    "nn.functional.linear_cross_entropy": "RuntimeError: dimensionality of sizes (2) must match "
+                                          "dimensionality of strides (1)",
+    "resize_": "values differ (the grown part is uninitialised memory in eager; to check)",
+}
 # NOTE: codegen runs these graphs eagerly by design (DESIGN.md: no complex kernels yet).
 INTENDED_FALLBACKS = ("no codegen for dtype torch.complex",)
 
