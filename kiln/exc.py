@@ -9,6 +9,7 @@ import linecache
 import os
 import sys
 import traceback
+import types
 from typing import Optional
 
 # NOTE: folders end with the separator, so that torch's does not also match torchvision's.
@@ -26,11 +27,12 @@ def _torch_dir() -> str:
 
 
 def _is_internal(filename: str) -> bool:
+    if filename.startswith("<"):
+        return True  # NOTE: generated code ("<kiln f>"), <frozen ...>, <string>
     f = os.path.abspath(filename)
     return (
         f.startswith(_KILN_DIR)
         or f.startswith(_torch_dir())
-        or f.startswith("<")
         or "/contextlib.py" in f
         or "/functools.py" in f
     )
@@ -61,14 +63,38 @@ def user_location() -> str:
 
 
 class KilnError(Exception):
-    """Base class of every error kiln raises on purpose."""
+    """Base class of every error kiln raises on purpose.
+
+    The message is built from ``what``, ``why``, ``where`` and ``hint`` each time it is
+    shown, so a location filled in after construction (capture learns the user's
+    file:line only when the error reaches the frame being translated) is part of
+    ``str(e)``.
+    """
 
     def __init__(self, what: str, *, why: str = "", where: str = "", hint: str = ""):
         self.what = what
         self.why = why
-        self.where = where
         self.hint = hint
+        self._where = where
         super().__init__(self._format())
+
+    @property
+    def where(self) -> str:
+        return self._where
+
+    @where.setter
+    def where(self, value: str) -> None:
+        # NOTE: args[0] is what pickling, repr() and some tools use; keep it in step.
+        self._where = value
+        self.args = (self._format(),)
+
+    def with_where(self, where: str) -> "KilnError":
+        """Set ``where`` (the user's file:line and source line); returns ``self``."""
+        self.where = where
+        return self
+
+    def __str__(self) -> str:
+        return self._format()
 
     def _format(self) -> str:
         parts = [self.what]
@@ -155,6 +181,20 @@ class RecompileLimitExceeded(KilnError):
     """A code object was recompiled more often than the cache limit allows."""
 
 
+def user_traceback(tb: Optional[types.TracebackType]) -> Optional[types.TracebackType]:
+    """``tb`` without kiln's and torch's frames (and generated code): what a user is shown
+    for a kiln error raised out of a compiled call (their frames stay, in order)."""
+    kept = []
+    while tb is not None:
+        if not _is_internal(tb.tb_frame.f_code.co_filename):
+            kept.append(tb)
+        tb = tb.tb_next
+    out = None
+    for t in reversed(kept):
+        out = types.TracebackType(out, t.tb_frame, t.tb_lasti, t.tb_lineno)
+    return out
+
+
 def internal_frames_stripped(tb_lines: list[str]) -> list[str]:
     return [l for l in tb_lines if _KILN_DIR not in l]
 
@@ -178,6 +218,7 @@ __all__ = [
     "user_location",
     "user_frame_summary",
     "format_location",
+    "user_traceback",
 ]
 
 del sys

@@ -11,7 +11,9 @@ pipeline is a flat list of passes run top to bottom by ``run_pipeline``:
 The verifier checks invariants every fx graph of kiln keeps: placeholders
 first, one output last, every argument defined before use, call targets
 callable, and (for functional graphs) no op writes to a graph input
-(mutations of inputs are the runtime's job, after the call).  On failure it
+(mutations of inputs are the runtime's job, after the call), except the inputs
+a graph lists in ``gm.meta["kept_input_mutations"]`` (AOT's
+keep_inference_input_mutations: the graph writes those itself).  On failure it
 raises ``kiln.exc.GraphInvariantError`` showing the nodes around the bad one.
 """
 from __future__ import annotations
@@ -119,6 +121,7 @@ def verify_graph(gm: fx.GraphModule, *, after: str = "?", functional: bool = Fal
     nodes = list(gm.graph.nodes)
     defined: set[fx.Node] = set()
     seen_compute = False
+    allowed = set(gm.meta.get("kept_input_mutations", ()))
     outputs = [i for i, n in enumerate(nodes) if n.op == "output"]
     if len(outputs) != 1 or outputs[0] != len(nodes) - 1:
         _fail(nodes, outputs[0] if outputs else len(nodes) - 1, "one output node, last", after)
@@ -132,8 +135,10 @@ def verify_graph(gm: fx.GraphModule, *, after: str = "?", functional: bool = Fal
                 _fail(nodes, i, f"{n.name} uses {a.name} before it is defined", after)
         if n.op == "call_function" and not callable(n.target):
             _fail(nodes, i, f"{n.name} calls a non-callable {n.target!r}", after)
-        if functional and n.op == "call_function" and _mutated_inputs(n):
-            names = ", ".join(p.name for p in _mutated_inputs(n))
+        written = [p for p in _mutated_inputs(n) if p.name not in allowed] \
+            if functional and n.op == "call_function" else []
+        if written:
+            names = ", ".join(p.name for p in written)
             _fail(nodes, i, f"{n.name} ({n.target}) mutates graph input {names} in a functional graph",
                   after)
         defined.add(n)

@@ -3,7 +3,6 @@ forward and backward graphs ahead of time and wrap them to behave as eager."""
 from __future__ import annotations
 
 import contextlib
-import warnings
 from typing import Any, Callable, Optional
 
 import torch
@@ -12,14 +11,17 @@ import torch.utils._pytree as pytree
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 
 from kiln import exc
+from kiln.fallbacks import record_fallback
 from kiln.aot import config
 from kiln.aot.collect import AOTMeta, collect_metadata
 from kiln.aot.compilers import call_compiled
-from kiln.aot.meta import SourceMetaInterpreter, propagate_meta
+from kiln.aot.meta import SourceMetaInterpreter
+from kiln.aot.options import AOTOptions, make_options
 from kiln.aot.partition import default_partition
+from kiln.aot.pipeline import inference_pipeline, training_pipeline
 from kiln.aot.runtime import CompiledArtifact
 from kiln.aot.trace import trace_forward, trace_joint
-from kiln.passes import checking, log_graph, verify_graph
+from kiln.passes import run_pipeline
 
 
 def fake_mode_for(args: list) -> tuple[FakeTensorMode, list]:
@@ -54,14 +56,21 @@ def _needs_autograd(args: list) -> bool:
         isinstance(a, torch.Tensor) and a.requires_grad for a in args)
 
 
-def compile_flat(flat_fn: Callable, args: list, fw_compiler: Callable,
-                 bw_compiler: Optional[Callable] = None, partition_fn: Optional[Callable] = None,
-                 decompositions: Optional[dict] = None,
-                 inference_compiler: Optional[Callable] = None) -> CompiledArtifact:
-    """Trace ``flat_fn(*args)`` (args: tensors only) and compile it.
+def compile_flat(flat_fn: Callable, args: list, options: AOTOptions) -> CompiledArtifact:
+    """Trace ``flat_fn(*args)`` (args: tensors only) and compile it as ``options`` say.
 
     Returns a CompiledArtifact: call it with a list of tensors like ``args``.
     """
+    if not isinstance(options, AOTOptions):
+        raise TypeError(f"compile_flat takes an AOTOptions, got {type(options).__name__}")
+    if options.num_params_buffers > len(args):
+        raise exc.KilnError(
+            f"num_params_buffers={options.num_params_buffers} but the function takes "
+            f"{len(args)} tensor inputs",
+            why="num_params_buffers counts the leading tensor inputs that are parameters or buffers",
+            where=exc.user_location(),
+            hint="pass the number of parameters and buffers, first among the inputs",
+        )
     # NOTE: with oneDNN on, CPU RNNs trace to mkldnn_rnn_layer, whose backward
     # takes a workspace tensor that is undefined in eager and cannot be passed
     # from Python; the portable RNN path traces to ordinary ATen ops.
@@ -76,17 +85,13 @@ def compile_flat(flat_fn: Callable, args: list, fw_compiler: Callable,
     torch._C._set_mkldnn_enabled(False)
     try:
         with ctx:
-            return _compile_flat(flat_fn, args, fw_compiler, bw_compiler, partition_fn,
-                                 decompositions, inference_compiler)
+            return _compile_flat(flat_fn, args, options)
     finally:
         torch._C._set_mkldnn_enabled(prev)
 
 
-def _compile_flat(flat_fn, args, fw_compiler, bw_compiler, partition_fn, decompositions,
-                  inference_compiler) -> CompiledArtifact:
-    bw_compiler = bw_compiler or fw_compiler
-    inference_compiler = inference_compiler or fw_compiler
-    partition_fn = partition_fn or default_partition
+def _compile_flat(flat_fn: Callable, args: list, options: AOTOptions) -> CompiledArtifact:
+    decompositions = options.decompositions
     fake_mode, fakes = fake_mode_for(args)
     is_leaf = [bool(getattr(a, "is_leaf", True)) for a in args]
     try:
@@ -105,35 +110,18 @@ def _compile_flat(flat_fn, args, fw_compiler, bw_compiler, partition_fn, decompo
         raise _ClosedOverGrad()
     if _needs_autograd(fakes) and any(meta.fw_out_requires_grad):
         joint, grad_map = trace_joint(flat_fn, meta, fakes, fake_mode, decompositions)
-        propagate_meta(joint)
-        phs = [n for n in joint.graph.nodes if n.op == "placeholder"]
-        joint.meta["mutated_primals"] = {phs[meta.num_tokens + i].name for i in meta.mutated_inputs}
-        show_graph("joint", joint)
-        fw_gm, bw_gm = partition_fn(joint, None, num_fwd_outputs=meta.num_tokens + meta.num_fw_outputs)
-        show_graph("forward", fw_gm)
-        show_graph("backward", bw_gm)
-        fw_example = [n.meta.get("val") for n in fw_gm.graph.nodes if n.op == "placeholder"]
-        fw = fw_compiler(fw_gm, fw_example)
-        return CompiledArtifact(meta, fw, bw_gm=bw_gm, bw_compiler=bw_compiler,
-                                grad_map=grad_map, num_inputs=len(args))
+        # NOTE: the graphs are functional: mutations of inputs are applied by the
+        # runtime wrapper after the call, never by ops inside the graph.
+        graphs = run_pipeline("aot", joint, training_pipeline(options, meta), functional=True)
+        return CompiledArtifact(meta, graphs.meta["compiled"], bw_gm=graphs.bw_graph,
+                                bw_compiler=options.bw_compiler, grad_map=grad_map,
+                                num_inputs=len(args))
     with torch.no_grad() if not _needs_autograd(fakes) else contextlib.nullcontext():
         gm = trace_forward(flat_fn, meta, fakes, fake_mode, decompositions)
-    propagate_meta(gm)
-    show_graph("inference", gm)
-    example = [n.meta.get("val") for n in gm.graph.nodes if n.op == "placeholder"]
-    fw = inference_compiler(gm, example)
-    return CompiledArtifact(meta, fw, num_inputs=len(args))
-
-
-def show_graph(name: str, gm: fx.GraphModule) -> None:
-    """KILN_LOGS=aot prints each graph AOT makes; KILN_CHECK=1 verifies it.
-
-    NOTE: the graphs are functional: mutations of inputs are applied by the
-    runtime wrapper after the call, never by ops inside the graph.
-    """
-    log_graph("aot", name, gm)
-    if checking():
-        verify_graph(gm, after=f"aot.{name}", functional=True)
+    # NOTE: functional too, except the input writes keep_inference_input_mutations puts
+    # in the graph (listed in gm.meta["kept_input_mutations"], which the verifier allows).
+    gm = run_pipeline("aot", gm, inference_pipeline(options, meta), functional=True)
+    return CompiledArtifact(meta, gm.meta["compiled"], num_inputs=len(args))
 
 
 # ---------------------------------------------------------------------------- keys
@@ -211,13 +199,9 @@ def _fake_tensor_errors() -> tuple:
     names = ("DataDependentOutputException", "DynamicOutputShapeException",
              "UnsupportedOperatorException", "UnsupportedFakeTensorException")
     errs = tuple(getattr(ft, n) for n in names if hasattr(ft, n))
-    try:
-        from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
+    from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
 
-        errs += (GuardOnDataDependentSymNode,)
-    except ImportError:
-        pass
-    return errs
+    return errs + (GuardOnDataDependentSymNode,)
 
 
 # NOTE: errors that mean "this function cannot be traced on metadata alone";
@@ -262,20 +246,39 @@ def _flatten_call(args: tuple, kw: dict) -> tuple[list, Any]:
     return pytree.tree_flatten((args, kw))
 
 
-def aot_function(fn: Callable, fw_compiler: Callable, bw_compiler: Optional[Callable] = None,
+def _given(**kwargs: Any) -> dict:
+    """The options a caller passed (None and the documented defaults left out)."""
+    defaults = {"partition_fn": default_partition, "num_params_buffers": 0,
+                "keep_inference_input_mutations": False}
+    return {k: v for k, v in kwargs.items() if v is not None and not (k in defaults and v is defaults[k])}
+
+
+def aot_function(fn: Callable, fw_compiler: Optional[Callable] = None,
+                 bw_compiler: Optional[Callable] = None,
                  partition_fn: Callable = default_partition, decompositions: Optional[dict] = None,
                  num_params_buffers: int = 0, keep_inference_input_mutations: bool = False,
-                 inference_compiler: Optional[Callable] = None, **kwargs: Any) -> Callable:
+                 inference_compiler: Optional[Callable] = None, **options: Any) -> Callable:
     """Wrap ``fn`` so each call runs graphs compiled by ``fw_compiler`` / ``bw_compiler``.
 
     Inputs may be any pytree; tensors become graph inputs (a tensor passed twice
     is passed once), other values are baked in (a new value recompiles).
     Outputs, gradients, input mutations, aliasing and grad mode match eager.
     An nn.Module is compiled as by aot_module (its parameters are inputs).
+    The arguments are those of PyTorch's aot_function (see kiln.aot.AOTOptions);
+    ``options=AOTOptions(...)`` passes them as one record.  An unknown keyword is a
+    TypeError listing the valid ones.
     """
+    opts = make_options("aot_function", **_given(
+        fw_compiler=fw_compiler, bw_compiler=bw_compiler, partition_fn=partition_fn,
+        decompositions=decompositions, num_params_buffers=num_params_buffers,
+        keep_inference_input_mutations=keep_inference_input_mutations,
+        inference_compiler=inference_compiler), **options)
     if isinstance(fn, torch.nn.Module):
-        return aot_module(fn, fw_compiler, bw_compiler, partition_fn, decompositions,
-                          inference_compiler=inference_compiler)
+        return aot_module(fn, options=opts)
+    return _aot_function(fn, opts)
+
+
+def _aot_function(fn: Callable, opts: AOTOptions) -> Callable:
     cache: dict = {}
 
     def compiled(*args: Any, **kw: Any) -> Any:
@@ -286,9 +289,7 @@ def aot_function(fn: Callable, fw_compiler: Callable, bw_compiler: Optional[Call
                alias_pattern(tensors))
         entry = cache.get(key)
         if entry is None:
-            entry = cache[key] = _compile_entry(fn, flat, in_spec, kept, where, fw_compiler,
-                                                bw_compiler, partition_fn, decompositions,
-                                                inference_compiler)
+            entry = cache[key] = _compile_entry(fn, flat, in_spec, kept, where, opts)
         if entry.art is None:
             return fn(*args, **kw)
         if config.debug_assert:
@@ -300,8 +301,7 @@ def aot_function(fn: Callable, fw_compiler: Callable, bw_compiler: Optional[Call
     return compiled
 
 
-def _compile_entry(fn, flat, in_spec, kept, where, fw_compiler, bw_compiler, partition_fn,
-                   decompositions, inference_compiler) -> _Entry:
+def _compile_entry(fn, flat, in_spec, kept, where, opts: AOTOptions) -> _Entry:
     out_spec_box: list = []
 
     def flat_fn(*tensors):
@@ -317,15 +317,13 @@ def _compile_entry(fn, flat, in_spec, kept, where, fw_compiler, bw_compiler, par
     try:
         if any(t.layout != torch.strided for t in tensors):
             raise _NotTraceable()
-        art = compile_flat(flat_fn, tensors, fw_compiler, bw_compiler, partition_fn,
-                           decompositions, inference_compiler)
-        if art.meta.mutated_inputs and any(p >= 0 for p in alias_pattern(tensors)):
+        art = compile_flat(flat_fn, tensors, opts)
+        if art.meta.any_mutated_inputs and any(p >= 0 for p in alias_pattern(tensors)):
             raise _AliasedMutatedInputs()
     except _DATA_DEPENDENT as e:
         if not config.fallback_to_eager_on_data_dependence:
             raise
-        warnings.warn(f"kiln.aot: running {getattr(fn, '__name__', fn)} eagerly: {_reason(e)}",
-                      stacklevel=3)
+        record_fallback("aot", f"function {getattr(fn, '__name__', fn)}", f"runs eagerly: {_reason(e)}")
         return _Entry(None, None, reason=_reason(e))
     return _Entry(art, out_spec_box[0])
 
@@ -378,18 +376,35 @@ class AOTModule(torch.nn.Module):
         return self._compiled(values, *args, **kwargs)
 
 
-def aot_module(mod: torch.nn.Module, fw_compiler: Callable, bw_compiler: Optional[Callable] = None,
+def aot_module(mod: torch.nn.Module, fw_compiler: Optional[Callable] = None,
+               bw_compiler: Optional[Callable] = None,
                partition_fn: Callable = default_partition, decompositions: Optional[dict] = None,
-               **kwargs: Any) -> torch.nn.Module:
+               **options: Any) -> torch.nn.Module:
     """An nn.Module whose forward runs ``mod`` through aot_function (parameters
-    and buffers are graph inputs, so updates to them are seen)."""
+    and buffers are graph inputs, so updates to them are seen; they are the first
+    ``num_params_buffers`` inputs, set here).  Options as aot_function's."""
+    opts = make_options("aot_module", **_given(
+        fw_compiler=fw_compiler, bw_compiler=bw_compiler, partition_fn=partition_fn,
+        decompositions=decompositions), **options)
     names = _module_state(mod)[0]
+    _check_params_buffers("aot_module", opts, len(names))
 
     def fn(values, *args, **kw):
         return functional_call(mod, names, values, args, kw)
 
-    compiled = aot_function(fn, fw_compiler, bw_compiler, partition_fn, decompositions, **kwargs)
+    compiled = _aot_function(fn, opts.replace(num_params_buffers=len(names)))
     return AOTModule(mod, compiled)
+
+
+def _check_params_buffers(where: str, opts: AOTOptions, n_state: int) -> None:
+    if opts.num_params_buffers not in (0, n_state):
+        raise exc.KilnError(
+            f"{where}(num_params_buffers={opts.num_params_buffers}) disagrees with the module, "
+            f"which has {n_state} parameters and buffers",
+            why=f"{where} passes the module's parameters and buffers as the first inputs itself",
+            where=exc.user_location(),
+            hint="leave num_params_buffers out",
+        )
 
 
 def check_output_shapes(mod: torch.nn.Module, meta: AOTMeta) -> None:
@@ -416,22 +431,29 @@ def check_output_shapes(mod: torch.nn.Module, meta: AOTMeta) -> None:
             )
 
 
-def aot_module_simplified(mod: torch.nn.Module, args: list, fw_compiler: Callable,
+def aot_module_simplified(mod: torch.nn.Module, args: list, fw_compiler: Optional[Callable] = None,
                           bw_compiler: Optional[Callable] = None,
                           partition_fn: Callable = default_partition,
                           decompositions: Optional[dict] = None,
-                          inference_compiler: Optional[Callable] = None,
                           keep_inference_input_mutations: bool = False,
-                          **kwargs: Any) -> Callable:
+                          inference_compiler: Optional[Callable] = None,
+                          **options: Any) -> Callable:
     """Compile ``mod`` now for ``args`` (real or fake); returns ``forward(*runtime_args)``.
 
     ``mod`` (typically a captured GraphModule) takes and returns flat tensors;
     its parameters and buffers are lifted to graph inputs (read from the module
     at each call, so reassigned parameters are seen).  Compiled for the grad
     mode of this call; a call that needs gradients where this one did not
-    compiles the training graphs then (once).
+    compiles the training graphs then (once).  Options as aot_function's
+    (``num_params_buffers`` is the module's count of parameters and buffers).
     """
+    opts = make_options("aot_module_simplified", **_given(
+        fw_compiler=fw_compiler, bw_compiler=bw_compiler, partition_fn=partition_fn,
+        decompositions=decompositions, keep_inference_input_mutations=keep_inference_input_mutations,
+        inference_compiler=inference_compiler), **options)
     names, values, _ = _module_state(mod)
+    _check_params_buffers("aot_module_simplified", opts, len(values))
+    opts = opts.replace(num_params_buffers=len(values))
     state = _state_reader(mod, names)
     n_state = len(values)
     flat_args = list(args)
@@ -451,15 +473,14 @@ def aot_module_simplified(mod: torch.nn.Module, args: list, fw_compiler: Callabl
 
     def compile_for(tensors: list) -> Optional[CompiledArtifact]:
         try:
-            art = compile_flat(flat_fn, tensors, fw_compiler, bw_compiler, partition_fn,
-                               decompositions, inference_compiler)
+            art = compile_flat(flat_fn, tensors, opts)
             check_output_shapes(mod, art.meta)
-            if art.meta.mutated_inputs and any(p >= 0 for p in pattern):
+            if art.meta.any_mutated_inputs and any(p >= 0 for p in pattern):
                 raise _AliasedMutatedInputs()
         except _DATA_DEPENDENT as e:
             if not config.fallback_to_eager_on_data_dependence:
                 raise
-            warnings.warn(f"kiln.aot: running the graph eagerly: {_reason(e)}", stacklevel=3)
+            record_fallback("aot", "the graph", f"runs eagerly: {_reason(e)}")
             return None
         return art
 
@@ -482,7 +503,7 @@ def aot_module_simplified(mod: torch.nn.Module, args: list, fw_compiler: Callabl
                 return mod(*runtime_args)
         if config.debug_assert:
             _assert_inputs(cur, tensors)
-        if cur.meta.mutated_inputs and alias_pattern(tensors) != pattern:
+        if cur.meta.any_mutated_inputs and alias_pattern(tensors) != pattern:
             # NOTE: inputs share memory now that did not when traced: the graph's
             # write-backs would be wrong, eager is right.
             return mod(*runtime_args)

@@ -13,6 +13,7 @@ from typing import Callable, Optional
 
 import torch
 
+from kiln import exc
 from kiln.functionalize import FunctionalizeMode, describe_outputs
 from kiln.functionalize.metadata import PLAIN, FunctionalMetadata, OutputInfo
 
@@ -43,6 +44,13 @@ class AOTMeta:
     external_requires_grad: bool = False
     # per user output: its shape as traced here (None for non-tensors)
     out_shapes: list = field(default_factory=list)
+    # inputs whose mutation the inference graph applies itself (keep_inference_input_mutations)
+    kept_input_mutations: list = field(default_factory=list)
+
+    @property
+    def any_mutated_inputs(self) -> bool:
+        """Inputs written by the function, by the runtime or inside the graph."""
+        return bool(self.mutated_inputs or self.kept_input_mutations)
 
     @property
     def num_fw_outputs(self) -> int:
@@ -79,6 +87,11 @@ def run_functionalized(fn: Callable, inputs: list, decompositions: Optional[dict
 def collect_metadata(fn: Callable, fake_inputs: list, fake_mode, decompositions: Optional[dict],
                      real_is_leaf: list, export: bool = False) -> AOTMeta:
     """Run fn functionalized on fakes and describe mutations, aliases and grads."""
+    from kiln import fallbacks
+
+    if not export and fallbacks.forced("aot"):
+        # NOTE: the error AOT's eager fallback catches, so the forced run takes the real path.
+        raise exc.UnsupportedOperatorError(f"AOT gave up on the graph: {fallbacks.FORCED_REASON}")
     from torch._dispatch.python import enable_python_dispatcher
 
     from kiln.tracing.make_fx import has_shape_env

@@ -20,7 +20,8 @@ from kiln import exc
 from kiln.aot import config
 from kiln.aot.api import _module_state, fake_mode_for, functional_call
 from kiln.aot.collect import collect_metadata, fw_values, prepare_inputs, run_functionalized
-from kiln.aot.trace import _check_consistent, _make_fx, finish_graph, output_bases, token_fakes
+from kiln.aot.trace import _check_consistent, finish_graph, output_bases, token_fakes
+from kiln.tracing import make_fx
 
 
 @dataclass
@@ -112,7 +113,7 @@ def _trace_export(flat_fn: Callable, meta, fakes: list, fake_mode, decomposition
                     grads.append(mode.value_of(g))
         return (*(mode.tokens or []), *vals, *grads)
 
-    gm = _make_fx()(export_fn)(*token_fakes(meta, fake_mode), *fakes)
+    gm = make_fx(export_fn)(*token_fakes(meta, fake_mode), *fakes)
     return finish_graph(gm), grad_of
 
 
@@ -183,6 +184,13 @@ def aot_export_joint_simple(func: Callable, args: Any, *, trace_joint: bool,
     from kiln.aot.trace import trace_forward, trace_joint as _trace_joint
 
     flat_args = list(args)
+    if not isinstance(num_params_buffers, int) or not 0 <= num_params_buffers <= len(flat_args):
+        raise exc.KilnError(
+            f"aot_export_joint_simple(num_params_buffers={num_params_buffers!r}) with "
+            f"{len(flat_args)} inputs",
+            why="num_params_buffers counts the leading inputs that are parameters or buffers",
+            where=exc.user_location(),
+        )
 
     def flat_fn(*tensors):
         out = func(*tensors)
@@ -200,6 +208,10 @@ def aot_export_joint_simple(func: Callable, args: Any, *, trace_joint: bool,
         )
     if trace_joint:
         gm, _ = _trace_joint(flat_fn, meta, fakes, fake_mode, decompositions)
-        return gm
-    with torch.no_grad():
-        return trace_forward(flat_fn, meta, fakes, fake_mode, decompositions)
+    else:
+        with torch.no_grad():
+            gm = trace_forward(flat_fn, meta, fakes, fake_mode, decompositions)
+    # NOTE: as PyTorch: the first num_params_buffers inputs are parameters/buffers,
+    # static for the compilers that read the graph (after any effect tokens).
+    gm.meta["static_input_indices"] = [meta.num_tokens + i for i in range(num_params_buffers)]
+    return gm

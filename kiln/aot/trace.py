@@ -17,14 +17,10 @@ import torch.fx as fx
 from kiln import exc
 from kiln.aot.collect import AOTMeta, fw_values, prepare_inputs, run_functionalized
 from kiln.functionalize import describe_outputs
+from kiln.passes import graph_pass, run_pipeline
+from kiln.tracing import make_fx
 
 aten = torch.ops.aten
-
-
-def _make_fx():
-    from kiln.tracing import make_fx
-
-    return make_fx
 
 
 def output_bases(mode, meta: AOTMeta, outs: list) -> list:
@@ -62,7 +58,7 @@ def trace_forward(fn: Callable, meta: AOTMeta, fake_inputs: list, fake_mode,
         _check_consistent(meta, bases, mode)
         return (*(mode.tokens or []), *fw_values(mode, meta, outs, bases))
 
-    gm = _make_fx()(flat_fw)(*token_fakes(meta, fake_mode), *fake_inputs)
+    gm = make_fx(flat_fw)(*token_fakes(meta, fake_mode), *fake_inputs)
     return finish_graph(gm)
 
 
@@ -100,7 +96,7 @@ def trace_joint(fn: Callable, meta: AOTMeta, fake_inputs: list, fake_mode,
         return (*(mode.tokens or []), *values, *out_grads)
 
     primals = [*token_fakes(meta, fake_mode), *fake_inputs]
-    gm = _make_fx()(joint)(primals, tangent_fakes(meta, fake_mode))
+    gm = make_fx(joint)(primals, tangent_fakes(meta, fake_mode))
     gm.graph._codegen = fx.graph.CodeGen()
     return finish_graph(gm), grad_map
 
@@ -148,8 +144,15 @@ def eliminate_dead_code(graph: fx.Graph) -> None:
             graph.erase_node(node)
 
 
-def finish_graph(gm: fx.GraphModule) -> fx.GraphModule:
+@graph_pass("dce")
+def functional_dce(gm: fx.GraphModule) -> fx.GraphModule:
     """Drop dead nodes (views re-played but unused) and recompile."""
     eliminate_dead_code(gm.graph)
     gm.recompile()
     return gm
+
+
+def finish_graph(gm: fx.GraphModule) -> fx.GraphModule:
+    """The traced functional graph through the ``functionalize`` stage's passes
+    (``KILN_LOGS=functionalize`` prints it as traced and after each pass)."""
+    return run_pipeline("functionalize", gm, [functional_dce], functional=True)

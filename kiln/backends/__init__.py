@@ -8,7 +8,8 @@ Invariants: a backend is exactly PyTorch's custom-backend convention
 ``callable(gm, example_inputs) -> callable``, so PyTorch's own backends plug into kiln
 and kiln's plug into PyTorch's own compiler as its ``backend=`` argument.  Results equal
 eager results (values, gradients, input mutations); a backend that cannot do better
-runs the graph eagerly and says so, never a wrong answer.
+runs the graph eagerly and records that (``kiln.fallbacks.record_fallback``), never a
+wrong answer.  ``call_backend`` is the one place a backend is called and its result checked.
 
 Backends: ``eager``, ``eager_noexcept``, ``aot_eager``, ``aot_eager_default_partitioner``,
 ``aot_eager_decomp_partition``, ``ts``, ``aot_ts`` (all tagged ``debug``), ``inductor``,
@@ -17,6 +18,7 @@ Backends: ``eager``, ``eager_noexcept``, ``aot_eager``, ``aot_eager_default_part
 from __future__ import annotations
 
 from .registry import (
+    DEFAULT_BACKEND,
     CompiledFn,
     CompilerFn,
     backend_name,
@@ -33,6 +35,7 @@ from . import debugging, torchscript, cudagraphs, onnxrt, tvm, inductor  # noqa:
 from .debugging import ExplainOutput, ExplainWithBackend  # noqa: E402
 
 __all__ = [
+    "DEFAULT_BACKEND",
     "register_backend",
     "register_debug_backend",
     "register_experimental_backend",

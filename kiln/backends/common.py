@@ -8,36 +8,47 @@ Out: a callable taking the graph's inputs positionally.
 """
 from __future__ import annotations
 
-import contextlib
 import copy
-import inspect
 from typing import Any, Callable, Optional, Sequence
 
 import torch
 import torch.utils._pytree as pytree
 
-from kiln.exc import BackendCompilerFailed, InvalidBackend, KilnError, user_location
+from kiln import aot
+from kiln.aot.options import check_option_names
+from kiln.exc import BackendCompilerFailed, InvalidBackend, user_location
+from kiln.fallbacks import record_fallback
 from kiln.tracing.symbolic import size_hint
 
 from .registry import CompiledFn, CompilerFn, backend_name, lookup_backend
 
 
 def call_backend(
-    backend: Any, gm: torch.fx.GraphModule, example_inputs: Sequence[Any], *, name: Optional[str] = None
+    backend: Any, gm: torch.fx.GraphModule, example_inputs: Sequence[Any], *, name: Optional[str] = None,
+    fallback_to_eager: bool = False,
 ) -> CompiledFn:
     """Compile ``gm`` with ``backend`` (a name or a callable) and check the result.
 
+    The one place where kiln calls a backend (capture's graphs go through it too).
     Returns the backend's callable.  A backend that raises gets
-    :class:`kiln.exc.BackendCompilerFailed` (kiln's own errors pass through unchanged);
-    one that returns a non-callable gets :class:`kiln.exc.InvalidBackend` naming it.
+    :class:`kiln.exc.BackendCompilerFailed` naming it (as PyTorch: also for kiln's own
+    errors from AOT or codegen; :class:`kiln.exc.InvalidBackend` passes through unchanged);
+    with ``fallback_to_eager`` (capture without fullgraph) the failure is recorded
+    through :func:`kiln.fallbacks.record_fallback` instead and ``gm.forward`` returned.
+    A backend that returns a non-callable gets :class:`kiln.exc.InvalidBackend` naming it.
     """
     compiler_fn = lookup_backend(backend)
     label = name or backend_name(backend)
     try:
         compiled = compiler_fn(gm, list(example_inputs))
-    except KilnError:
-        raise
     except Exception as e:  # NOTE: any backend failure is reported with the backend's name
+        if fallback_to_eager:
+            first = str(e).splitlines()[0] if str(e) else ""
+            record_fallback("backend", f"a graph of {len(gm.graph.nodes)} nodes",
+                            f"backend {label!r} failed ({type(e).__name__}: {first}); running the graph eagerly")
+            return gm.forward
+        if isinstance(e, (InvalidBackend, BackendCompilerFailed)):
+            raise  # NOTE: already says which backend and why (e.g. a package to install)
         raise BackendCompilerFailed(label, e, where=user_location()) from e
     check_compiled(compiled, label)
     return compiled
@@ -80,31 +91,6 @@ def _flatten_graph_inputs(gm: torch.fx.GraphModule, inputs: Sequence[Any], compi
     return run
 
 
-def _aot_config_patch(**patches: Any) -> contextlib.AbstractContextManager:
-    """kiln.aot.config.patch(**patches) for the keys kiln.aot knows; a no-op otherwise."""
-    try:
-        from kiln.aot import config  # noqa: PLC0415 (aot is written beside us)
-    except ImportError:
-        return contextlib.nullcontext()
-    known = {k: v for k, v in patches.items() if hasattr(config, k)}
-    if not known or not hasattr(config, "patch"):
-        return contextlib.nullcontext()
-    return config.patch(**known)
-
-
-def _accepted_kwargs(fn: Callable, kwargs: dict[str, Any]) -> dict[str, Any]:
-    # NOTE: kiln.aot may not take every torch-era keyword (keep_inference_input_mutations);
-    # pass only what its signature accepts so both evolve independently.
-    present = {k: v for k, v in kwargs.items() if v is not None}
-    try:
-        params = inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        return present
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        return present
-    return {k: v for k, v in present.items() if k in params}
-
-
 def _flat_outputs(gm: torch.fx.GraphModule) -> tuple[torch.fx.GraphModule, Optional[pytree.TreeSpec]]:
     """``gm`` itself when it returns a flat tuple/list (capture's graphs do); otherwise a
     copy returning the flat tuple of its outputs, and the structure to rebuild them.
@@ -135,32 +121,32 @@ class AotAutograd:
     """A backend that runs AOT autograd with the given compilers.
 
     Build it with :func:`aot_autograd`.  Called as ``backend(gm, example_inputs)``
-    it returns ``kiln.aot.aot_module_simplified(gm, example_inputs, **kwargs)``.
+    it returns ``kiln.aot.aot_module_simplified(gm, example_inputs, options=...)``
+    with the AOTOptions made from ``kwargs``.  Unknown option names are a TypeError
+    here, when the backend is built; ``config_patches`` are kiln.aot.config options.
     """
 
     def __init__(self, config_patches: Optional[dict[str, Any]] = None, **kwargs: Any) -> None:
         self.__name__ = "compiler_fn"
+        check_option_names(kwargs, "aot_autograd")
         self.kwargs = kwargs
         self.config_patches = dict(config_patches or {})
 
     def __call__(self, gm: torch.fx.GraphModule, example_inputs: Sequence[Any], **extra: Any) -> CompiledFn:
         if any(isinstance(x, (list, tuple, dict)) for x in example_inputs):
             return _flatten_graph_inputs(gm, example_inputs, self)
-        from kiln.aot import aot_module_simplified, nop  # lazy: aot/ is a sibling stage
-
-        kwargs = self._resolved_kwargs()
+        options = self.options()
         patches = dict(self.config_patches)
-        if kwargs["fw_compiler"] is nop:
+        if options.fw_compiler is aot.nop:
             patches.setdefault("debug_assert", True)  # NOTE: as torch: nop means "debugging"
         flat_gm, out_spec = _flat_outputs(gm)
-        with _aot_config_patch(**patches):
-            compiled = aot_module_simplified(
-                flat_gm, list(example_inputs), **_accepted_kwargs(aot_module_simplified, kwargs)
-            )
+        with aot.config.patch(**patches):
+            compiled = aot.aot_module_simplified(flat_gm, list(example_inputs), options=options)
         return compiled if out_spec is None else _restructure(compiled, out_spec)
 
-    def _resolved_kwargs(self) -> dict[str, Any]:
-        kwargs = dict(self.kwargs)
+    def options(self) -> aot.AOTOptions:
+        """The AOTOptions this backend compiles with (decompositions built now)."""
+        kwargs = {k: v for k, v in self.kwargs.items() if v is not None}
         if kwargs.get("fw_compiler") is None:
             raise InvalidBackend(
                 "aot_autograd backend has no fw_compiler",
@@ -171,9 +157,7 @@ class AotAutograd:
         decomps = kwargs.get("decompositions")
         if callable(decomps):
             kwargs["decompositions"] = decomps()  # NOTE: built lazily, tables are large
-        kwargs["bw_compiler"] = kwargs.get("bw_compiler") or kwargs["fw_compiler"]
-        kwargs["inference_compiler"] = kwargs.get("inference_compiler") or kwargs["fw_compiler"]
-        return kwargs
+        return aot.AOTOptions(**kwargs)
 
 
 def aot_autograd(
@@ -190,7 +174,9 @@ def aot_autograd(
     ``fw_compiler``/``bw_compiler``/``inference_compiler`` are ``(gm, example_inputs) -> callable``
     applied to the functional ATen forward/backward/inference graphs; ``bw_compiler`` and
     ``inference_compiler`` default to ``fw_compiler``.  ``decompositions`` is a table or a
-    zero-argument callable returning one.  Returns a backend ``(gm, example_inputs) -> callable``.
+    zero-argument callable returning one.  Other keywords are kiln.aot.AOTOptions fields
+    (``num_params_buffers`` is not one: the backend counts them).  Returns a backend
+    ``(gm, example_inputs) -> callable``.
     """
     return AotAutograd(
         fw_compiler=fw_compiler,

@@ -7,17 +7,18 @@ Out: a callable.  With CUDA inputs, each distinct input signature (shapes, strid
      inputs the graph mutates, and returns fresh copies of the outputs (so a later call
      never overwrites an earlier result).  When autograd is needed the forward and
      backward graphs come from AOT autograd and each is captured the same way.
-     Without CUDA inputs there is nothing to capture: the graph runs eagerly, and a
-     warning says so once.
+     Without CUDA inputs there is nothing to capture: the graph runs eagerly, and that
+     is recorded as a fallback (kiln.fallbacks; warned once).
 """
 from __future__ import annotations
 
 import logging
-import warnings
 from typing import Any, Callable, Optional, Sequence
 
 import torch
 import torch.utils._pytree as pytree
+
+from kiln.fallbacks import record_fallback
 
 from .common import aot_autograd, device_from_inputs, real_inputs
 from .registry import CompiledFn, register_backend
@@ -28,14 +29,12 @@ _warned_not_cuda = False
 
 
 def _warn_not_cuda() -> None:
+    # NOTE: recorded at every compile (tests see each one), warned about once per process.
     global _warned_not_cuda
-    if not _warned_not_cuda:
-        _warned_not_cuda = True
-        warnings.warn(
-            "kiln 'cudagraphs' backend: the inputs are not CUDA tensors, so there is no "
-            "CUDA work to record; the graph runs eagerly",
-            stacklevel=3,
-        )
+    record_fallback("backend", "cudagraphs",
+                    "the inputs are not CUDA tensors, so there is no CUDA work to record; "
+                    "the graph runs eagerly", warn=not _warned_not_cuda)
+    _warned_not_cuda = True
 
 
 def _signature(args: Sequence[Any]) -> tuple:
@@ -81,7 +80,7 @@ def cudagraphify(fn: Callable, example_inputs: Sequence[Any]) -> CompiledFn:
     """Wrap ``fn`` (taking tensors positionally) so CUDA calls replay recorded graphs.
 
     A signature whose capture fails (e.g. CPU work inside) runs eagerly from then on,
-    with a warning naming the reason.
+    recorded as a fallback naming the reason.
     """
     recorded: dict[tuple, Optional[_Recorded]] = {}
 
@@ -101,7 +100,7 @@ def _record_or_none(fn: Callable, args: Sequence[Any]) -> Optional[_Recorded]:
     try:
         return _Recorded(fn, args)
     except Exception as e:  # NOTE: capture limits (sync ops, CPU tensors); eager stays right
-        warnings.warn(f"kiln 'cudagraphs' backend: could not record a CUDA graph ({e}); running eagerly")
+        record_fallback("backend", "cudagraphs", f"could not record a CUDA graph ({e}); running eagerly")
         return None
 
 

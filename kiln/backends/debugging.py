@@ -17,6 +17,8 @@ from typing import Any, Optional, Sequence
 
 import torch
 
+from kiln import fallbacks
+from kiln.aot import default_partition, min_cut_rematerialization_partition, nop
 from kiln.exc import KilnError
 
 from .common import aot_autograd
@@ -62,24 +64,6 @@ def _graph_frame(e: BaseException) -> str:
     return f"{frames[-1].filename}:{frames[-1].lineno}" if frames else ""
 
 
-def _nop():  # -> kiln.aot.nop, imported lazily (aot/ is a sibling stage)
-    from kiln.aot import nop
-
-    return nop
-
-
-def _min_cut():
-    from kiln.aot import min_cut_rematerialization_partition
-
-    return min_cut_rematerialization_partition
-
-
-def _default_partition():
-    from kiln.aot import default_partition
-
-    return default_partition
-
-
 def aot_eager(
     gm: torch.fx.GraphModule,
     example_inputs: list,
@@ -90,9 +74,9 @@ def aot_eager(
     """AOT autograd (functionalized joint graph, min-cut partition) with no-op compilers."""
     _ignore_kwargs("aot_eager", kwargs)
     return aot_autograd(
-        fw_compiler=fw_compiler or _nop(),
-        bw_compiler=bw_compiler or _nop(),
-        partition_fn=_min_cut(),
+        fw_compiler=fw_compiler or nop,
+        bw_compiler=bw_compiler or nop,
+        partition_fn=min_cut_rematerialization_partition,
         keep_inference_input_mutations=True,
     )(gm, example_inputs)
 
@@ -104,7 +88,7 @@ def aot_eager_default_partitioner(gm: torch.fx.GraphModule, example_inputs: list
     """``aot_eager`` with the default partitioner (save what the backward needs)."""
     _ignore_kwargs("aot_eager_default_partitioner", kwargs)
     return aot_autograd(
-        fw_compiler=_nop(), partition_fn=_default_partition(), keep_inference_input_mutations=True
+        fw_compiler=nop, partition_fn=default_partition, keep_inference_input_mutations=True
     )(gm, example_inputs)
 
 
@@ -127,10 +111,10 @@ def aot_eager_decomp_partition(gm: torch.fx.GraphModule, example_inputs: list, *
     the graphs a code generator would see, run eagerly (for debugging codegen issues)."""
     _ignore_kwargs("aot_eager_decomp_partition", kwargs)
     return aot_autograd(
-        fw_compiler=_nop(),
-        bw_compiler=_nop(),
+        fw_compiler=nop,
+        bw_compiler=nop,
         decompositions=decomposition_table,
-        partition_fn=_min_cut(),
+        partition_fn=min_cut_rematerialization_partition,
         config_patches={"unlift_effect_tokens": True},
     )(gm, example_inputs)
 
@@ -164,6 +148,9 @@ class ExplainOutput:
     compile_times: Optional[str] = None
     # NOTE: kiln's addition: functions that could not be captured at all and ran eagerly, with why.
     eager_frames: list = dataclasses.field(default_factory=list)
+    # NOTE: kiln's addition: every fallback to eager recorded during the explained call
+    # (kiln.fallbacks.Fallback: stage, what, why, where), capture's, backends' and AOT's.
+    fallbacks: list = dataclasses.field(default_factory=list)
 
     def __str__(self) -> str:
         lines = [
@@ -180,6 +167,9 @@ class ExplainOutput:
         if self.eager_frames:
             lines.append("Eager Frames:")
             lines.extend(f"  {why}" for why in self.eager_frames)
+        if self.fallbacks:
+            lines.append("Fallbacks:")
+            lines.extend(f"  {fb}" for fb in self.fallbacks)
         if self.ops_per_graph is not None:
             lines.append("Ops per Graph:")
             for idx, ops in enumerate(self.ops_per_graph):
@@ -214,6 +204,7 @@ class ExplainWithBackend:
         self.op_count = 0
         self.ops_per_graph: list[list] = []
         self.break_reasons: list = []
+        self._fallbacks_since = fallbacks.mark()
 
     def __call__(self, gm: torch.fx.GraphModule, example_inputs: list, **kwargs: Any) -> CompiledFn:
         self.graphs.append(gm)
@@ -238,6 +229,7 @@ class ExplainWithBackend:
             break_reasons=self.break_reasons,
             op_count=self.op_count,
             ops_per_graph=self.ops_per_graph,
+            fallbacks=fallbacks.recorded(self._fallbacks_since),
         )
 
 

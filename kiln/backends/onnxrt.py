@@ -7,7 +7,8 @@ In:  an ``fx.GraphModule`` whose inputs are tensors (non-tensor inputs are baked
      constants at export, as the capture stage guards on their values).
 Out: a callable returning the graph's outputs, in the graph's output structure, on the
      inputs' device.  Calls that need autograd (an input requiring grad under grad mode)
-     run the graph eagerly instead: an ONNX session has no backward.
+     run the graph eagerly instead (recorded once as a fallback): an ONNX session has
+     no backward.
 """
 from __future__ import annotations
 
@@ -18,6 +19,8 @@ from typing import Any, Optional
 
 import torch
 import torch.utils._pytree as pytree
+
+from kiln.fallbacks import record_fallback
 
 from .common import device_from_inputs, real_inputs
 from .registry import CompiledFn, register_backend
@@ -57,6 +60,9 @@ def _providers(device: torch.device) -> list[str]:
     return [p for p in wanted if p in available] + ["CPUExecutionProvider"]
 
 
+_NEEDS_GRAD = "a call needs autograd and an ONNX session has no backward; the graph runs eagerly"
+
+
 @register_backend(name="onnxrt", available=_missing)
 def onnxrt(gm: torch.fx.GraphModule, example_inputs: list, **kwargs: Any) -> CompiledFn:
     """Compile ``gm`` to an onnxruntime InferenceSession (see module docstring)."""
@@ -70,10 +76,13 @@ def onnxrt(gm: torch.fx.GraphModule, example_inputs: list, **kwargs: Any) -> Com
     session = onnxruntime.InferenceSession(_export(gm, inputs, n_tensors), providers=_providers(device))
     # NOTE: the exporter drops inputs the graph never reads; feed only those it kept.
     kept = {i.name for i in session.get_inputs()}
+    recorded = []
 
     def run(*args: Any) -> Any:
         tensors = [a for a in args if isinstance(a, torch.Tensor)]
         if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+            if not recorded:  # NOTE: once per compiled graph, not per call
+                recorded.append(record_fallback("backend", "onnxrt", _NEEDS_GRAD))
             return gm(*args)
         feeds = {f"input_{i}": t.detach().cpu().numpy() for i, t in enumerate(tensors) if f"input_{i}" in kept}
         outs = [torch.from_numpy(o).to(device) for o in session.run(None, feeds)]

@@ -21,6 +21,10 @@ import torch
 
 from kiln.exc import InvalidBackend, user_location
 
+# The backend kiln.compile and kiln.optimize use when none is given (README says the same).
+# NOTE: this line is the one place to change it.
+DEFAULT_BACKEND = "inductor"
+
 CompiledFn = Callable[..., Any]
 CompilerFn = Callable[[torch.fx.GraphModule, list], CompiledFn]
 
@@ -155,6 +159,7 @@ def _ensure_builtins() -> None:
 
 
 __all__ = [
+    "DEFAULT_BACKEND",
     "register_backend",
     "register_debug_backend",
     "register_experimental_backend",

@@ -13,6 +13,8 @@ from typing import Any
 
 import torch
 
+from kiln.fallbacks import record_fallback
+
 from .common import aot_autograd
 from .registry import CompiledFn, register_debug_backend
 
@@ -35,7 +37,7 @@ def _script_friendly_args(gm: torch.fx.GraphModule) -> None:
 
 
 def ts_compile(gm: torch.fx.GraphModule, example_inputs: list) -> CompiledFn:
-    """Script ``gm`` with TorchScript; on failure warn and return ``gm.forward``."""
+    """Script ``gm`` with TorchScript; on failure record a fallback and return ``gm.forward``."""
     try:
         # NOTE: graphs from PyTorch's own capture are lazy GraphModules, whose class TorchScript
         # cannot compile; a plain GraphModule over the same graph scripts fine.
@@ -50,11 +52,9 @@ def ts_compile(gm: torch.fx.GraphModule, example_inputs: list) -> CompiledFn:
             warnings.simplefilter("ignore")
             return torch.jit.script(gm)
     except Exception as e:  # NOTE: scripting coverage is partial; eager is always right
-        warnings.warn(
-            f"kiln 'ts' backend: TorchScript could not script the graph "
-            f"({type(e).__name__}: {_first_line(e)}); running it eagerly",
-            stacklevel=2,
-        )
+        record_fallback("backend", "ts",
+                        f"TorchScript could not script the graph ({type(e).__name__}: {_first_line(e)}); "
+                        "running it eagerly")
         return gm.forward
 
 

@@ -7,7 +7,8 @@ In:  an ``fx.GraphModule`` taking tensors.  Options (``options={...}`` of kiln.c
      ``opt_level`` (default 3), ``target`` (default ``llvm`` / ``cuda``); ``scheduler``
      is accepted for compatibility with PyTorch's backend and ignored.
 Out: a callable returning torch tensors on the inputs' device.  Calls that need
-     autograd run the graph eagerly: the compiled module has no backward.
+     autograd run the graph eagerly (recorded once as a fallback): the compiled module
+     has no backward.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import torch
 import torch.utils._pytree as pytree
 
 from kiln.exc import InvalidBackend, user_location
+from kiln.fallbacks import record_fallback
 
 from .common import device_from_inputs, real_inputs
 from .registry import CompiledFn, register_backend
@@ -72,14 +74,21 @@ def tvm(gm: torch.fx.GraphModule, example_inputs: list, *, options: Optional[dic
     tvm_mod = _require_tvm()
     inputs = real_inputs(example_inputs)
     if not all(isinstance(t, torch.Tensor) for t in inputs):
-        return gm.forward  # NOTE: from_fx takes tensor inputs only; eager is always right
+        # NOTE: from_fx takes tensor inputs only; eager is always right
+        record_fallback("backend", "tvm", "the graph has non-tensor inputs, which TVM's from_fx does not "
+                        "take; the graph runs eagerly")
+        return gm.forward
     with torch.no_grad():
         out_spec = pytree.tree_flatten(gm(*inputs))[1]
     vm, dev = _build(tvm_mod, gm, inputs, dict(options or {}))
     device = device_from_inputs(inputs)
+    recorded = []
 
     def run(*args: Any) -> Any:
         if torch.is_grad_enabled() and any(a.requires_grad for a in args):
+            if not recorded:  # NOTE: once per compiled graph, not per call
+                recorded.append(record_fallback("backend", "tvm", "a call needs autograd and the TVM module "
+                                                "has no backward; the graph runs eagerly"))
             return gm(*args)
         tvm_args = [_to_tvm(tvm_mod, a, dev) for a in args]
         out = _to_torch(vm["main"](*tvm_args), device)

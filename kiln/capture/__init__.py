@@ -72,8 +72,13 @@ PyTorch), so that C++ composite kernels reading ``sizes()`` do not specialise.
 
 Global state guarded on every entry: grad mode and autocast (off, or the exact
 per-device state seen), so that ``torch.is_autocast_enabled()`` read while tracing
-stays true.  A function that cannot be captured at all runs eagerly, and
-``explain`` lists it under "Eager Frames" with the reason.
+stays true.  A function that cannot be captured at all runs eagerly, recorded as a
+fallback (``kiln.fallbacks.record_fallback``, a ``kiln.exc.FallbackWarning``), and
+``explain`` lists it under "Eager Frames" and "Fallbacks" with the reason.  An
+unexpected exception inside an opcode handler (a kiln bug) is a graph break
+"internal limitation: <Type>: <msg>"; under ``KILN_STRICT=1`` it raises instead.
+Under fullgraph, :class:`kiln.exc.Unsupported` names the user's file:line and source
+line, and its traceback keeps only the user's frames and the compiled wrapper.
 
 On CUDA, ``nn.LSTM``/``GRU`` calls break the graph and run eagerly (cuDNN): their
 C++ kernel packs weights by data pointer, which fake tensors do not have (on CPU

@@ -7,9 +7,7 @@ from typing import Any, Callable, Optional, Union
 
 import torch
 
-from kiln.exc import InvalidBackend, user_location
-
-DEFAULT_BACKEND = "inductor"
+from kiln.backends.registry import DEFAULT_BACKEND, backend_name, lookup_backend
 
 
 def graph_break() -> None:
@@ -17,21 +15,10 @@ def graph_break() -> None:
 
 
 def _resolve_backend(backend: Any, mode: Optional[str] = None, options: Optional[dict] = None):
-    name = backend if isinstance(backend, str) else getattr(backend, "__name__", type(backend).__name__)
-    if isinstance(backend, str):
-        try:
-            from kiln.backends import lookup_backend
-        except ImportError:
-            if backend != "eager":
-                raise
-            fn = lambda gm, example_inputs: gm.forward  # noqa: E731
-        else:
-            fn = lookup_backend(backend)
-    elif callable(backend):
-        fn = backend
-    else:
-        raise InvalidBackend(f"backend must be a name or a callable, got {type(backend).__name__}",
-                             where=user_location(), hint="pass e.g. backend='eager'")
+    # NOTE: the registry's lookup is the one check of what a backend is (a known name, or a
+    # callable); backends/common.call_backend is the one check of what it returns.
+    fn = lookup_backend(backend)
+    name = backend_name(backend)
     extra = {k: v for k, v in (("mode", mode), ("options", options)) if v is not None}
     check = getattr(fn, "check_options", None)
     if extra and check is not None:
@@ -125,7 +112,7 @@ def compile(fn_or_module: Any = None, *, backend: Union[str, Callable] = DEFAULT
     return _apply(_context(backend, fullgraph, None, dynamic, mode, options), fn_or_module)
 
 
-def optimize(backend: Union[str, Callable] = "inductor", *, nopython: bool = False,
+def optimize(backend: Union[str, Callable] = DEFAULT_BACKEND, *, nopython: bool = False,
              guard_fail_fn: Optional[Callable] = None, dynamic: Optional[bool] = None) -> _Optimizer:
     """The decorator form: ``kiln.optimize("eager", guard_fail_fn=f)(fn)``."""
     return _Optimizer(_context(backend, nopython, guard_fail_fn, dynamic))

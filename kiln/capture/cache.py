@@ -4,7 +4,7 @@ A wrapper holds its function's entry list directly, so a cache hit costs one
 loop over generated entry functions (most recent first).  A miss reports the
 newest entry's first failing guard to ``guard_fail_fn``, then compiles a new
 entry, up to ``config.cache_size_limit`` entries; past it the function runs
-eagerly, with one warning naming the reason.
+eagerly, recorded once as a fallback (kiln.fallbacks) naming the reason.
 """
 from __future__ import annotations
 
@@ -12,14 +12,14 @@ import functools
 import os
 import sysconfig
 import types
-import warnings
 import weakref
 from collections import namedtuple
 from typing import Any, Callable, Optional
 
 import torch
 
-from kiln.exc import Unsupported
+from kiln import fallbacks
+from kiln.exc import KilnError, Unsupported, user_traceback
 
 from . import bytecode as bc
 from . import config
@@ -70,21 +70,29 @@ class FunctionCache:
         if len(self.entries) >= config.cache_size_limit:
             if not self.warned:
                 self.warned = True
-                warnings.warn(f"kiln: {fn.__qualname__} ({fn.__code__.co_filename}:{fn.__code__.co_firstlineno}) "
-                              f"reached cache_size_limit ({config.cache_size_limit}); last recompile reason: "
-                              f"{reason}. It now runs eagerly.")
+                fallbacks.record_fallback(
+                    "capture", _frame_name(fn),
+                    f"reached cache_size_limit ({config.cache_size_limit}); last recompile reason: "
+                    f"{reason}. It now runs eagerly", where=_frame_where(fn))
             return fn(*args, **kwargs)
         from .convert import compile_frame
 
         try:
+            if fallbacks.forced("capture"):
+                raise Unsupported(f"capture of {fn.__qualname__}", why=fallbacks.FORCED_REASON)
             entry, why = compile_frame(self.ctx, fn, args, kwargs)
         except Exception as e:  # noqa: BLE001 - capture failure: run eagerly (never crash)
             if self.ctx.fullgraph:
                 raise
-            if not isinstance(e, Unsupported):
-                warnings.warn(f"kiln: capture of {fn.__qualname__} failed ({type(e).__name__}: {e}); running eagerly")
-            self.ctx.eager_frames.append(f"{fn.__qualname__} ({fn.__code__.co_filename}:{fn.__code__.co_firstlineno}) "
-                                         f"runs eagerly: {type(e).__name__}: {e}")
+            if not isinstance(e, KilnError) and fallbacks.strict():
+                raise  # NOTE: KILN_STRICT=1: a kiln bug, not a limitation to paper over
+            first = str(e).splitlines()[0] if str(e) else ""
+            why_text = f"{type(e).__name__}: {first}"
+            if isinstance(e, Unsupported) and e.why:
+                why_text += f" ({e.why})"
+            self.ctx.eager_frames.append(f"{_frame_name(fn)} runs eagerly: {type(e).__name__}: {e}")
+            fallbacks.record_fallback("capture", _frame_name(fn), why_text,
+                                      where=(getattr(e, "where", "") or _frame_where(fn)).splitlines()[0])
             self.skip = True
             return fn(*args, **kwargs)
         self.entries.insert(0, entry)
@@ -95,8 +103,20 @@ class FunctionCache:
             self.entries.pop(0)
             self.whys.pop(0)
             self.skip = True
+            fallbacks.record_fallback("capture", _frame_name(fn),
+                                      "the guards of the new entry fail on the inputs it was compiled for "
+                                      "(an input kiln cannot guard on); the function runs eagerly from now on",
+                                      where=_frame_where(fn))
             return fn(*args, **kwargs)
         return out
+
+
+def _frame_name(fn: types.FunctionType) -> str:
+    return f"{fn.__qualname__} ({fn.__code__.co_filename}:{fn.__code__.co_firstlineno})"
+
+
+def _frame_where(fn: types.FunctionType) -> str:
+    return f"{fn.__code__.co_filename}:{fn.__code__.co_firstlineno}"
 
 
 def make_wrapper(cache: FunctionCache) -> Callable:
@@ -105,11 +125,17 @@ def make_wrapper(cache: FunctionCache) -> Callable:
     _MISS = MISS
 
     def kiln_compiled(*args, **kwargs):
-        for e in entries:
-            r = e(*args, **kwargs)
-            if r is not _MISS:
-                return r
-        return miss(args, kwargs)
+        try:
+            for e in entries:
+                r = e(*args, **kwargs)
+                if r is not _MISS:
+                    return r
+            return miss(args, kwargs)
+        except KilnError as err:
+            # NOTE: the traceback a user sees starts at their call: kiln's frames (and torch's,
+            # and generated code) are cut, the user's own frames in between are kept.
+            # Exceptions that are not kiln's (the user's code, KILN_STRICT bugs) keep theirs.
+            raise err.with_traceback(user_traceback(err.__traceback__)) from err.__cause__
 
     functools.update_wrapper(kiln_compiled, cache.fn)
     kiln_compiled._kiln_orig = cache.fn
@@ -187,9 +213,10 @@ class CompileContext:
         return fn
 
     def run_backend(self, gm, example: list) -> Callable:
-        from .output import call_backend
+        from kiln.backends.common import call_backend
 
-        return call_backend(self.backend, self.backend_name, gm, example, self.fullgraph)
+        return call_backend(self.backend, gm, example, name=self.backend_name,
+                            fallback_to_eager=not self.fullgraph)
 
     def record_break(self, reason) -> None:
         self.break_reasons.append(reason)

@@ -1,8 +1,13 @@
-"""Capture settings (patchable module attributes)."""
+"""kiln.capture.config: switches of the capture stage (patchable).
+
+    from kiln.capture import config
+    with config.patch(cache_size_limit=2): ...
+    @config.patch(automatic_dynamic_shapes=False)
+    def test(): ...
+"""
 from __future__ import annotations
 
-import contextlib
-from typing import Any, Iterator
+from kiln.settings import make_patch, options_of
 
 # Compiled entries kept per function before falling back to eager.
 cache_size_limit: int = 8
@@ -12,13 +17,10 @@ cache_size_limit: int = 8
 automatic_dynamic_shapes: bool = True
 
 
-@contextlib.contextmanager
-def patch(**changes: Any) -> Iterator[None]:
-    """Temporarily set config values: ``with config.patch(cache_size_limit=2): ...``."""
-    g = globals()
-    old = {k: g[k] for k in changes}
-    g.update(changes)
-    try:
-        yield
-    finally:
-        g.update(old)
+def get_config_copy() -> dict:
+    """The current value of every option."""
+    return options_of(__name__)
+
+
+# NOTE: last, so it sees every option above; unknown names are rejected.
+patch = make_patch(__name__)

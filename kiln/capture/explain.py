@@ -10,20 +10,22 @@ from typing import Any, Callable
 import torch
 import torch.fx as fx
 
+from kiln import fallbacks
 from kiln.exc import Unsupported, user_location
 
 
 def _output_cls():
-    try:
-        from kiln.backends.debugging import ExplainOutput
-    except ImportError:  # pragma: no cover - backends/ is a sibling stage
-        ExplainOutput = None
+    # NOTE: imported here, not at the top: kiln.backends registers every backend when
+    # imported, which `import kiln.capture` should not pay for.
+    from kiln.backends.debugging import ExplainOutput
+
     return ExplainOutput
 
 
 def explain(fn: Callable, *extra_args: Any, **extra_kwargs: Any) -> Callable:
     """``explain(fn)(*args)`` -> ExplainOutput (graph_count, graph_break_count, op_count,
-    break_reasons, graphs, ops_per_graph, out_guards, eager_frames) of compiling ``fn`` on ``args``."""
+    break_reasons, graphs, ops_per_graph, out_guards, eager_frames, fallbacks) of compiling ``fn`` on
+    ``args``; ``fallbacks`` lists the kiln.fallbacks records made during the call."""
 
     def inner(*args: Any, **kwargs: Any):
         from .api import _apply
@@ -43,7 +45,9 @@ def explain(fn: Callable, *extra_args: Any, **extra_kwargs: Any) -> Callable:
 
         ctx = CompileContext(backend, "explain")
         compiled = _apply(ctx, fn)
+        since = fallbacks.mark()
         compiled(*args, **kwargs)
+        recorded = fallbacks.recorded(since)
         guards = []
         for w in ctx._wrappers.values():
             for e in w._kiln_cache.entries:
@@ -52,7 +56,8 @@ def explain(fn: Callable, *extra_args: Any, **extra_kwargs: Any) -> Callable:
         count = len(graphs)
         return out_cls(graphs=graphs, graph_count=count, graph_break_count=max(count - 1, 0),
                        break_reasons=reasons, op_count=sum(len(o) for o in ops_per_graph),
-                       ops_per_graph=ops_per_graph, out_guards=guards, eager_frames=list(ctx.eager_frames))
+                       ops_per_graph=ops_per_graph, out_guards=guards, eager_frames=list(ctx.eager_frames),
+                       fallbacks=recorded)
 
     if extra_args or extra_kwargs:
         return inner(*extra_args, **extra_kwargs)

@@ -15,6 +15,7 @@ import traceback
 import types
 from typing import Any, Optional
 
+from kiln import fallbacks
 from kiln.exc import KilnError, Unsupported, format_location
 
 from . import bytecode as bc
@@ -262,10 +263,21 @@ def bind_args(code: types.CodeType, name: str, args: list, kwargs: dict, default
 
 
 def internal_error(tx, e: Exception) -> Unsupported:
+    """An exception kiln did not mean to raise (a bug in an opcode handler or a VT), as a
+    graph break "internal limitation: <Type>: <msg>" for users.
+
+    Called from an ``except`` block: under ``KILN_STRICT=1`` (the test suite, CI) the
+    original exception is re-raised instead, so kiln's bugs fail the tests rather than
+    turning into graph breaks that still give the right answer.
+    """
+    if fallbacks.strict():
+        raise e
     op = tx.current.opname if tx.current else "?"
-    err = Unsupported(f"capture could not handle {op}: {type(e).__name__}: {e}",
-                      why="an internal limitation of the capture interpreter",
-                      where=tx.where(), hint="this part runs eagerly; please report it")
+    first = str(e).splitlines()[0] if str(e) else ""
+    err = Unsupported(f"internal limitation: {type(e).__name__}: {first}",
+                      why=f"capture's handler for {op} raised (a bug in kiln's capture interpreter)",
+                      where=tx.where(),
+                      hint="this part runs eagerly; please report it (KILN_STRICT=1 raises the original error)")
     err.user_stack = tx.user_stack()
     return err
 

@@ -16,7 +16,7 @@ from typing import Any, Callable, Optional
 import torch
 import torch.fx as fx
 from torch._dispatch.python import enable_python_dispatcher
-from kiln.exc import BackendCompilerFailed, Unsupported
+from kiln.exc import Unsupported
 from kiln.passes import checking, log_graph, verify_graph
 
 from .dynamic import FrameState, SymbolTable, fake_with_dims, new_fake_mode, tensor_shape_checks
@@ -322,22 +322,3 @@ class OutputGraph:
             if n.op in ("call_function", "call_method") and not n.users \
                     and isinstance(n.meta.get("example_value"), SYM_TYPES):
                 self.graph.erase_node(n)
-
-
-def call_backend(backend: Callable, name: str, gm: fx.GraphModule, example: list, fullgraph: bool) -> Callable:
-    """Run the backend; failures are reported with its name (eager fallback unless fullgraph)."""
-    try:
-        fn = backend(gm, example)
-    except Exception as e:  # noqa: BLE001
-        if fullgraph:
-            raise BackendCompilerFailed(name, e) from e
-        import warnings
-
-        warnings.warn(f"kiln: backend '{name}' failed ({type(e).__name__}: {e}); running the graph eagerly")
-        return gm.forward
-    if not callable(fn):
-        from kiln.exc import InvalidBackend
-
-        raise InvalidBackend(f"backend '{name}' returned {type(fn).__name__}, not a callable",
-                             hint="a backend must return a callable that runs the graph")
-    return fn

@@ -36,6 +36,8 @@ from kiln import exc
 from kiln.functionalize.metadata import InputInfo
 from kiln.functionalize.mutations import is_mutating, plan_for
 from kiln.functionalize.views import INPLACE_VIEWS, ViewStep, is_view_op, replay, scatter_chain
+from kiln.ops.effects import with_effects
+from kiln.tracing.effects import is_effectful
 
 aten = torch.ops.aten
 
@@ -68,16 +70,6 @@ class Rec:
 
 def _key(t: torch.Tensor) -> int:
     return t._cdata
-
-
-def _effects_api():
-    """(with_effects, is_effectful) from kiln.ops, or None while kiln.ops is absent."""
-    try:
-        from kiln.ops import with_effects
-        from kiln.ops.effects import is_effectful
-    except ImportError:
-        return None
-    return with_effects, is_effectful
 
 
 class FunctionalizeMode(TorchDispatchMode):
@@ -194,9 +186,8 @@ class FunctionalizeMode(TorchDispatchMode):
         if special is not None:
             return special(self, func, args, kwargs)
         if self.tokens is not None or self.discover_tokens:
-            api = _effects_api()
-            if api is not None and api[1](func):
-                return self._effect(api[0], func, args, kwargs)
+            if is_effectful(func):
+                return self._effect(with_effects, func, args, kwargs)
         if func in self.decompositions:
             with self:
                 out = self.decompositions[func](*args, **kwargs)

@@ -14,6 +14,7 @@ from .counters import (
     count_ops,
 )
 from .compare import compare_equal_outs_and_grads, outs_and_grads, same
+from .fallbacks import fallback_mismatch
 from .helpers import (
     expectedFailureDynamic,
     normalize_gm,
@@ -30,6 +31,7 @@ __all__ = [
     "EagerAndRecordGraphs",
     "AotEagerAndRecordGraphs",
     "count_ops",
+    "fallback_mismatch",
     "same",
     "compare_equal_outs_and_grads",
     "outs_and_grads",

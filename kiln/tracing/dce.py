@@ -3,8 +3,8 @@
 A node is removed when nothing uses it and running it has no effect beyond
 its value.  Kept even when unused: ops that mutate (schema has ``(a!)``), ops
 that return nothing (they run for their effect), effectful ops (the registry
-in kiln.ops), random ops (dropping one would shift the RNG stream of every
-later random op), and anything that is not an ATen/custom OpOverload
+in kiln.tracing.effects, which kiln.ops registers into), random ops (dropping
+one would shift the RNG stream of every later random op), and anything that is not an ATen/custom OpOverload
 (higher-order ops decide for themselves).
 """
 from __future__ import annotations
@@ -15,6 +15,7 @@ import torch
 import torch.fx as fx
 
 from kiln.passes import graph_pass
+from kiln.tracing.effects import is_effectful
 
 
 def _removable(node: fx.Node) -> bool:
@@ -30,8 +31,6 @@ def _removable(node: fx.Node) -> bool:
         return False
     if torch.Tag.nondeterministic_seeded in target.tags:
         return False
-    from kiln.ops import is_effectful
-
     return not is_effectful(target)
 
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from kiln import exc
+from kiln.exc import FallbackWarning
 from kiln.aot import (
     DOUBLE_BACKWARD_ERROR,
     aot_export_joint_simple,
@@ -255,12 +256,13 @@ def test_untraceable_backward_is_a_kiln_error():
     assert "backward" in str(info.value) and "test_aot_api.py" in str(info.value)
 
 
+@pytest.mark.expect_fallback("runs eagerly: DynamicOutputShapeException: aten.nonzero.default")
 def test_data_dependent_ops_fall_back_to_eager():
     def f(x):
         return x[x > 0].sum() * 2
 
     x = torch.randn(10)
-    with pytest.warns(UserWarning, match="eagerly"):
+    with pytest.warns(FallbackWarning, match="eagerly"):
         out = aot_function(f, nop)(x)
     torch.testing.assert_close(out, f(x))
     with config.patch(fallback_to_eager_on_data_dependence=False):
@@ -320,6 +322,7 @@ def test_source_meta_flows_from_graph_module_to_fw_and_bw_nodes():
     assert any("source_fn_stack" in n.meta for n in bw_nodes)
 
 
+@pytest.mark.expect_fallback("shares memory with another input")
 def test_mutated_input_sharing_memory_with_another_input_matches_eager():
     def f(x, y):
         x.add_(1)
@@ -328,7 +331,7 @@ def test_mutated_input_sharing_memory_with_another_input_matches_eager():
     base = torch.zeros(4)
     ref = f(base, base[:2])
     base = torch.zeros(4)
-    with pytest.warns(UserWarning, match="shares memory"):
+    with pytest.warns(FallbackWarning, match="shares memory"):
         out = aot_function(f, nop)(base, base[:2])
     torch.testing.assert_close(out, ref)
     torch.testing.assert_close(aot_function(f, nop)(torch.zeros(4), torch.zeros(2)), torch.zeros(2))
@@ -343,6 +346,7 @@ def test_mutated_input_sharing_memory_with_another_input_matches_eager():
     torch.testing.assert_close(g(base, base[:2])[0], ref)
 
 
+@pytest.mark.expect_fallback("is not an argument")
 def test_closed_over_tensor_requiring_grad_runs_eagerly_with_its_grad():
     w = torch.randn(3, requires_grad=True)
 
@@ -350,7 +354,7 @@ def test_closed_over_tensor_requiring_grad_runs_eagerly_with_its_grad():
         return (x * w).sum()
 
     x = torch.randn(3)
-    with pytest.warns(UserWarning, match="not an argument"):
+    with pytest.warns(FallbackWarning, match="not an argument"):
         out = aot_function(f, nop)(x)
     out.backward()
     torch.testing.assert_close(w.grad, x)

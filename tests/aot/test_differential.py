@@ -4,7 +4,9 @@ Every case in cases.py runs eagerly and through kiln.aot under three setups
 (aot_function / aot_module with nop compilers and the default partitioner;
 the same with PyTorch's core ATen decompositions and the min-cut partitioner;
 aot_module_simplified), and must give the same outputs, gradients, input and
-buffer mutations, requires_grad / grad_fn and grad mode.
+buffer mutations, requires_grad / grad_fn and grad mode.  The compilers count their
+calls: a case passes only if kiln.aot really compiled it (a forward or inference graph
+reached the compiler), not because it fell back to eager.
 """
 from __future__ import annotations
 
@@ -62,17 +64,28 @@ def _build(name):
     return fn, args
 
 
-def _compile(fn, args, setup):
+class _Counting:
+    """``nop`` that counts the graphs it is given."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def __call__(self, gm, example_inputs):
+        self.calls += 1
+        return nop(gm, example_inputs)
+
+
+def _compile(fn, args, setup, compiler=nop):
     kw = {}
     if setup == "decomp_mincut":
         kw = dict(partition_fn=min_cut_rematerialization_partition, decompositions=_decomps())
     if isinstance(fn, torch.nn.Module):
         if setup == "simplified":
-            return _simplified(fn, args)
-        return aot_module(fn, nop, **kw)
+            return _simplified(fn, args, compiler)
+        return aot_module(fn, compiler, **kw)
     if setup == "simplified":
-        return _simplified(_FnModule(fn), args)
-    return aot_function(fn, nop, **kw)
+        return _simplified(_FnModule(fn), args, compiler)
+    return aot_function(fn, compiler, **kw)
 
 
 class _FnModule(torch.nn.Module):
@@ -84,7 +97,7 @@ class _FnModule(torch.nn.Module):
         return self.fn(*args)
 
 
-def _simplified(mod, args):
+def _simplified(mod, args, compiler=nop):
     assert all(isinstance(a, torch.Tensor) for a in args), "see _applicable"
 
     class Flat(torch.nn.Module):
@@ -97,7 +110,7 @@ def _simplified(mod, args):
             return tuple(pytree.tree_leaves(out))
 
     flat = Flat()
-    compiled = aot_module_simplified(flat, list(args), nop)
+    compiled = aot_module_simplified(flat, list(args), compiler)
 
     def run(*a):
         out = mod(*a) if False else compiled(*a)
@@ -174,9 +187,11 @@ def test_matches_eager(name, setup):
         c_args = _clone(args[:1]) * 2
     else:
         e_args, c_args = _clone(args), _clone(args)
-    compiled = _compile(c_fn, c_args, setup)
+    counter = _Counting()
+    compiled = _compile(c_fn, c_args, setup, counter)
     e_outs, e_grad_mode = _run(e_fn, e_args, e_fn)
     c_outs, c_grad_mode = _run(c_fn, c_args, compiled)
+    assert counter.calls > 0, f"{name}: kiln.aot compiled no graph (it ran eagerly)"
     _assert_same(e_outs, c_outs, "outputs")
     assert e_grad_mode == c_grad_mode, "grad mode after the call"
     tensor_pairs = [(x, y) for x, y in zip(e_outs, c_outs) if isinstance(x, torch.Tensor)]

@@ -93,6 +93,8 @@ def test_sampled_op_matches_eager(name, setup):
     report = sweep([op], aot_kwargs=_SETUPS[setup]())
     bad = [r for r in report.results if r.status in ("mismatch", "error")]
     assert not bad, "; ".join(f"[{r.index}] {r.status}: {r.reason}" for r in bad)
+    new_fallbacks = set(report.fallback_ops()) - set(EAGER_FALLBACK_OPS)
+    assert not new_fallbacks, {k: report.fallback_ops()[k] for k in new_fallbacks}
 
 
 @pytest.mark.parametrize("setup", ["nop", pytest.param("decomp_mincut", marks=pytest.mark.slow)])

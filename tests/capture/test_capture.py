@@ -222,6 +222,7 @@ def test_autograd_function_apply():
     assert torch.allclose(x.grad, torch.full((3,), 2.0))
 
 
+@pytest.mark.expect_fallback("cannot rebuild NestedFunctionVT")
 def test_register_hook_on_input_is_replayed():
     def f(x, y):
         x.register_hook(lambda g: g * 3)
@@ -306,6 +307,7 @@ def test_guard_failure_recompiles_and_reports():
     assert "dtype mismatch" in reasons[-1]
 
 
+@pytest.mark.expect_fallback("reached cache_size_limit (2)")
 def test_cache_limit_falls_back_to_eager_with_one_warning():
     cc = CompileCounter()
     opt = kiln.optimize(cc)(lambda x, n: x + n)
@@ -671,6 +673,7 @@ def test_autocast_state_is_guarded():
     assert reasons[0] == "GLOBAL_STATE changed: autocast (expected disabled)"
 
 
+@pytest.mark.expect_fallback("generator or coroutine function")
 def test_a_function_that_runs_eagerly_says_why_in_explain():
     """A frame kiln cannot capture at all runs eagerly, and explain names it with the reason
     (a model reported with zero graphs must not look like a fast compile)."""

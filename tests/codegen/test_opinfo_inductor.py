@@ -43,18 +43,35 @@ KNOWN_FAILING: dict[str, str] = {
 INTENDED_FALLBACKS = ("no codegen for dtype torch.complex",)
 
 
+_SEEN: list = []  # codegen fallbacks recorded while compiling the current op's graphs
+
+
+def _watched(compiler):
+    # NOTE: sweep_lib takes fallbacks out of kiln's record (fallbacks.taken()); the codegen
+    # fallbacks are read here, while they are still in it.
+    def compile_and_watch(gm, example_inputs):
+        since = fallbacks.mark()
+        out = compiler(gm, example_inputs)
+        _SEEN.extend(r for r in fallbacks.recorded(since) if r.stage == "codegen")
+        return out
+
+    return compile_and_watch
+
+
 @contextlib.contextmanager
 def codegen_sweep():
     """sweep_lib's aot_function calls compiled with codegen, as the inductor backend does."""
     patches = {"profitability_check": False}
-    fw = compile_fx_mod._graph_compiler("forward", -1, patches, None)
-    kwargs = dict(bw_compiler=compile_fx_mod._graph_compiler("backward", -1, patches, None),
-                  inference_compiler=compile_fx_mod._graph_compiler("inference", -1, patches, None),
+
+    def compiler(kind):
+        return _watched(compile_fx_mod._graph_compiler(kind, -1, patches, None))
+
+    kwargs = dict(bw_compiler=compiler("backward"), inference_compiler=compiler("inference"),
                   decompositions=compile_fx_mod._decomposition_table(),
                   partition_fn=compile_fx_mod.partition_fn())
     # NOTE: sweep_lib passes its module-level ``nop`` as the forward compiler.
     saved = sweep_lib.nop
-    sweep_lib.nop = fw
+    sweep_lib.nop = compiler("forward")
     try:
         yield kwargs
     finally:
@@ -69,13 +86,12 @@ def run(ops: list, verbose: bool = False):
     results = []
     with codegen_sweep() as kwargs:
         for op in ops:
-            since = fallbacks.mark()
+            _SEEN.clear()
             rep = sweep_lib.sweep([op], aot_kwargs=kwargs, verbose=verbose)
             results += rep.results
-            recs = [r for r in fallbacks.recorded(since) if r.stage == "codegen"]
-            intended = [r for r in recs if any(w in r.why for w in INTENDED_FALLBACKS)]
+            intended = [r for r in _SEEN if any(w in r.why for w in INTENDED_FALLBACKS)]
             run.intended += len(intended)
-            recs = [r for r in recs if r not in intended]
+            recs = [r for r in _SEEN if r not in intended]
             if recs:
                 fell[op_name(op)] = recs[0].why.splitlines()[0][:200]
     report = sweep_lib.SweepReport(results)

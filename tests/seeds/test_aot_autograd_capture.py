@@ -383,6 +383,7 @@ def test_arg_dupe_via_dynamo_recompiles_many_args():
     _dupe_case(F, (a3, b3, c3, c3), (a4, b4, c4, d4), "L['c'] is L['d']")
 
 
+@pytest.mark.expect_fallback("shares memory with another input")
 def test_alias_inputs():
     def fn():
         a = torch.tensor([1])
@@ -433,6 +434,7 @@ def test_nn_parameter_construction():
     assert same(fn(x), opt_fn(x))
 
 
+@pytest.mark.expect_fallback("kiln.codegen is not built yet", required=False)
 def test_aot_grad_mode_mutation():
     for compiler in ["aot_eager", "inductor"]:
         def f(x):

@@ -167,6 +167,7 @@ def test_ts_backend_scripts_graph():
     assert same(compiled(*inputs), _fn(*inputs))
 
 
+@pytest.mark.expect_fallback("TorchScript could not script the graph")
 def test_ts_backend_falls_back_when_unscriptable():
     def fn(x):
         return torch.sin(x) + 1
@@ -185,6 +186,7 @@ def test_ts_backend_falls_back_when_unscriptable():
     assert any("running it eagerly" in str(w.message) for w in caught)
 
 
+@pytest.mark.expect_fallback("the inputs are not CUDA tensors")
 def test_cudagraphs_on_cpu_runs_eagerly_and_says_so():
     gm, inputs = _graph_and_inputs()
     import kiln.backends.cudagraphs as cg
@@ -325,7 +327,11 @@ def test_aot_autograd_api_runs_compiler():
     assert seen
 
 
-@pytest.mark.parametrize("name", ["aot_eager", "aot_eager_decomp_partition", "aot_ts", "inductor", "cudagraphs"])
+@pytest.mark.parametrize("name", [
+    "aot_eager", "aot_eager_decomp_partition", "aot_ts",
+    pytest.param("inductor", marks=pytest.mark.expect_fallback("kiln.codegen is not built yet", required=False)),
+    pytest.param("cudagraphs", marks=pytest.mark.expect_fallback("the inputs are not CUDA tensors")),
+])
 def test_aot_backends_through_torch_compile_with_grads(name):
     torch._dynamo.reset()
     model = Seq()
@@ -358,6 +364,7 @@ def _has(mod: str) -> bool:
     return importlib.util.find_spec(mod) is not None
 
 
+@pytest.mark.expect_fallback("an ONNX session has no backward")
 @pytest.mark.skipif(not (_has("onnxruntime") and _has("onnx")), reason="needs the optional onnxruntime engine (pip install onnxruntime onnx)")
 def test_onnxrt_runs_graph_and_falls_back_for_autograd():
     gm, inputs = _graph_and_inputs()

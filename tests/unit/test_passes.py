@@ -79,8 +79,39 @@ def test_aot_graphs_are_logged_and_verified(monkeypatch, capsys):
     out = aot_function(f, nop)(x.clone())
     out.sum().backward()
     err = capsys.readouterr().err
-    assert "[kiln aot] after joint" in err and "[kiln aot] after forward" in err
-    assert "[kiln aot] after backward" in err
+    assert "[kiln aot] after joint" in err and "[kiln aot] after partition" in err
+    assert "class fw_graph" in err and "class bw_graph" in err
+    assert "[kiln aot] after compile" in err
+
+
+def test_kiln_logs_functionalize_prints_the_functional_graph(monkeypatch, capsys):
+    from kiln.aot import aot_function, nop
+
+    monkeypatch.setenv("KILN_LOGS", "functionalize")
+
+    def f(x):
+        x.mul_(2)
+        return x.sin()
+
+    aot_function(f, nop)(torch.randn(3))
+    err = capsys.readouterr().err
+    assert "[kiln functionalize] after input" in err and "[kiln functionalize] after dce" in err
+    # the traced graph is functional: mul_ became mul, the mutated value is returned
+    assert "aten.mul.Tensor" in err and "aten.mul_" not in err
+    assert "[kiln aot]" not in err
+
+
+def test_kiln_logs_aot_partition_prints_forward_and_backward_only(monkeypatch, capsys):
+    from kiln.aot import aot_function, nop
+
+    monkeypatch.setenv("KILN_LOGS", "aot.partition")
+    x = torch.randn(3, requires_grad=True)
+    aot_function(lambda x: x.sin() * 2, nop)(x).sum().backward()
+    err = capsys.readouterr().err
+    assert err.count("=====") == 2 and "[kiln aot] after partition" in err
+    fw, bw = err.split("class fw_graph")[1].split("class bw_graph")
+    assert "aten.sin" in fw and "aten.cos" not in fw
+    assert "aten.cos" in bw and "tangents_1" in bw
 
 
 def test_capture_graph_is_logged(monkeypatch, capsys):

@@ -140,17 +140,14 @@ class UserObjectVT(PendingAttrs, VT):
         if name in pend:
             return pend[name]
         cls = type(self.obj)
-        custom = not isinstance(inspect.getattr_static(cls, "__getattribute__"), types.WrapperDescriptorType)
-        if custom or "__getattr__" in dir(cls):
+        if _custom_getattr(cls):
             # NOTE: read through the real getattr (assumed side-effect free, like config
             # objects); the guard re-reads the same expression on every call.
             return tx.wrap(getattr(self.obj, name), self.source.attr(name))
         d = getattr(self.obj, "__dict__", {})
         if name in d:
             return tx.wrap(d[name], self.source.attr(name))
-        if (self.obj is os.environ and name in ("get", "__getitem__", "__contains__")) or (
-                isinstance(self.obj, dict) and name in _DICT_READS
-                and getattr(cls, name) in (getattr(dict, name), getattr(collections.OrderedDict, name, None))):
+        if (self.obj is os.environ and name in ("get", "__getitem__", "__contains__")) or _dict_read(self.obj, name):
             from .callables import BoundMethodVT
 
             return BoundMethodVT(self, name)
@@ -190,6 +187,12 @@ class UserObjectVT(PendingAttrs, VT):
                 k = args[0].const()
                 if k in dict_keys(tx, self):
                     return dict_item(tx, self, k)
+                unsupported(f"{self.source.name}[{k!r}] of a missing key",
+                            why="the lookup raises KeyError, which capture does not raise in the graph")
+        if _dict_read(self.obj, name) and not _custom_getattr(type(self.obj)):
+            # NOTE: getattr hands dict's own reads back to call_method; one not handled above
+            # must break the graph here, not ask getattr again (endless recursion).
+            unsupported(f"{type(self.obj).__name__}.{name} on {self}")
         return super().call_method(tx, name, args, kwargs)
 
     def call(self, tx, args: list, kwargs: dict) -> VT:
@@ -322,6 +325,18 @@ __all__ = ["NNModuleVT", "UserObjectVT", "GradModeVT", "GradExitVT", "NullContex
 
 
 _DICT_READS = ("keys", "values", "items", "get", "__contains__", "__getitem__")
+
+
+def _custom_getattr(cls: type) -> bool:
+    """``cls`` overrides attribute lookup (``__getattribute__`` or ``__getattr__``)."""
+    custom = not isinstance(inspect.getattr_static(cls, "__getattribute__"), types.WrapperDescriptorType)
+    return custom or "__getattr__" in dir(cls)
+
+
+def _dict_read(obj: Any, name: str) -> bool:
+    """``obj.name`` is one of dict's own reads (getattr hands it to call_method)."""
+    return isinstance(obj, dict) and name in _DICT_READS and getattr(type(obj), name) in (
+        getattr(dict, name), getattr(collections.OrderedDict, name, None))
 
 
 def _plain_dict(obj: Any) -> bool:
