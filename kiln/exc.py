@@ -165,6 +165,10 @@ class KernelCompileError(CodegenError):
     """Generated kernel source did not compile (names the source file and ATen nodes)."""
 
 
+class InvalidOption(KilnError, ValueError):
+    """An unknown compile option or mode, or a value of the wrong type (lists the known ones)."""
+
+
 class FallbackWarning(UserWarning):
     """Some part of a program ran eagerly (or on a slower path) instead of compiled.
 
@@ -210,6 +214,7 @@ __all__ = [
     "CodegenError",
     "CompilerNotFound",
     "KernelCompileError",
+    "InvalidOption",
     "user_location",
     "user_frame_summary",
     "format_location",

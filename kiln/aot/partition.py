@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import operator
 import sys
-from typing import Iterable, Optional
+from typing import Callable, Iterable, Optional
 
 import torch
 import torch.fx as fx
@@ -163,6 +163,10 @@ _CHEAP_PACKETS = {
 }
 
 
+# NOTE: public name of the default policy, for backends that narrow or widen it.
+recomputable = _recomputable
+
+
 def _size(n: fx.Node) -> float:
     val = n.meta.get("val")
     if isinstance(val, torch.Tensor):
@@ -175,8 +179,15 @@ def _size(n: fx.Node) -> float:
 
 def min_cut_rematerialization_partition(joint_module: fx.GraphModule, _joint_inputs=None, *,
                                         num_fwd_outputs: int, compiler: str = "inductor",
+                                        recomputable: Optional[Callable[[fx.Node], bool]] = None,
                                         **kwargs) -> tuple[fx.GraphModule, fx.GraphModule]:
-    """Save a minimum-size set of forward values; recompute cheap ops in backward."""
+    """Save a minimum-size set of forward values; recompute cheap ops in backward.
+
+    ``recomputable(node) -> bool`` is the policy of which ops backward may recompute
+    (default :func:`recomputable`); a backend passes its own with ``functools.partial``
+    (codegen: ops it fuses into kernels for free).
+    """
+    recomputable = recomputable or _recomputable
     primals, tangents, fw_outs, bw_outs = _split_io(joint_module, num_fwd_outputs)
     tangent_side = _descendants(tangents)
     fw_nodes = _with_getitems(_ancestors(fw_outs) | set(primals))
@@ -188,7 +199,7 @@ def min_cut_rematerialization_partition(joint_module: fx.GraphModule, _joint_inp
         if n.op == "output" or n in tangent_side or n not in (needed | fw_nodes):
             continue
         cap = _size(n) + (1e15 if n.name in banned else 0.0)
-        if n.op == "placeholder" or not _recomputable(n):
+        if n.op == "placeholder" or not recomputable(n):
             net.add_edge("source", (n, "in"), INF)
         net.add_edge((n, "in"), (n, "out"), cap)
         for u in n.users:
@@ -213,4 +224,4 @@ def min_cut_rematerialization_partition(joint_module: fx.GraphModule, _joint_inp
     return _finish(joint_module, primals, tangents, fw_outs, bw_outs, saved)
 
 
-__all__ = ["default_partition", "min_cut_rematerialization_partition", "extract_graph"]
+__all__ = ["default_partition", "min_cut_rematerialization_partition", "extract_graph", "recomputable"]

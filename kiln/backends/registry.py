@@ -22,8 +22,8 @@ import torch
 from kiln.exc import InvalidBackend, user_location
 
 # The backend kiln.compile and kiln.optimize use when none is given (README says the same).
-# NOTE: becomes "inductor" once codegen/ lands; this line is the one place to change.
-DEFAULT_BACKEND = "aot_eager"
+# NOTE: this line is the one place to change it.
+DEFAULT_BACKEND = "inductor"
 
 CompiledFn = Callable[..., Any]
 CompilerFn = Callable[[torch.fx.GraphModule, list], CompiledFn]

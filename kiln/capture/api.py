@@ -20,6 +20,9 @@ def _resolve_backend(backend: Any, mode: Optional[str] = None, options: Optional
     fn = lookup_backend(backend)
     name = backend_name(backend)
     extra = {k: v for k, v in (("mode", mode), ("options", options)) if v is not None}
+    check = getattr(fn, "check_options", None)
+    if extra and check is not None:
+        check(**extra)  # NOTE: a misspelled option fails here, not at the first call
     if extra:
         inner = fn
         fn = lambda gm, ex: inner(gm, ex, **extra)  # noqa: E731
@@ -139,3 +142,6 @@ def reset() -> None:
     from .cache import reset_all
 
     reset_all()
+    from kiln.codegen import metrics  # NOTE: lazy: codegen is a later stage
+
+    metrics.reset()

@@ -12,7 +12,7 @@ from kiln.settings import make_patch
 # Which printer generates kernels for CPU tensors: "cpp" (C++/OpenMP) or "triton"
 # (Triton kernels; on CPU tensors they run under TRITON_INTERPRET=1).
 cpu_backend: str = "cpp"
-# The C++ compiler: None finds one ($CXX, then g++, then clang++).
+# The C++ compiler: None uses $CXX when set, else the first of g++, clang++ that works.
 cpp_compiler: str | None = None
 # Optimisation flags; "-march=native" is added where the compiler accepts it.
 cpp_opt_flags: str = "-O3"

@@ -1,18 +1,47 @@
-"""Counters of the code generator, with PyTorch's meaning.
+"""Counters of the code generator, with PyTorch's meaning where PyTorch has one.
 
 ``generated_kernel_count``: kernels generated (fused loops, not extern calls) since the
-last ``reset()``; ``kiln.reset()`` resets it too.
+last ``reset()``; ``kiln.reset()`` calls ``reset()`` too.
+
+The others: graphs compiled to generated code (``graphs_compiled``) and graphs whose
+eager ATen run was kept because it timed faster (``graphs_kept_eager``); C++ compiler
+runs (``cpp_compile_count``), libraries loaded from disk (``cache_disk_hits``) or from
+this process (``cache_memory_hits``), corrupt cache entries rebuilt
+(``cache_corrupt_count``); and ``profitability_decisions``, one
+:class:`kiln.codegen.profitability.Decision` per graph timed (what ``KILN_LOGS=codegen``
+prints).
 """
 from __future__ import annotations
 
+from typing import Any
+
 generated_kernel_count: int = 0
-# graphs compiled to generated code, and graphs whose eager ATen run was kept instead
 graphs_compiled: int = 0
 graphs_kept_eager: int = 0
+cpp_compile_count: int = 0
+cache_disk_hits: int = 0
+cache_memory_hits: int = 0
+cache_corrupt_count: int = 0
+profitability_decisions: list[Any] = []
 
 
 def reset() -> None:
-    global generated_kernel_count, graphs_compiled, graphs_kept_eager
+    """Set every counter to zero and forget the recorded decisions."""
+    global generated_kernel_count, graphs_compiled, graphs_kept_eager, cpp_compile_count
+    global cache_disk_hits, cache_memory_hits, cache_corrupt_count
     generated_kernel_count = 0
     graphs_compiled = 0
     graphs_kept_eager = 0
+    cpp_compile_count = 0
+    cache_disk_hits = 0
+    cache_memory_hits = 0
+    cache_corrupt_count = 0
+    profitability_decisions.clear()
+
+
+def snapshot() -> dict[str, int]:
+    """The counters now, as a dict (for tests and benchmarks)."""
+    return {k: v for k, v in globals().items() if isinstance(v, int) and not k.startswith("_")}
+
+
+__all__ = ["reset", "snapshot"]

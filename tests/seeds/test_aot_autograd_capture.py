@@ -434,7 +434,6 @@ def test_nn_parameter_construction():
     assert same(fn(x), opt_fn(x))
 
 
-@pytest.mark.expect_fallback("kiln.codegen is not built yet", required=False)
 def test_aot_grad_mode_mutation():
     for compiler in ["aot_eager", "inductor"]:
         def f(x):

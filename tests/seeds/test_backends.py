@@ -164,7 +164,6 @@ def test_mps_not_supported():
         kiln.compile(model, backend="inductor")(example_input)
 
 
-@pytest.mark.expect_fallback("kiln.codegen is not built yet", required=False)
 def test_explain_with_backend():
     def fn3(x):
         x = torch.sin(x)
@@ -240,7 +239,6 @@ def test_aot_autograd_api():
     assert backend_run
 
 
-@pytest.mark.expect_fallback("kiln.codegen is not built yet", required=False)
 def test_lookup_backend():
     from kiln import list_backends, lookup_backend
 

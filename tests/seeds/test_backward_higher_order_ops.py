@@ -34,7 +34,6 @@ def test_invoke_in_eager():
     assert torch.equal(x.grad, y * grad_out)
 
 
-@pytest.mark.expect_fallback("kiln.codegen is not built yet", required=False)
 def test_invoke_in_pt2():
     for backend in ["eager", "aot_eager", "inductor"]:
         kiln.reset()

@@ -153,14 +153,16 @@ def test_compile_aot_eager(capfd):
     assert torch.allclose(res, _print_twice(*inputs))
 
 
-@pytest.mark.expect_fallback("kiln.codegen is not built yet", required=False)
+# NOTE: codegen does not compile graphs with effect tokens yet (the graph's ATen ops run eagerly)
+@pytest.mark.expect_fallback("cannot call kiln.ops.with_effects", required=False)
 def test_compile_inductor():
     inputs = (torch.randn(2, 3),)
     res = kiln.compile(_print_twice, backend="inductor")(*inputs)
     assert torch.allclose(res, _print_twice(*inputs))
 
 
-@pytest.mark.expect_fallback("kiln.codegen is not built yet", required=False)
+# NOTE: codegen takes functional graphs; a custom op that writes its argument runs eagerly
+@pytest.mark.expect_fallback("codegen takes functional graphs", required=False)
 def test_compile_inductor_external_op_return_none():
     with torch.library._scoped_library("mylib", "FRAGMENT") as lib:
         torch.library.define("mylib::inplace_add", "(Tensor input, Tensor(a!) output) -> ()", lib=lib)

@@ -329,7 +329,7 @@ def test_aot_autograd_api_runs_compiler():
 
 @pytest.mark.parametrize("name", [
     "aot_eager", "aot_eager_decomp_partition", "aot_ts",
-    pytest.param("inductor", marks=pytest.mark.expect_fallback("kiln.codegen is not built yet", required=False)),
+    "inductor",
     pytest.param("cudagraphs", marks=pytest.mark.expect_fallback("the inputs are not CUDA tensors")),
 ])
 def test_aot_backends_through_torch_compile_with_grads(name):

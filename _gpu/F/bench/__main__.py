@@ -1,4 +1,0 @@
-"""Entry point for ``python -m bench``."""
-from bench.cli import main
-
-main()

@@ -1,0 +1,540 @@
+"""kiln.codegen.cpp.printer: scheduled kernels -> C++/OpenMP source.
+
+In:  :class:`kiln.codegen.schedule.Kernel` groups and the graph's buffers.
+Out: one translation unit (``extern "C"`` functions taking pointers, int64 sizes and a
+thread count) and, per kernel, its argument list.
+
+The outer loops run under ``#pragma omp parallel for`` when the work is large enough
+(:data:`PARALLEL_MIN_WORK` elements; otherwise serially: thread start-up costs more);
+innermost loops are ``#pragma omp simd`` (with ``reduction(+:acc)`` clauses for sums).
+float16/bfloat16 are stored as 16-bit integers and computed in float (bit-level
+conversion helpers below).  Expressions are printed once per loop body (CSE).
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import sympy
+import torch
+
+from kiln.codegen import ir
+from kiln.codegen.ir import Const, FloorDiv, IndexValue, Load, ModIndex, Op
+
+# NOTE: below this many elements of work a kernel runs on one thread: waking OpenMP
+# threads costs a few microseconds, more than the loop itself.
+PARALLEL_MIN_WORK = 32768
+
+CTYPES = {
+    torch.float32: "float", torch.float64: "double", torch.float16: "uint16_t",
+    torch.bfloat16: "uint16_t", torch.int64: "int64_t", torch.int32: "int32_t",
+    torch.int16: "int16_t", torch.int8: "int8_t", torch.uint8: "uint8_t", torch.bool: "bool",
+}
+
+PRELUDE = r"""
+#include <cstdint>
+#include <cmath>
+#include <algorithm>
+#include <limits>
+#include <omp.h>
+#include <cstring>
+
+static inline float kiln_h2f(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff, bits;
+    if (exp == 0) {
+        if (man == 0) { bits = sign; }
+        else { int e = -1; do { e++; man <<= 1; } while ((man & 0x400) == 0);
+               bits = sign | ((uint32_t)(127 - 15 - e) << 23) | ((man & 0x3ff) << 13); }
+    } else if (exp == 0x1f) { bits = sign | 0x7f800000u | (man << 13); }
+    else { bits = sign | ((exp + 112) << 23) | (man << 13); }
+    float f; std::memcpy(&f, &bits, 4); return f;
+}
+static inline uint16_t kiln_f2h(float f) {
+    uint32_t x; std::memcpy(&x, &f, 4);
+    uint32_t sign = (x >> 16) & 0x8000; int32_t exp = ((x >> 23) & 0xff); uint32_t man = x & 0x7fffff;
+    if (exp == 0xff) return (uint16_t)(sign | 0x7c00 | (man ? 0x200 : 0));
+    int32_t e = exp - 127 + 15;
+    if (e >= 0x1f) return (uint16_t)(sign | 0x7c00);
+    if (e <= 0) {
+        if (e < -10) return (uint16_t)sign;
+        man |= 0x800000; uint32_t shift = (uint32_t)(14 - e);
+        uint32_t half = man >> shift, rem = man & ((1u << shift) - 1), mid = 1u << (shift - 1);
+        if (rem > mid || (rem == mid && (half & 1))) half++;
+        return (uint16_t)(sign | half);
+    }
+    uint32_t half = sign | ((uint32_t)e << 10) | (man >> 13), rem = man & 0x1fff;
+    if (rem > 0x1000 || (rem == 0x1000 && (half & 1))) half++;
+    return (uint16_t)half;
+}
+static inline float kiln_bf2f(uint16_t h) { uint32_t b = (uint32_t)h << 16; float f; std::memcpy(&f, &b, 4); return f; }
+static inline uint16_t kiln_f2bf(float f) {
+    uint32_t x; std::memcpy(&x, &f, 4);
+    if ((x & 0x7fffffff) > 0x7f800000) return (uint16_t)((x >> 16) | 0x40);
+    x += 0x7fff + ((x >> 16) & 1); return (uint16_t)(x >> 16);
+}
+template <typename T> static inline T kiln_max(T a, T b) { return (a != a) ? a : ((b != b) ? b : (a > b ? a : b)); }
+template <typename T> static inline T kiln_min(T a, T b) { return (a != a) ? a : ((b != b) ? b : (a < b ? a : b)); }
+template <typename T> static inline T kiln_floordiv_int(T a, T b) {
+    if (b == 0) return 0;
+    T q = a / b; if ((a % b != 0) && ((a < 0) != (b < 0))) q -= 1; return q;
+}
+template <typename T> static inline T kiln_mod_int(T a, T b) {
+    if (b == 0) return 0;
+    T r = a % b; if (r != 0 && ((r < 0) != (b < 0))) r += b; return r;
+}
+template <typename T> static inline T kiln_truncdiv_int(T a, T b) { return b == 0 ? 0 : a / b; }
+template <typename T> static inline T kiln_mod_float(T a, T b) {
+    T r = std::fmod(a, b); if (r != 0 && ((r < 0) != (b < 0))) r += b; return r;
+}
+template <typename T> static inline T kiln_floordiv_float(T a, T b) {
+    if (b == 0) return a / b;
+    T m = std::fmod(a, b); T d = (a - m) / b;
+    if (m != 0 && ((b < 0) != (m < 0))) d -= 1;
+    if (d == 0) return std::copysign(T(0), a / b);
+    T f = std::floor(d); if (d - f > T(0.5)) f += 1; return f;
+}
+template <typename T> static inline T kiln_pow_int(T a, T b) {
+    if (b < 0) return (a == 1) ? 1 : ((a == -1) ? ((b & 1) ? -1 : 1) : 0);
+    T r = 1; while (b) { if (b & 1) r *= a; a *= a; b >>= 1; } return r;
+}
+static inline int64_t kiln_wrap(int64_t i, int64_t n) { return i < 0 ? i + n : i; }
+"""
+
+
+def cpp_type(dt: torch.dtype) -> str:
+    return CTYPES[dt]
+
+
+def index_str(e) -> str:
+    """An integer sympy expression as C++ (int64 arithmetic)."""
+    e = sympy.sympify(e)
+    if e.is_Integer:
+        v = int(e)
+        return f"INT64_C({v})" if abs(v) > 2 ** 31 - 1 else str(v)
+    if e.is_Symbol:
+        return e.name
+    if isinstance(e, FloorDiv):
+        return f"({index_str(e.args[0])} / {index_str(e.args[1])})"
+    if isinstance(e, ModIndex):
+        return f"({index_str(e.args[0])} % {index_str(e.args[1])})"
+    if e.is_Add:
+        terms = sorted(e.args, key=lambda t: (t.is_Integer, str(t)))
+        return "(" + " + ".join(index_str(t) for t in terms) + ")"
+    if e.is_Mul:
+        num = [a for a in e.args if not (a.is_Rational and not a.is_Integer)]
+        if len(num) != len(e.args):
+            raise ValueError(f"non-integer index {e}")
+        return "(" + " * ".join(index_str(a) for a in num) + ")"
+    if e.is_Pow and e.args[1].is_Integer and int(e.args[1]) > 0:
+        return "(" + " * ".join([index_str(e.args[0])] * int(e.args[1])) + ")"
+    if isinstance(e, sympy.Max):
+        return _fold("std::max<int64_t>", e.args)
+    if isinstance(e, sympy.Min):
+        return _fold("std::min<int64_t>", e.args)
+    if isinstance(e, sympy.floor) and e.args[0].is_Mul:
+        num, den = sympy.fraction(e.args[0])
+        return f"({index_str(num)} / {index_str(den)})"
+    raise ValueError(f"cannot print index {e}")
+
+
+def _fold(fn, args):
+    s = index_str(args[0])
+    for a in args[1:]:
+        s = f"{fn}({s}, {index_str(a)})"
+    return s
+
+
+def const_str(value, dt: torch.dtype) -> str:
+    t = cpp_type(dt)
+    if dt == torch.bool:
+        return "true" if value else "false"
+    if dt.is_floating_point:
+        v = float(value)
+        if math.isnan(v):
+            return f"std::numeric_limits<{t}>::quiet_NaN()"
+        if math.isinf(v):
+            return f"{'-' if v < 0 else ''}std::numeric_limits<{t}>::infinity()"
+        s = repr(v)
+        return f"{s}f" if dt == torch.float32 else s
+    v = int(value)
+    if dt == torch.int64:
+        if v == -2 ** 63:
+            return "std::numeric_limits<int64_t>::min()"
+        return f"INT64_C({v})"
+    return f"static_cast<{t}>({v})"
+
+
+def _is_float(dt):
+    return dt.is_floating_point
+
+
+def op_str(name: str, a: list, args: tuple, dt: torch.dtype) -> str:
+    """C++ for Op ``name`` with printed operands ``a`` (exprs ``args``), result dtype dt."""
+    t = cpp_type(dt)
+    ad = args[0].dtype if args else dt
+    f = _is_float(ad)
+    simple = {"add": "+", "sub": "-", "mul": "*", "eq": "==", "ne": "!=", "lt": "<",
+              "le": "<=", "gt": ">", "ge": ">=", "logical_and": "&&", "logical_or": "||",
+              "bitwise_and": "&", "bitwise_or": "|", "bitwise_xor": "^", "lshift": "<<",
+              "rshift": ">>"}
+    if name in simple:
+        if dt == torch.bool and name in ("add", "mul"):
+            return f"({a[0]} {'||' if name == 'add' else '&&'} {a[1]})"
+        if dt in (torch.int8, torch.int16, torch.uint8, torch.int32) and name in ("add", "sub", "mul", "lshift"):
+            return f"static_cast<{t}>({a[0]} {simple[name]} {a[1]})"
+        return f"({a[0]} {simple[name]} {a[1]})"
+    if name == "logical_xor":
+        return f"({a[0]} != {a[1]})"
+    if name == "neg":
+        return f"static_cast<{t}>(-{a[0]})"
+    if name == "truediv":
+        return f"({a[0]} / {a[1]})"
+    if name == "cast":
+        if dt == torch.bool:
+            return f"({a[0]} != 0)"
+        return f"static_cast<{t}>({a[0]})"
+    if name == "where":
+        return f"({a[0]} ? {a[1]} : {a[2]})"
+    if name in ("maximum", "minimum"):
+        fn = "kiln_max" if name == "maximum" else "kiln_min"
+        if not f:
+            fn = "std::max" if name == "maximum" else "std::min"
+        return f"{fn}<{t}>({a[0]}, {a[1]})"
+    if name == "relu":
+        return f"kiln_max<{t}>({a[0]}, {const_str(0, dt)})" if f else f"std::max<{t}>({a[0]}, 0)"
+    if name == "sigmoid":
+        one = const_str(1, dt)
+        return f"({one} / ({one} + std::exp(-{a[0]})))"
+    if name == "rsqrt":
+        return f"({const_str(1, dt)} / std::sqrt({a[0]}))"
+    if name == "reciprocal":
+        return f"({const_str(1, dt)} / {a[0]})"
+    if name == "abs":
+        return f"std::abs({a[0]})" if f or dt == torch.int64 or dt == torch.int32 else \
+            (a[0] if dt in (torch.bool, torch.uint8) else f"static_cast<{t}>(std::abs({a[0]}))")
+    if name == "sign":
+        if dt == torch.bool:
+            return a[0]
+        return f"static_cast<{t}>(({const_str(0, dt)} < {a[0]}) - ({a[0]} < {const_str(0, dt)}))" \
+            if not f else f"(({a[0]} != {a[0]}) ? {a[0]} : static_cast<{t}>((0 < {a[0]}) - ({a[0]} < 0)))"
+    if name in ("floor", "ceil", "trunc", "round", "frac") and not f:
+        return a[0] if name != "frac" else const_str(0, dt)
+    if name == "round":
+        return f"std::nearbyint({a[0]})"
+    if name == "frac":
+        return f"({a[0]} - std::trunc({a[0]}))"
+    if name == "bitwise_not":
+        return f"static_cast<{t}>(~{a[0]})"
+    if name == "logical_not":
+        return f"(!{a[0]})"
+    if name == "floordiv":
+        return f"kiln_floordiv_float<{t}>({a[0]}, {a[1]})" if f else f"kiln_floordiv_int<{t}>({a[0]}, {a[1]})"
+    if name == "truncdiv":
+        return f"std::trunc({a[0]} / {a[1]})" if f else f"kiln_truncdiv_int<{t}>({a[0]}, {a[1]})"
+    if name == "mod":
+        return f"kiln_mod_float<{t}>({a[0]}, {a[1]})" if f else f"kiln_mod_int<{t}>({a[0]}, {a[1]})"
+    if name == "fmod":
+        return f"std::fmod({a[0]}, {a[1]})" if f else f"({a[1]} == 0 ? 0 : {a[0]} % {a[1]})"
+    if name == "pow":
+        return f"std::pow({a[0]}, {a[1]})" if f else f"kiln_pow_int<{t}>({a[0]}, {a[1]})"
+    if name in ("isnan", "isinf", "isfinite", "signbit"):
+        if not f:
+            return {"isnan": "false", "isinf": "false", "isfinite": "true",
+                    "signbit": f"({a[0]} < 0)"}[name]
+        return f"std::{name}({a[0]})"
+    if name in _STD:
+        return f"std::{name}({', '.join(a)})"
+    raise ValueError(f"no C++ for op {name}")
+
+
+_STD = {"exp", "exp2", "expm1", "log", "log2", "log10", "log1p", "sin", "cos", "tan", "tanh",
+        "asin", "acos", "atan", "sinh", "cosh", "asinh", "acosh", "atanh", "sqrt", "erf", "erfc",
+        "floor", "ceil", "trunc", "atan2", "copysign", "hypot", "fmax", "fmin", "lgamma"}
+
+
+class Body:
+    """Lines of one loop body with a CSE table (child bodies see the parent's names)."""
+
+    def __init__(self, printer: "KernelPrinter", parent: Optional["Body"] = None):
+        self.p = printer
+        self.lines: list[str] = []
+        self.cse: dict = dict(parent.cse) if parent is not None else {}
+
+    def expr(self, e: ir.Expr) -> str:
+        hit = self.cse.get(e)
+        if hit is not None:
+            return hit
+        if isinstance(e, Const):
+            s = const_str(e.value, e.dtype)
+            self.cse[e] = s
+            return s
+        if isinstance(e, IndexValue):
+            s = f"static_cast<{cpp_type(e.dtype)}>({index_str(e.expr)})"
+        elif isinstance(e, Load):
+            s = self.p.load(self, e)
+        elif isinstance(e, Op) and e.name == "masked":
+            # NOTE: the value's loads may be out of bounds where the mask is false, so
+            # they run inside the if (a ternary of precomputed temporaries would not do).
+            m = self.expr(e.args[0])
+            o = self.expr(e.args[2])
+            name = self.p.tmp()
+            child = Body(self.p, self)
+            v = child.expr(e.args[1])
+            self.lines.append(f"{cpp_type(e.dtype)} {name} = {o};")
+            self.lines.append(f"if ({m}) {{")
+            self.lines += ["    " + ln for ln in child.lines] + [f"    {name} = {v};", "}"]
+            self.cse[e] = name
+            return name
+        elif isinstance(e, Op):
+            a = [self.expr(x) for x in e.args]
+            s = op_str(e.name, a, e.args, e.dtype)
+        else:
+            raise ValueError(f"unknown expression {e!r}")
+        name = self.p.tmp()
+        self.lines.append(f"{cpp_type(e.dtype)} {name} = {s};")
+        self.cse[e] = name
+        return name
+
+
+class KernelPrinter:
+    def __init__(self, kernel, buffers: dict):
+        self.k = kernel
+        self.buffers = buffers
+        self._tmp = 0
+        self.ptr: dict[str, str] = {}
+        self.local: dict[str, str] = {}
+        self.args: list = []     # ("ptr", buffer name) | ("size", symbol)
+        self.sizes: set = set()
+
+    def tmp(self) -> str:
+        self._tmp += 1
+        return f"t{self._tmp - 1}"
+
+    def pointer(self, name: str) -> str:
+        p = self.ptr.get(name)
+        if p is None:
+            p = self.ptr[name] = f"p_{name}"
+        return p
+
+    def load(self, body: Body, e: Load) -> str:
+        if e.buf in self.local:
+            return self.local[e.buf]
+        index = e.index
+        for sym, val, bound in e.indirect:
+            if ("ind", sym) in body.cse:
+                continue
+            body.cse[("ind", sym)] = sym.name
+            v = body.expr(val)
+            body.lines.append(f"int64_t {sym.name} = kiln_wrap(static_cast<int64_t>({v}), "
+                              f"{index_str(bound)});")
+            self._note(bound)
+        self._note(index)
+        dt = self.buffers[e.buf].dtype
+        s = f"{self.pointer(e.buf)}[{index_str(index)}]"
+        if dt == torch.float16:
+            return f"kiln_h2f({s})"
+        if dt == torch.bfloat16:
+            return f"kiln_bf2f({s})"
+        return s
+
+    def _note(self, e) -> None:
+        for s in sympy.sympify(e).free_symbols:
+            if not s.name.startswith(("x", "r", "y", "ind")):
+                self.sizes.add(s)
+
+    def store(self, name: str, index, value: str) -> str:
+        dt = self.buffers[name].dtype
+        self._note(index)
+        if dt == torch.float16:
+            value = f"kiln_f2h({value})"
+        elif dt == torch.bfloat16:
+            value = f"kiln_f2bf({value})"
+        return f"{self.pointer(name)}[{index_str(index)}] = {value};"
+
+    def print(self) -> str:
+        k = self.k
+        kk = len(k.outer)
+        for r in k.outer:
+            self._note(r)
+        out: list[str] = []
+        indent = "    "
+        inner_sizes = []
+        for n, inner in zip(k.nodes, k.inner):
+            rr = n.rranges if n.is_reduction else inner
+            for r in rr:
+                self._note(r)
+            inner_sizes.append(ir.product(rr))
+        work = ir.product(k.outer) * (sympy.Max(*inner_sizes) if len(inner_sizes) > 1 else inner_sizes[0])
+        par = f"if({index_str(sympy.expand(work))} > {PARALLEL_MIN_WORK}) num_threads(nthreads)"
+        body_lines: list[str] = []
+        top = Body(self)
+        pure = not k.has_reduction and all(not i for i in k.inner)
+        if pure and kk >= 1:
+            # pure pointwise: parallel over all but the innermost dim, simd innermost
+            xs = ir.make_vars("x", kk)
+            body = Body(self)
+            for n in k.nodes:
+                v = body.expr(n.expr)
+                body.lines.append(self.store_or_local(n, v))
+            loops = []
+            if kk == 1:
+                loops.append(f"#pragma omp parallel for simd {par}")
+            else:
+                loops.append(f"#pragma omp parallel for collapse({kk - 1}) {par}" if kk > 2
+                             else f"#pragma omp parallel for {par}")
+            for j, (x, r) in enumerate(zip(xs, k.outer)):
+                if j == kk - 1 and kk > 1:
+                    loops.append("#pragma omp simd")
+                loops.append(f"for (int64_t {x} = 0; {x} < {index_str(r)}; {x}++)")
+            body_lines = self._nest(loops, body.lines)
+        else:
+            xs = ir.make_vars("x", kk)
+            body = Body(self)
+            for n, inner in zip(k.nodes, k.inner):
+                self._node(body, n, inner, kk, serial_outer=(kk == 0), par=par)
+            if kk:
+                loops = [f"#pragma omp parallel for collapse({kk}) {par}" if kk > 1
+                         else f"#pragma omp parallel for {par}"]
+                loops += [f"for (int64_t {x} = 0; {x} < {index_str(r)}; {x}++)"
+                          for x, r in zip(xs, k.outer)]
+                body_lines = self._nest(loops, body.lines)
+            else:
+                body_lines = body.lines
+        params = []
+        for name in list(self.ptr):
+            mine = name in k.stores
+            t = cpp_type(self.buffers[name].dtype)
+            params.append(f"{'' if mine else 'const '}{t}* __restrict__ {self.ptr[name]}")
+            self.args.append(("ptr", name))
+        for s in sorted(self.sizes, key=lambda s: s.name):
+            params.append(f"int64_t {s.name}")
+            self.args.append(("size", s))
+        params.append("int nthreads")
+        head = f'extern "C" void {k.name}({", ".join(params)})'
+        return head + "\n{\n" + "\n".join(indent + ln for ln in top.lines + body_lines) + "\n}\n"
+
+    def _nest(self, loops: list[str], inner: list[str]) -> list[str]:
+        out, depth = [], 0
+        for ln in loops:
+            out.append("    " * depth + ln)
+            if ln.startswith("for"):
+                depth += 1
+        ind = "    " * depth
+        out[-1] = out[-1] + " {" if out else ""
+        out += [ind + ln for ln in inner]
+        if loops:
+            out.append("    " * (depth - 1) + "}")
+        return out
+
+    def store_or_local(self, n, v: str) -> str:
+        name = n.buf.name
+        if name in self.k.locals:
+            self.local[name] = v
+            return f"// {name} = {v} (kept in a register)"
+        return self.store(name, n.store, v)
+
+    def _node(self, body: Body, n, inner: list, kk: int, serial_outer: bool, par: str) -> None:
+        name = n.buf.name
+        body.lines.append(f"// {name}: {', '.join(n.buf.origins)}")
+        if not n.is_reduction:
+            if not inner:
+                v = body.expr(n.expr)
+                body.lines.append(self.store_or_local(n, v))
+                return
+            ivars = [ir.var("x", kk + j) for j in range(len(inner))]
+            b = Body(self, body)
+            v = b.expr(n.expr)
+            b.lines.append(self.store(name, n.store, v))
+            loops = []
+            for j, (x, r) in enumerate(zip(ivars, inner)):
+                if j == len(inner) - 1:
+                    loops.append("#pragma omp simd")
+                loops.append(f"for (int64_t {x} = 0; {x} < {index_str(r)}; {x}++)")
+            body.lines += self._nest(loops, b.lines)
+            return
+        rtype = n.buf.body.reduction_type
+        acc_t = n.buf.body.acc_dtype
+        t = cpp_type(acc_t)
+        acc = self.tmp()
+        rvars = ir.make_vars("r", len(n.rranges))
+        b = Body(self, body)
+        v = b.expr(n.expr)
+        vt = cpp_type(n.expr.dtype)
+        clause = ""
+        if rtype == "sum":
+            body.lines.append(f"{t} {acc} = {const_str(0, acc_t)};")
+            b.lines.append(f"{acc} += {v};")
+            clause = f"reduction(+:{acc})"
+        elif rtype == "prod":
+            body.lines.append(f"{t} {acc} = {const_str(1, acc_t)};")
+            b.lines.append(f"{acc} *= {v};")
+            clause = f"reduction(*:{acc})"
+        elif rtype == "any":
+            body.lines.append(f"bool {acc} = false;")
+            b.lines.append(f"{acc} = {acc} || {v};")
+            clause = f"reduction(||:{acc})"
+        elif rtype in ("max", "min"):
+            lo = rtype == "max"
+            if acc_t.is_floating_point:
+                init = const_str(-math.inf if lo else math.inf, acc_t)
+            elif acc_t == torch.bool:
+                init = "false" if lo else "true"
+            else:
+                init = f"std::numeric_limits<{t}>::{'lowest' if lo else 'max'}()"
+            body.lines.append(f"{t} {acc} = {init};")
+            fn = ("kiln_max" if lo else "kiln_min") if acc_t.is_floating_point else \
+                ("std::max" if lo else "std::min")
+            b.lines.append(f"{acc} = {fn}<{t}>({acc}, {v});")
+        elif rtype in ("argmax", "argmin"):
+            lo = rtype == "argmax"
+            dt = n.expr.dtype
+            if dt.is_floating_point:
+                init = const_str(-math.inf if lo else math.inf, dt)
+            elif dt == torch.bool:
+                init = "false" if lo else "true"
+            else:
+                init = f"std::numeric_limits<{vt}>::{'lowest' if lo else 'max'}()"
+            best = self.tmp()
+            body.lines.append(f"{vt} {best} = {init};")
+            body.lines.append(f"int64_t {acc} = 0;")
+            lin = index_str(ir.strided_index(rvars, ir.contiguous_strides(n.rranges)))
+            cmp = ">" if lo else "<"
+            cond = f"({v} {cmp} {best})"
+            if dt.is_floating_point:
+                cond = f"({cond} || ({v} != {v} && {best} == {best}))"
+            b.lines.append(f"if {cond} {{ {best} = {v}; {acc} = {lin}; }}")
+        else:
+            raise ValueError(f"reduction {rtype}")
+        loops = []
+        nr = len(n.rranges)
+        if serial_outer and clause and nr:
+            # NOTE: a reduction to one value: the reduction loop itself runs in parallel.
+            loops.append(f"#pragma omp parallel for simd {clause} {par}" if nr == 1 else
+                         f"#pragma omp parallel for collapse({nr}) {clause} {par}")
+        elif clause and nr:
+            loops.append(f"#pragma omp simd {clause}" if nr == 1 else
+                         f"#pragma omp simd collapse({nr}) {clause}")
+        for x, r in zip(rvars, n.rranges):
+            loops.append(f"for (int64_t {x} = 0; {x} < {index_str(r)}; {x}++)")
+        body.lines += self._nest(loops, b.lines) if loops else b.lines
+        if name in self.k.locals:
+            self.local[name] = acc
+        else:
+            res = acc if rtype not in ("sum", "prod", "max", "min", "any") else acc
+            body.lines.append(self.store(name, n.store, res))
+            self.local[name] = acc  # later readers in this kernel read the register
+
+
+def print_kernels(kernels: list, buffers: dict) -> tuple[str, dict]:
+    """One translation unit for ``kernels``; returns (source, {kernel name: args})."""
+    parts = [PRELUDE]
+    args = {}
+    for k in kernels:
+        p = KernelPrinter(k, buffers)
+        src = p.print()
+        origins = []
+        for n in k.nodes:
+            origins += [o for o in n.buf.origins if o not in origins]
+        parts.append(f"// {k.name}: ATen nodes {', '.join(origins)}\n{src}")
+        args[k.name] = p.args
+    return "\n".join(parts), args

@@ -1,0 +1,122 @@
+"""Indexing lowerings (indirect loads): index.Tensor, gather, embedding.
+
+The index tensor's value becomes an indirect symbol in the load's index
+(``Load.indirect``), wrapped for negative values as eager does.  Indirect stores
+(index_put, scatter_add, embedding_dense_backward) run as extern ATen calls.
+"""
+from __future__ import annotations
+
+import sympy
+import torch
+
+from kiln.codegen.ir import IndexValue, Load, TensorValue, map_loads, new_indirect_symbol, walk
+from kiln.codegen.lowering import NotLowered, register
+from kiln.codegen.lowering.pointwise import broadcast_loader, cast, out_sizes
+
+aten = torch.ops.aten
+
+
+def load_indirect(x: TensorValue, index: list, bindings: list):
+    """``x`` at ``index`` (which mentions the symbols in ``bindings``), with the bindings
+    attached to the loads that use them."""
+    e = x.load(index)
+    syms = {s for s, _, _ in bindings}
+    for n in walk(e):
+        if isinstance(n, IndexValue) and n.expr.free_symbols & syms:
+            raise NotLowered("indirect index into a computed index")
+
+    def attach(ld: Load):
+        used = ld.index.free_symbols & syms
+        if not used:
+            return None
+        extra = tuple(b for b in bindings if b[0] in used)
+        return Load(ld.buf, ld.index, ld.dtype, ld.indirect + extra)
+
+    return map_loads(e, attach)
+
+
+def _base(ctx, x: TensorValue) -> TensorValue:
+    """The indexed tensor as a strided buffer view (indirect loads need plain loads)."""
+    return x if x.strided is not None else ctx.realize(x)
+
+
+def _int_index(t) -> bool:
+    return isinstance(t, TensorValue) and t.dtype in (torch.int64, torch.int32)
+
+
+@register(aten.index.Tensor)
+def _index(ctx, x, indices):
+    if not isinstance(x, TensorValue) or not all(i is None or _int_index(i) for i in indices):
+        raise NotLowered("index with bool masks")
+    x = _base(ctx, x)
+    val = ctx.node.meta["val"]
+    sizes = out_sizes(ctx)
+    n = len(x.sizes)
+    pos = [d for d, i in enumerate(indices) if i is not None]
+    idx_tensors = [indices[d] for d in pos]
+    bnd = max(len(t.sizes) for t in idx_tensors)
+    adjacent = pos == list(range(pos[0], pos[-1] + 1))
+    start = pos[0] if adjacent else 0
+    bsizes = sizes[start:start + bnd]
+
+    def loader(index):
+        bidx = index[start:start + bnd]
+        rest = index[:start] + index[start + bnd:]
+        it = iter(rest)
+        xi, bindings = [], []
+        for d in range(n):
+            i = indices[d] if d < len(indices) else None
+            if i is None:
+                xi.append(next(it))
+            else:
+                v = cast(broadcast_loader(i, bsizes)(list(bidx)), torch.int64)
+                s = new_indirect_symbol()
+                bindings.append((s, v, x.sizes[d]))
+                xi.append(s)
+        return cast(load_indirect(x, xi, bindings), val.dtype)
+
+    return TensorValue(val.dtype, val.device, sizes, loader)
+
+
+@register(aten._unsafe_index.Tensor)
+def _unsafe_index(ctx, x, indices):
+    return _index(ctx, x, indices)
+
+
+@register(aten.gather.default)
+def _gather(ctx, x, dim, index, *, sparse_grad=False):
+    if not isinstance(x, TensorValue) or not _int_index(index):
+        raise NotLowered("gather operands")
+    x = _base(ctx, x)
+    val = ctx.node.meta["val"]
+    sizes = out_sizes(ctx)
+    n = len(x.sizes)
+    dim = dim + n if dim < 0 else dim
+    if n == 0:
+        raise NotLowered("gather of a 0-d tensor")
+
+    def loader(out_index):
+        v = cast(index.load(out_index), torch.int64)
+        s = new_indirect_symbol()
+        xi = list(out_index)
+        xi[dim] = s
+        return cast(load_indirect(x, xi, [(s, v, x.sizes[dim])]), val.dtype)
+
+    return TensorValue(val.dtype, val.device, sizes, loader)
+
+
+@register(aten.embedding.default)
+def _embedding(ctx, weight, indices, padding_idx=-1, scale_grad_by_freq=False, sparse=False):
+    if not isinstance(weight, TensorValue) or not _int_index(indices) or len(weight.sizes) != 2:
+        raise NotLowered("embedding operands")
+    weight = _base(ctx, weight)
+    val = ctx.node.meta["val"]
+    sizes = out_sizes(ctx)
+    k = len(indices.sizes)
+
+    def loader(out_index):
+        v = cast(indices.load(out_index[:k]), torch.int64)
+        s = new_indirect_symbol()
+        return cast(load_indirect(weight, [s, out_index[k]], [(s, v, weight.sizes[0])]), val.dtype)
+
+    return TensorValue(val.dtype, val.device, sizes, loader)

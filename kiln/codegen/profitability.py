@@ -1,0 +1,146 @@
+"""Never slower than eager: time a compiled graph against its ATen graph run eagerly.
+
+In:  an ATen graph, its example inputs (fake or real), and the callable codegen made for
+     it (kiln.aot's boxed convention).
+Out: the faster of the two callables (the compiled one, or ``kiln.aot.nop(gm)``), and a
+     :class:`Decision` appended to ``kiln.codegen.metrics.profitability_decisions``.
+
+Both run on the same real inputs (fake inputs become random tensors of their metadata,
+real ones are cloned, so nothing the caller holds is touched), under ``no_grad``, in
+interleaved rounds (one warm-up each, then rounds while ``config.profitability_budget_s``
+lasts, at most ``_MAX_ROUNDS``); the best time of each decides.  A graph kept eager is
+counted in ``metrics.graphs_kept_eager``; ``KILN_LOGS=codegen`` prints every decision.
+A compiled graph that raises where eager does not (a kiln bug) is recorded with
+``kiln.fallbacks.record_fallback`` and warns.  ``config.profitability_check=False``
+turns the check off.
+"""
+from __future__ import annotations
+
+import dataclasses
+import sys
+import time
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+import torch.fx as fx
+
+from kiln.codegen import config, metrics
+
+_MAX_ROUNDS = 10
+
+
+@dataclasses.dataclass(frozen=True)
+class Decision:
+    graph: str                   # the graph's name (and its node count)
+    eager_s: Optional[float]     # best time of the ATen graph run eagerly (None: not measured)
+    compiled_s: Optional[float]  # best time of the compiled graph
+    kept: str                    # "compiled" or "eager"
+    why: str                     # in words
+
+    def __str__(self) -> str:
+        times = ""
+        if self.eager_s is not None and self.compiled_s is not None:
+            times = f" (compiled {self.compiled_s * 1e6:.1f} us, eager {self.eager_s * 1e6:.1f} us)"
+        return f"kiln.codegen profitability: {self.graph}: kept {self.kept}{times}: {self.why}"
+
+
+def _copy_layout(x: torch.Tensor) -> torch.Tensor:
+    """A copy of ``x`` with the same sizes, strides and storage offset (expanded too)."""
+    x = x.detach()
+    n = x.untyped_storage().nbytes() // max(x.element_size(), 1)
+    return x.as_strided((n,), (1,), 0).clone().as_strided(x.size(), x.stride(), x.storage_offset())
+
+
+def _real_inputs(example_inputs: Sequence[Any]) -> list[Any]:
+    from kiln.backends.common import real_inputs
+
+    # NOTE: fake inputs become new random tensors; real ones are copied (layout kept),
+    # so the timed runs never touch the caller's tensors.
+    made = real_inputs(example_inputs)
+    return [_copy_layout(m) if isinstance(m, torch.Tensor) and m is x else
+            (m.detach() if isinstance(m, torch.Tensor) else m)
+            for m, x in zip(made, example_inputs)]
+
+
+def _call(fn: Callable, inputs: list) -> float:
+    args = list(inputs)  # NOTE: a boxed callable may clear its argument list
+    t0 = time.perf_counter()
+    fn(args)
+    return time.perf_counter() - t0
+
+
+def _sync(inputs: list) -> None:
+    if any(isinstance(x, torch.Tensor) and x.is_cuda for x in inputs):
+        torch.cuda.synchronize()
+
+
+def _timed(fn: Callable, inputs: list) -> float:
+    _sync(inputs)
+    t = _call(fn, inputs)
+    _sync(inputs)
+    return t
+
+
+def graph_label(gm: fx.GraphModule) -> str:
+    n = sum(1 for node in gm.graph.nodes if node.op == "call_function")
+    return f"{getattr(gm, '_kiln_graph_name', type(gm).__name__)} ({n} ops)"
+
+
+def measure(gm: fx.GraphModule, example_inputs: Sequence[Any], compiled: Callable,
+            eager: Callable) -> tuple[Optional[float], Optional[float], str]:
+    """Best times of ``eager`` and ``compiled`` on real inputs; (None, None, why) when a run
+    of the eager graph raised (nothing to compare); (eager, None, why) when only the
+    compiled one raised."""
+    inputs = _real_inputs(example_inputs)
+    budget = config.profitability_budget_s
+    start = time.perf_counter()
+    with torch.no_grad():
+        try:
+            best_e = _timed(eager, inputs)
+        except Exception as e:  # noqa: BLE001 - random data may be invalid for this graph
+            return None, None, f"the eager graph raised on random inputs ({type(e).__name__}: {e})"
+        try:
+            best_c = _timed(compiled, inputs)
+        except Exception as e:  # noqa: BLE001 - a codegen bug; eager is right
+            return best_e, None, f"the compiled graph raised where eager did not ({type(e).__name__}: {e})"
+        rounds = 0
+        while rounds < _MAX_ROUNDS and time.perf_counter() - start < budget:
+            # NOTE: interleaved, so a slow spell of the machine hits both.
+            best_e = min(best_e, _timed(eager, inputs))
+            best_c = min(best_c, _timed(compiled, inputs))
+            rounds += 1
+    return best_e, best_c, f"best of {rounds + 1} runs each"
+
+
+def choose(gm: fx.GraphModule, example_inputs: Sequence[Any], compiled: Callable) -> Callable:
+    """The faster of ``compiled`` and the ATen graph run eagerly (see the module docstring)."""
+    from kiln.aot import nop
+    from kiln.fallbacks import record_fallback
+    from kiln.passes import should_log
+
+    eager = nop(gm, list(example_inputs))
+    eager_s, compiled_s, how = measure(gm, example_inputs, compiled, eager)
+    label = graph_label(gm)
+    if eager_s is None:
+        decision = Decision(label, None, None, "compiled", f"not measured: {how}")
+    elif compiled_s is None:
+        decision = Decision(label, eager_s, None, "eager", how)
+    elif compiled_s <= eager_s:
+        decision = Decision(label, eager_s, compiled_s, "compiled", f"not slower than eager ({how})")
+    else:
+        decision = Decision(label, eager_s, compiled_s, "eager", f"slower than eager ({how})")
+    metrics.profitability_decisions.append(decision)
+    if should_log("codegen", "profitability"):
+        print(str(decision), file=sys.stderr)
+    if decision.kept == "compiled":
+        return compiled
+    metrics.graphs_kept_eager += 1
+    if compiled_s is None:
+        # NOTE: a compiled graph that raised is a kiln bug, and users hear of it.  A slower
+        # one is a normal decision, not a fallback: it is kept in
+        # metrics.profitability_decisions (KILN_LOGS=codegen prints it), without a warning.
+        record_fallback("codegen", f"graph {label}", f"the ATen graph runs eagerly: {decision.why}")
+    return eager
+
+
+__all__ = ["Decision", "choose", "measure", "graph_label"]

@@ -1,0 +1,297 @@
+"""kiln.codegen.schedule: buffers -> an ordered plan of kernels and extern calls.
+
+In:  a :class:`kiln.codegen.graph.GraphLowering` after ``run()`` (buffers in program
+     order, graph outputs).
+Out: a :class:`Plan`: steps in order (:class:`Kernel` groups and extern buffers), which
+     buffers each step reads/writes, which kernel results stay local (never stored).
+
+A kernel is a group of nodes sharing an outer iteration space ("outer" loops, run in
+parallel); each node adds inner loops of its own: a pointwise node over the rest of its
+ranges, a reduction over its reduction ranges.  So pointwise chains (already inlined by
+lowering), a reduction with its consumers, sibling reductions and row kernels
+(softmax / layer_norm: several reductions and pointwise over one row) are one kernel.
+A node joins the current kernel only when every value it reads from the kernel was
+written at the same point of the same loops (so one thread owns it).  Decisions are
+logged under ``KILN_LOGS=schedule``.  Nothing here knows the target language.
+"""
+from __future__ import annotations
+
+import dataclasses
+import sys
+from typing import Optional
+
+import sympy
+
+from kiln.codegen import ir
+from kiln.codegen.ir import Buffer, Extern, Pointwise, Reduction, make_vars
+from kiln.passes import should_log
+
+
+@dataclasses.dataclass
+class Node:
+    """One buffer's body in canonical form: size-1 dims dropped, vars x0.. (outer ranges
+    of the node) and r0.. (reduction ranges)."""
+
+    buf: Buffer
+    ranges: list
+    rranges: list
+    expr: ir.Expr
+    store: sympy.Expr          # store index over x vars
+    reads: set
+    is_reduction: bool
+
+
+@dataclasses.dataclass
+class Kernel:
+    name: str
+    outer: list                        # outer ranges (vars x0..)
+    nodes: list                        # Node, in order
+    inner: list = dataclasses.field(default_factory=list)   # per node: its inner ranges
+    locals: set = dataclasses.field(default_factory=set)    # buffers kept in registers
+    stores: set = dataclasses.field(default_factory=set)    # buffers written to memory
+    reads: list = dataclasses.field(default_factory=list)   # buffers read from memory
+
+    @property
+    def has_reduction(self) -> bool:
+        return any(n.is_reduction for n in self.nodes)
+
+
+@dataclasses.dataclass
+class Plan:
+    steps: list                 # Kernel | Buffer (extern)
+    live: set                   # buffer names that must exist in memory
+    log: list
+
+
+def canonical(buf: Buffer) -> Node:
+    body = buf.body
+    if isinstance(body, Pointwise):
+        ranges, rranges = list(body.ranges), []
+    else:
+        ranges, rranges = list(body.ranges), list(body.reduction_ranges)
+    xv, rv = make_vars("x", len(ranges)), make_vars("r", len(rranges))
+    mapping, keep_x, keep_r = {}, [], []
+    for v, s in zip(xv, ranges):
+        if s == 1:
+            mapping[v] = sympy.Integer(0)
+        else:
+            mapping[v] = ir.var("x", len(keep_x)); keep_x.append(s)
+    for v, s in zip(rv, rranges):
+        if s == 1:
+            mapping[v] = sympy.Integer(0)
+        else:
+            mapping[v] = ir.var("r", len(keep_r)); keep_r.append(s)
+    mapping = {k: v for k, v in mapping.items() if k != v}
+    expr = ir.substitute(body.expr, mapping)
+    store = sympy.expand(buf.store_index(xv).xreplace(mapping))
+    reads = {ld.buf for ld in ir.loads(expr)}
+    return Node(buf, keep_x, keep_r, expr, store, reads, isinstance(body, Reduction))
+
+
+def _rename_inner(e: sympy.Expr, k: int, prefix_from: str, n: int, to: list) -> sympy.Expr:
+    m = {ir.var(prefix_from, k + j) if prefix_from == "x" else ir.var(prefix_from, j): to[j]
+         for j in range(n)}
+    return e.xreplace(m)
+
+
+def _inner_of(node: Node, k: int) -> tuple[list, list]:
+    """(inner ranges, inner vars) of ``node`` when its first ``k`` x dims are outer."""
+    if node.is_reduction:
+        return node.rranges, make_vars("r", len(node.rranges))
+    return node.ranges[k:], [ir.var("x", k + j) for j in range(len(node.ranges) - k)]
+
+
+def _same(a, b) -> bool:
+    return len(a) == len(b) and all(sympy.expand(x - y) == 0 for x, y in zip(a, b))
+
+
+class Scheduler:
+    def __init__(self, lowered):
+        self.lowered = lowered
+        self.log: list[str] = []
+        self._ext_out: dict = {}
+
+    def why_not(self, k: Kernel, n: Node, writers: dict) -> Optional[str]:
+        """None when ``n`` can join kernel ``k``; else the reason."""
+        if k.nodes[0].buf.device != n.buf.device:
+            return "different device"
+        outer = k.outer
+        if n.is_reduction:
+            if not k.has_reduction and len(outer) >= len(n.ranges):
+                if not all(len(m.ranges) >= len(n.ranges) and _same(m.ranges[:len(n.ranges)], n.ranges)
+                           for m in k.nodes):
+                    return f"outer ranges {n.ranges} vs {outer}"
+                new_outer = n.ranges
+            elif _same(n.ranges, outer):
+                new_outer = outer
+            else:
+                return f"reduction ranges {n.ranges} vs outer {outer}"
+        else:
+            if len(n.ranges) < len(outer) or not _same(n.ranges[:len(outer)], outer):
+                return f"ranges {n.ranges} vs outer {outer}"
+            if not k.has_reduction and not _same(n.ranges, outer):
+                return f"ranges {n.ranges} vs {outer}"
+            new_outer = outer
+        kk = len(new_outer)
+        n_inner, n_vars = _inner_of(n, kk)
+        for ld in ir.loads(n.expr):
+            w = writers.get(ld.buf)
+            if w is None or w not in k.nodes:
+                continue
+            if ld.indirect:
+                return f"indirect read of {ld.buf} written in this kernel"
+            w_inner, w_vars = _inner_of(w, kk)
+            if w.is_reduction:
+                w_inner, w_vars = [], []
+            if w_inner:
+                if not _same(w_inner, n_inner):
+                    return f"reads {ld.buf} over other inner loops"
+                expect = w.store.xreplace(dict(zip(w_vars, n_vars)))
+            else:
+                expect = w.store
+            if sympy.expand(ld.index - expect) != 0:
+                return f"reads {ld.buf} at another element ({ld.index} vs {expect})"
+        return None
+
+    def run(self) -> Plan:
+        lw = self.lowered
+        needed = self._live_buffers()
+        steps: list = []
+        writers: dict[str, Node] = {}
+        for buf in lw.order:
+            if buf.name not in needed:
+                self.log.append(f"{buf.name}: dropped (unused)")
+                continue
+            if isinstance(buf.body, Extern):
+                steps.append(buf)
+                continue
+            node = canonical(buf)
+            target, reasons = None, []
+            # NOTE: a node may join an earlier kernel when no step after that kernel
+            # produces something it reads (moving it earlier keeps the order valid).
+            for step in reversed(steps):
+                if isinstance(step, Kernel):
+                    reason = self.why_not(step, node, writers)
+                    if reason is None:
+                        target = step
+                        break
+                    reasons.append(f"{step.name}: {reason}")
+                    if any(m.buf.name in node.reads for m in step.nodes):
+                        break
+                elif self._extern_outputs(step) & node.reads:
+                    break
+                if len(reasons) >= 4:
+                    break
+            if target is not None:
+                if node.is_reduction and not target.has_reduction:
+                    target.outer = node.ranges
+                target.nodes.append(node)
+                writers[buf.name] = node
+                self.log.append(f"{buf.name}: fused into {target.name} "
+                                f"(with {', '.join(m.buf.name for m in target.nodes[:-1])})")
+                continue
+            current = Kernel(f"kernel{sum(isinstance(s, Kernel) for s in steps)}",
+                             list(node.ranges), [node])
+            self.log.append(f"{buf.name}: new kernel {current.name}"
+                            + (f"; not fused: {'; '.join(reasons)}" if reasons else ""))
+            writers[buf.name] = node
+            steps.append(current)
+        self._finish(steps, needed)
+        if should_log("schedule"):
+            print("===== [kiln schedule] =====", file=sys.stderr)
+            print("\n".join(self.log), file=sys.stderr)
+        return Plan(steps, needed, self.log)
+
+    def _extern_outputs(self, ext: Buffer) -> set:
+        out = self._ext_out.get(ext.name)
+        if out is None:
+            out = self._ext_out[ext.name] = {
+                b.name for b in self.lowered.buffers.values()
+                if isinstance(b.body, ir.InputBuffer) and b.body.producer == ext.name}
+        return out
+
+    def _live_buffers(self) -> set:
+        """Buffers reachable from the outputs (dead code dropped)."""
+        lw = self.lowered
+        live: set = set()
+        stack = [o.buf for o in lw.outputs if isinstance(o, ir.BufRef)]
+        deps = {}
+        for b in lw.order:
+            if isinstance(b.body, Extern):
+                refs = []
+                _collect_refs(b.body.args, refs)
+                _collect_refs(tuple(b.body.kwargs.values()), refs)
+                deps[b.name] = {r.buf for r in refs}
+            else:
+                deps[b.name] = {ld.buf for ld in ir.loads(b.body.expr)}
+        for b in lw.buffers.values():
+            if isinstance(b.body, ir.InputBuffer) and b.body.producer:
+                deps[b.name] = {b.body.producer}
+        while stack:
+            n = stack.pop()
+            if n in live:
+                continue
+            live.add(n)
+            stack.extend(deps.get(n, ()))
+        return live
+
+    def _finish(self, steps: list, needed: set) -> None:
+        """Decide locals / stores / memory reads of each kernel."""
+        outside: dict[str, int] = {}
+        lw = self.lowered
+        for o in lw.outputs:
+            if isinstance(o, ir.BufRef):
+                outside[o.buf] = outside.get(o.buf, 0) + 1
+        owner: dict[str, Kernel] = {}
+        for s in steps:
+            if isinstance(s, Kernel):
+                for n in s.nodes:
+                    owner[n.buf.name] = s
+        for s in steps:
+            if isinstance(s, Kernel):
+                for n in s.nodes:
+                    for r in n.reads:
+                        if owner.get(r) is not s:
+                            outside[r] = outside.get(r, 0) + 1
+            else:
+                refs = []
+                _collect_refs(s.body.args, refs)
+                _collect_refs(tuple(s.body.kwargs.values()), refs)
+                for r in refs:
+                    outside[r.buf] = outside.get(r.buf, 0) + 1
+        for s in steps:
+            if not isinstance(s, Kernel):
+                continue
+            kk = len(s.outer)
+            mine = {n.buf.name for n in s.nodes}
+            for n in s.nodes:
+                inner, _ = _inner_of(n, kk)
+                s.inner.append([] if n.is_reduction else inner)
+                name = n.buf.name
+                outer_only = n.is_reduction or not inner
+                if outer_only and name not in outside:
+                    s.locals.add(name)
+                else:
+                    s.stores.add(name)
+            reads = []
+            for n in s.nodes:
+                for r in sorted(n.reads):
+                    if (r not in mine or r in s.stores) and r not in reads and r not in s.locals:
+                        reads.append(r)
+            s.reads = [r for r in reads if r not in mine]
+
+
+def _collect_refs(a, out: list) -> None:
+    if isinstance(a, ir.BufRef):
+        out.append(a)
+    elif isinstance(a, (list, tuple)):
+        for x in a:
+            _collect_refs(x, out)
+
+
+def schedule(lowered) -> Plan:
+    """Group the lowered buffers into kernels (see module docstring)."""
+    return Scheduler(lowered).run()
+
+
+__all__ = ["schedule", "Plan", "Kernel", "Node", "canonical"]

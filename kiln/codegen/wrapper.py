@@ -1,0 +1,270 @@
+"""kiln.codegen.wrapper: a scheduled plan -> generated Python that runs it.
+
+In:  the lowered graph and its :class:`kiln.codegen.schedule.Plan`.
+Out: a boxed callable ``call(args) -> tuple`` (``_boxed_call = True``) whose source is
+readable Python (kept as ``call.source``; ``KILN_LOGS=output_code`` prints it and the
+kernel source).  The generated code reads symbolic sizes from its inputs, allocates
+buffers with ``empty_strided`` (reusing dead buffers of the same layout), calls kernels
+through ctypes with ``data_ptr()`` arguments, calls externs as ATen ops, and returns
+outputs (views as ``as_strided`` of their base).
+"""
+from __future__ import annotations
+
+import ctypes
+import sys
+from typing import Any, Callable
+
+import sympy
+import torch
+
+from kiln import exc
+from kiln.codegen import ir, metrics
+from kiln.codegen.ir import BufRef, Extern, InputBuffer
+from kiln.codegen.schedule import Kernel, Plan, _collect_refs
+from kiln.passes import should_log
+
+
+def pyexpr(e: Any) -> str:
+    """A sympy integer expression as Python source over the wrapper's symbol names."""
+    e = sympy.sympify(e)
+    if e.is_Integer:
+        return str(int(e))
+    if e.is_Symbol:
+        return e.name
+    if isinstance(e, ir.FloorDiv):
+        return f"({pyexpr(e.args[0])} // {pyexpr(e.args[1])})"
+    if isinstance(e, ir.ModIndex):
+        return f"({pyexpr(e.args[0])} % {pyexpr(e.args[1])})"
+    if e.is_Add:
+        return "(" + " + ".join(pyexpr(a) for a in e.args) + ")"
+    if e.is_Mul:
+        return "(" + " * ".join(pyexpr(a) for a in e.args) + ")"
+    if e.is_Pow and e.args[1].is_Integer:
+        return f"({pyexpr(e.args[0])} ** {int(e.args[1])})"
+    if isinstance(e, sympy.Max):
+        return "max(" + ", ".join(pyexpr(a) for a in e.args) + ")"
+    if isinstance(e, sympy.Min):
+        return "min(" + ", ".join(pyexpr(a) for a in e.args) + ")"
+    if isinstance(e, sympy.floor):
+        num, den = sympy.fraction(e.args[0])
+        return f"({pyexpr(num)} // {pyexpr(den)})"
+    raise exc.CodegenError(f"cannot print size expression {e}")
+
+
+def _tuple(xs) -> str:
+    items = [pyexpr(x) for x in xs]
+    return "(" + ", ".join(items) + ("," if len(items) == 1 else "") + ")"
+
+
+def _restride(t: torch.Tensor, strides: tuple) -> torch.Tensor:
+    out = torch.empty_strided(t.shape, strides, dtype=t.dtype, device=t.device)
+    out.copy_(t)
+    return out
+
+
+class WrapperWriter:
+    def __init__(self, lowered, plan: Plan):
+        self.lw = lowered
+        self.plan = plan
+        self.lines: list[str] = []
+        self.consts: list = []
+        self.ns: dict[str, Any] = {"torch": torch, "empty_strided": torch.empty_strided,
+                                   "as_strided": torch.as_strided, "_restride": _restride,
+                                   "_nt": torch.get_num_threads, "_c": self.consts}
+
+    def const(self, v: Any) -> str:
+        if v is None or isinstance(v, (bool, int, str)):
+            return repr(v)
+        if isinstance(v, float):
+            return repr(v) if v == v and abs(v) != float("inf") else f"float('{v}')"
+        self.consts.append(v)
+        return f"_c[{len(self.consts) - 1}]"
+
+    def tensor(self, ref: BufRef) -> str:
+        buf = self.lw.buffers[ref.buf]
+        whole = (list(ref.sizes) == list(buf.sizes) and list(ref.strides) == list(buf.strides)
+                 and sympy.sympify(ref.offset) == 0)
+        if whole:
+            return ref.buf
+        off = pyexpr(ref.offset)
+        if not buf.is_kernel():
+            off = f"{ref.buf}.storage_offset() + {off}"
+        return f"as_strided({ref.buf}, {_tuple(ref.sizes)}, {_tuple(ref.strides)}, {off})"
+
+    def arg(self, a: Any) -> str:
+        if isinstance(a, BufRef):
+            return self.tensor(a)
+        if isinstance(a, sympy.Basic):
+            return pyexpr(a)
+        if isinstance(a, (list, tuple)):
+            inner = [self.arg(x) for x in a]
+            if isinstance(a, tuple):
+                return "(" + ", ".join(inner) + ("," if len(inner) == 1 else "") + ")"
+            return "[" + ", ".join(inner) + "]"
+        return self.const(a)
+
+    def write(self, kernel_fns: dict, kernel_args: dict) -> str:
+        lw, plan = self.lw, self.plan
+        L = self.lines
+        L.append("def call(args):")
+        names = [n for n, _ in lw.inputs]
+        if names:
+            L.append(f"    {', '.join(names)}{',' if len(names) == 1 else ''} = args")
+        L.append("    args.clear()")
+        defined = self._symbols()
+        # NOTE: kernels and as_strided views assume the layout the fake values had; a
+        # tensor that arrives (or an extern that returns one) with other strides is
+        # copied into that layout first.
+        kernel_reads = set()
+        for s in plan.steps:
+            if isinstance(s, Kernel):
+                kernel_reads |= set(s.reads)
+        refs: list = []
+        for s in plan.steps:
+            if not isinstance(s, Kernel):
+                _collect_refs(s.body.args, refs)
+                _collect_refs(tuple(s.body.kwargs.values()), refs)
+        _collect_refs(tuple(lw.outputs), refs)
+        for r in refs:
+            b = lw.buffers[r.buf]
+            if not (list(r.sizes) == list(b.sizes) and list(r.strides) == list(b.strides)
+                    and sympy.sympify(r.offset) == 0):
+                kernel_reads.add(r.buf)
+        for name, b in lw.inputs:
+            if isinstance(b, ir.Buffer) and name in kernel_reads:
+                L.append(f"    if {name}.stride() != {_tuple(b.strides)}: "
+                         f"{name} = _restride({name}, {_tuple(b.strides)})")
+        last_use = self._last_uses()
+        pool: dict = {}
+        allocated: set = set()
+        outputs = {o.buf for o in lw.outputs if isinstance(o, BufRef)}
+        for i, s in enumerate(plan.steps):
+            if isinstance(s, Kernel):
+                for n in s.nodes:
+                    name = n.buf.name
+                    if name in s.stores and name not in allocated:
+                        allocated.add(name)
+                        b = n.buf
+                        key = (_tuple(b.sizes), _tuple(b.strides), b.dtype)
+                        if pool.get(key):
+                            L.append(f"    {name} = {pool[key].pop()}  # reuse")
+                        else:
+                            L.append(f"    {name} = empty_strided({_tuple(b.sizes)}, {_tuple(b.strides)}, "
+                                     f"dtype={self.const(b.dtype)})")
+                call = []
+                for kind, v in kernel_args[s.name]:
+                    call.append(f"{v}.data_ptr()" if kind == "ptr" else pyexpr(v))
+                call.append("_nt()")
+                L.append(f"    {s.name}({', '.join(call)})")
+            else:
+                ext: Extern = s.body
+                self.ns[f"op_{s.name}"] = ext.op
+                args = [self.arg(a) for a in ext.args]
+                args += [f"{k}={self.arg(v)}" for k, v in ext.kwargs.items()]
+                L.append(f"    {s.name} = op_{s.name}({', '.join(args)})  # {ext.op}")
+                for b in lw.buffers.values():
+                    if isinstance(b.body, InputBuffer) and b.body.producer == s.name and b.name in plan.live:
+                        L.append(f"    {b.name} = {b.body.source}")
+                        if b.name in kernel_reads:
+                            L.append(f"    if {b.name}.stride() != {_tuple(b.strides)}: "
+                                     f"{b.name} = _restride({b.name}, {_tuple(b.strides)})")
+            for name, last in last_use.items():
+                if last == i and name in allocated and name not in outputs:
+                    b = lw.buffers[name]
+                    pool.setdefault((_tuple(b.sizes), _tuple(b.strides), b.dtype), []).append(name)
+        outs = []
+        for o in lw.outputs:
+            outs.append(self.arg(o) if isinstance(o, (BufRef, sympy.Basic)) else self.const(o))
+        L.append(f"    return ({', '.join(outs)}{',' if len(outs) == 1 else ''})")
+        self.ns.update(lw.constants)
+        for k, fn in kernel_fns.items():
+            self.ns[k] = fn
+        return "\n".join(L) + "\n"
+
+    def _symbols(self) -> set:
+        L = self.lines
+        defined: dict = {}
+        for name, b in self.lw.inputs:
+            if isinstance(b, sympy.Symbol):
+                defined.setdefault(b, name)
+        for name, b in self.lw.inputs:
+            if isinstance(b, ir.Buffer):
+                for d, s in enumerate(b.sizes):
+                    if s.is_Symbol and s not in defined:
+                        defined[s] = f"{name}.size({d})"
+                for d, s in enumerate(b.strides):
+                    if s.is_Symbol and s not in defined:
+                        defined[s] = f"{name}.stride({d})"
+        for s, src in defined.items():
+            if src != s.name:
+                L.append(f"    {s.name} = {src}")
+        self.defined = set(defined)
+        return self.defined
+
+    def _last_uses(self) -> dict:
+        last: dict = {}
+        for i, s in enumerate(self.plan.steps):
+            if isinstance(s, Kernel):
+                for r in s.reads:
+                    last[r] = i
+                for n in s.nodes:
+                    last.setdefault(n.buf.name, i)
+            else:
+                refs: list = []
+                _collect_refs(s.body.args, refs)
+                _collect_refs(tuple(s.body.kwargs.values()), refs)
+                for r in refs:
+                    last[r.buf] = i
+        return last
+
+
+def build(lowered, plan: Plan) -> Callable:
+    """Print, compile and load the plan's kernels and exec its wrapper."""
+    from kiln.codegen.cpp import load_library, print_kernels
+
+    kernels = [s for s in plan.steps if isinstance(s, Kernel)]
+    fns: dict = {}
+    kargs: dict = {}
+    source = ""
+    if kernels:
+        source, kargs = print_kernels(kernels, lowered.buffers)
+        lib = load_library(source, name="kiln_graph")
+        for k in kernels:
+            fn = getattr(lib, k.name)
+            fn.argtypes = [ctypes.c_void_p if kind == "ptr" else ctypes.c_int64
+                           for kind, _ in kargs[k.name]] + [ctypes.c_int]
+            fn.restype = None
+            fns[k.name] = fn
+    w = WrapperWriter(lowered, plan)
+    py = w.write(fns, kargs)
+    missing = _undefined_symbols(kargs, w.defined, plan, lowered)
+    if missing:
+        raise exc.CodegenError(f"sizes {sorted(map(str, missing))} cannot be read from the inputs")
+    if should_log("output_code"):
+        print("===== [kiln output_code] wrapper =====", file=sys.stderr)
+        print(py, file=sys.stderr)
+        if source:
+            print("===== [kiln output_code] kernels =====", file=sys.stderr)
+            print(source, file=sys.stderr)
+    code = compile(py, "<kiln wrapper>", "exec")
+    exec(code, w.ns)
+    call = w.ns["call"]
+    call._boxed_call = True
+    call._returns_sequence = True
+    call.source = py
+    call.kernel_source = source
+    call.kernel_count = len(kernels)
+    metrics.generated_kernel_count += len(kernels)
+    return call
+
+
+def _undefined_symbols(kargs, defined, plan, lowered) -> set:
+    used: set = set()
+    for args in kargs.values():
+        used |= {v for kind, v in args if kind == "size"}
+    for s in plan.steps:
+        if isinstance(s, Kernel):
+            for n in s.nodes:
+                for e in list(n.buf.sizes) + list(n.buf.strides):
+                    used |= sympy.sympify(e).free_symbols
+    return {s for s in used if s not in defined}

@@ -1,0 +1,92 @@
+"""The differential fuzzer (fuzz_lib.py): random programs compiled with inductor vs eager.
+
+Default suite: a seeded sample of 30 programs (KILN_FUZZ_COUNT changes the count).
+``pytest -m slow tests/codegen/test_fuzz.py`` runs 10,000 (or KILN_FUZZ_COUNT), from
+KILN_FUZZ_SEED (default 0).  A failure prints each failing program as Python source.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import fuzz_lib  # noqa: E402
+
+
+# NOTE: seeds of the default sample that fail today, with the reason: codegen bugs,
+# reported to be fixed (and to become regression tests).  The sample test fails if one
+# of them starts to match (then delete it here).
+KNOWN_FAILURES = {
+    2: "reduction over dim=0 of a 0-d tensor (any.dim): IndexError in codegen",
+    15: "reduction over dim=0 of a 0-d tensor (amax/prod): IndexError in codegen",
+    25: "softmax over dim=0 of a 0-d tensor: IndexError in codegen",
+}
+
+
+def _count(default: int) -> int:
+    return int(os.environ.get("KILN_FUZZ_COUNT", default))
+
+
+def _report(results: list) -> str:
+    bad = [r for r in results if r.status != "match"]
+    return f"{len(bad)} of {len(results)} programs differ from eager:\n\n" + "\n\n".join(
+        f"[{r.status}] {r.detail}\n{r.program}" for r in bad[:20])
+
+
+def test_generator_is_seeded_and_covers_the_space():
+    progs = [fuzz_lib.generate(s) for s in range(200)]
+    assert fuzz_lib.generate(5).source() == progs[5].source()
+    dtypes = {i.dtype for p in progs for i in p.inputs}
+    layouts = {i.layout for p in progs for i in p.inputs}
+    assert set(fuzz_lib.DTYPES) <= dtypes and set(fuzz_lib.LAYOUTS) <= layouts
+    shapes = [i.shape for p in progs for i in p.inputs]
+    assert any(0 in s for s in shapes) and any(1 in s for s in shapes) and () in shapes
+    text = "\n".join(p.source() for p in progs)
+    for op in ("sum(", "amax(", "softmax(", "transpose(", "index_select(", "[torch.arange(", "gather("):
+        assert op in text, op
+
+
+@pytest.mark.expect_fallback("internal error in codegen", required=False)  # the known failures
+def test_fuzz_sample():
+    results = fuzz_lib.run(_count(30), seed=int(os.environ.get("KILN_FUZZ_SEED", 0)))
+    fixed = [r.seed for r in results if r.seed in KNOWN_FAILURES and r.status == "match"]
+    assert not fixed, f"seeds {fixed} match eager now: remove them from KNOWN_FAILURES"
+    results = [r for r in results if r.seed not in KNOWN_FAILURES]
+    assert all(r.status == "match" for r in results), _report(results)
+
+
+@pytest.mark.parametrize("which", ["forward", "backward"])
+def test_fuzz_sees_a_wrong_compiler(monkeypatch, which):
+    # NOTE: the checker itself must see a wrong answer, in values and in gradients.
+    import importlib
+
+    mod = importlib.import_module("kiln.codegen.compile_fx")
+    real = mod._compile_aten_graph
+
+    def wrong(gm, example_inputs):
+        inner = real(gm, example_inputs)
+        if not gm._kiln_graph_name.endswith(which):
+            return inner
+
+        def run(args):
+            return [o + 0.01 if isinstance(o, torch.Tensor) and o.is_floating_point() else o
+                    for o in inner(args)]
+
+        run._boxed_call = True
+        return run
+
+    prog = fuzz_lib.Program(0, [fuzz_lib.Input((3, 4), torch.float32, "transposed", 1)],
+                            ["v0 = x0.sin()", "v1 = v0.sum(dim=0)"], ["v1"])
+    assert fuzz_lib.check(prog).status == "match"
+    monkeypatch.setattr(mod, "_compile_aten_graph", wrong)
+    got = fuzz_lib.check(prog)
+    assert got.status == "mismatch" and ("grad" in got.detail) == (which == "backward"), got.detail
+
+
+@pytest.mark.slow
+def test_fuzz_many():
+    results = fuzz_lib.run(_count(10_000), seed=int(os.environ.get("KILN_FUZZ_SEED", 0)))
+    assert all(r.status == "match" for r in results), _report(results)

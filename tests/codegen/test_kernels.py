@@ -1,0 +1,225 @@
+"""Generated kernels vs eager: values, gradients, kernel counts (fusion) and the
+generated source (one kernel per row for softmax / layer_norm, externs for mm)."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kiln.aot import aot_function
+from kiln.codegen import metrics
+from kiln.codegen.decompose import decomposition_table
+from kiln.codegen.graph import compile_aten_graph
+
+TOL = {torch.float32: (1e-4, 1e-5), torch.float64: (1e-9, 1e-9), torch.float16: (2e-3, 2e-3),
+       torch.bfloat16: (1.6e-2, 1e-2)}
+
+
+class Recorder:
+    """A compile_aten_graph that keeps what it made (for kernel counts and source)."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, gm, example_inputs):
+        f = compile_aten_graph(gm, example_inputs)
+        self.calls.append(f)
+        return f
+
+    @property
+    def kernels(self) -> int:
+        return sum(c.kernel_count for c in self.calls)
+
+    @property
+    def source(self) -> str:
+        return "\n".join(c.kernel_source for c in self.calls)
+
+    @property
+    def wrapper(self) -> str:
+        return "\n".join(c.source for c in self.calls)
+
+
+def compiled(fn, rec=None):
+    rec = rec or Recorder()
+    return aot_function(fn, rec, rec, decompositions=decomposition_table()), rec
+
+
+def check(fn, *args, grad=False):
+    """Run fn compiled and eager; compare outputs (and grads); return the recorder."""
+    cf, rec = compiled(fn)
+    args_c = [a.detach().clone().requires_grad_(a.requires_grad) if isinstance(a, torch.Tensor)
+              else a for a in args]
+    out = cf(*args_c)
+    ref = fn(*args)
+    outs = out if isinstance(out, (tuple, list)) else (out,)
+    refs = ref if isinstance(ref, (tuple, list)) else (ref,)
+    assert len(outs) == len(refs)
+    for o, r in zip(outs, refs):
+        assert o.dtype == r.dtype and o.shape == r.shape
+        if r.dtype.is_floating_point:
+            rtol, atol = TOL[r.dtype]
+            torch.testing.assert_close(o, r, rtol=rtol, atol=atol, equal_nan=True)
+        else:
+            assert torch.equal(o, r), (o, r)
+    if grad:
+        ws = [torch.randn(r.shape, generator=torch.Generator().manual_seed(i)) for i, r in enumerate(refs)]
+        sum((o * w).sum() for o, w in zip(outs, ws)).backward()
+        sum((r * w).sum() for r, w in zip(refs, ws)).backward()
+        for a, b in zip(args_c, args):
+            if isinstance(a, torch.Tensor) and a.requires_grad:
+                torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-5)
+    return rec
+
+
+def test_pointwise_one_kernel():
+    metrics.reset()
+    rec = check(lambda x, y: x.sin() + y * 2, torch.randn(4, 8), torch.randn(4, 8))
+    assert rec.kernels == 1 and metrics.generated_kernel_count == 1
+
+
+def test_softmax_one_kernel_per_row():
+    rec = check(lambda x: torch.softmax(x, -1), torch.randn(33, 70))
+    assert rec.kernels == 1
+    assert "#pragma omp simd reduction(+:" in rec.source
+
+
+def test_log_softmax_and_backward():
+    rec = check(lambda x: F.log_softmax(x, -1), torch.randn(16, 50, requires_grad=True), grad=True)
+    assert rec.kernels == 2   # forward row kernel + backward row kernel
+
+
+def test_layer_norm_forward_one_kernel():
+    w, b = torch.randn(96), torch.randn(96)
+    rec = check(lambda x: F.layer_norm(x, (96,), w, b), torch.randn(8, 12, 96))
+    assert rec.kernels == 1
+
+
+def test_layer_norm_backward():
+    w, b = torch.randn(32, requires_grad=True), torch.randn(32, requires_grad=True)
+    check(lambda x, w, b: F.layer_norm(x, (32,), w, b), torch.randn(10, 32, requires_grad=True), w, b,
+          grad=True)
+
+
+@pytest.mark.parametrize("red", ["sum0", "sum1", "sumall", "mean", "amax", "amin", "argmax", "argmin",
+                                 "var", "var_mean", "prod", "any", "max_dim", "std"])
+def test_reductions(red):
+    x = torch.randn(7, 33)
+    fns = {
+        "sum0": lambda x: x.sum(0), "sum1": lambda x: x.sum(1, keepdim=True), "sumall": lambda x: x.sum(),
+        "mean": lambda x: x.mean((0, 1)), "amax": lambda x: x.amax(1), "amin": lambda x: x.amin(0),
+        "argmax": lambda x: x.argmax(1), "argmin": lambda x: x.argmin(), "var": lambda x: x.var(1),
+        "var_mean": lambda x: torch.var_mean(x, 0, keepdim=True), "prod": lambda x: (x * 0.1 + 1).prod(1),
+        "any": lambda x: (x > 2).any(1), "max_dim": lambda x: x.max(1), "std": lambda x: x.std(0),
+    }
+    check(fns[red], x)
+
+
+def test_reduction_nan_propagates():
+    x = torch.randn(4, 9)
+    x[1, 3] = float("nan")
+    check(lambda x: (x.amax(1), x.argmax(1), x.clamp(-0.5, 0.5), torch.maximum(x, x.flip(0))), x)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_float_dtypes(dtype):
+    x, y = torch.randn(5, 40, dtype=dtype), torch.randn(40, dtype=dtype)
+    check(lambda x, y: (torch.softmax(x * y, -1), (x + y).sum(1), x.float() * 2), x, y)
+
+
+def test_integer_semantics():
+    a = torch.randint(-20, 20, (64,))
+    b = torch.randint(1, 7, (64,)) * torch.where(torch.rand(64) > 0.5, 1, -1)
+    check(lambda a, b: (a // b, a % b, torch.div(a, b, rounding_mode="trunc"), a / b,
+                        torch.remainder(a.float(), b.float()), (a * 1.7).to(torch.int32),
+                        a > b, (a & b) | (a ^ 3), a.to(torch.int8) * 100), a, b)
+
+
+def test_bool_and_where():
+    x = torch.randn(6, 10)
+    check(lambda x: (torch.where(x > 0, x, -x * 0.5), x.masked_fill(x < -1, 3.0), ~(x > 0) & (x < 1),
+                     torch.logical_or(x > 1, x < -1)), x)
+
+
+def test_views_and_broadcasting():
+    x, y = torch.randn(4, 6, 8), torch.randn(8)
+    check(lambda x, y: ((x.permute(2, 0, 1) + 1).reshape(8, 24), x.transpose(0, 1)[1:, ::2] * y, x[..., ::2] * y[::2],
+                        x.view(24, 8).t().contiguous(), x[:, 2] + y, x.unsqueeze(1).expand(4, 3, 6, 8) * 2,
+                        x.reshape(4, 48)[:, 5:40].sum(1)), x, y)
+
+
+def test_non_contiguous_input():
+    x = torch.randn(10, 12).t()
+    y = torch.randn(20, 12)[::2]
+    check(lambda x, y: (x.exp() + y.t().cos(), x.sum(0)), x, y)
+
+
+def test_output_is_view_and_input():
+    x = torch.randn(4, 5)
+    check(lambda x: (x, x[1:], (x * 2).t(), (x + 1).view(20)), x)
+
+
+def test_externs_mm_bias_gelu():
+    w, b = torch.randn(16, 32), torch.randn(32)
+    rec = check(lambda x: F.gelu(x @ w + b), torch.randn(8, 16))
+    assert rec.kernels == 1
+    assert "aten.mm" in rec.wrapper
+
+
+def test_mlp_training():
+    torch.manual_seed(0)
+    w1, b1 = torch.randn(16, 32, requires_grad=True), torch.randn(32, requires_grad=True)
+    w2 = torch.randn(32, 4, requires_grad=True)
+
+    def f(x, w1, b1, w2):
+        return torch.log_softmax(F.relu(x @ w1 + b1) @ w2, -1)
+
+    check(f, torch.randn(8, 16, requires_grad=True), w1, b1, w2, grad=True)
+
+
+def test_cat_pad_index_gather_embedding():
+    x, y = torch.randn(4, 5), torch.randn(4, 3)
+    idx = torch.tensor([3, 0, -1, 2])
+    emb = torch.randn(10, 6)
+    tok = torch.tensor([[1, 9, 0], [4, 4, -10]])
+
+    def f(x, y, idx, emb, tok):
+        return (torch.cat([x, y * 2], 1), F.pad(x, (1, 2, 0, 1), value=-1.0), x[idx], x[:, idx.abs() % 5],
+                torch.gather(x, 1, idx.abs().view(4, 1).expand(4, 2) % 5), F.embedding(tok % 10, emb))
+
+    check(f, x, y, idx, emb, tok)
+
+
+def test_creation_ops():
+    x = torch.randn(3, 7)
+    check(lambda x: (x + torch.arange(7), torch.full((3, 7), 2.5) * x, torch.zeros_like(x) + 1,
+                     torch.arange(0, 1, 0.25), torch.ones(3, 1, dtype=torch.int64) * 3), x)
+
+
+def test_embedding_and_index_backward():
+    emb = torch.randn(10, 6, requires_grad=True)
+    tok = torch.tensor([[1, 9, 0], [4, 4, 7]])
+    check(lambda e, t: F.embedding(t, e) * 2, emb, tok, grad=True)
+
+
+def test_dynamic_shapes_one_compile():
+    from kiln.aot import aot_function
+    import kiln
+
+    rec = Recorder()
+    f = kiln.compile(lambda x, y: torch.softmax(x * y, -1) + x.sum(0), backend=_backend(rec), dynamic=True)
+    for n, m in [(4, 8), (7, 33), (2, 5)]:
+        x, y = torch.randn(n, m), torch.randn(m)
+        torch.testing.assert_close(f(x, y), torch.softmax(x * y, -1) + x.sum(0))
+    assert len(rec.calls) == 1
+
+
+def _backend(rec):
+    from kiln.backends import aot_autograd
+
+    return aot_autograd(fw_compiler=rec, bw_compiler=rec, decompositions=decomposition_table())
+
+
+def test_large_parallel_kernel():
+    x = torch.randn(256, 1024)
+    rec = check(lambda x: (x.sigmoid() * x, torch.softmax(x, 0), x.sum()), x)
+    assert "omp parallel for" in rec.source
