@@ -302,8 +302,8 @@ def _dense(t: torch.Tensor) -> bool:
 
 
 def _check_tensor(val: torch.Tensor, where: str) -> None:
-    if val.device.type != "cpu":
-        raise exc.CodegenError(f"no codegen for device {val.device.type} yet (node {where})")
+    if val.device.type not in ("cpu", "cuda"):
+        raise exc.CodegenError(f"no codegen for device {val.device.type} (node {where})")
     if val.layout != torch.strided:
         raise exc.CodegenError(f"no codegen for layout {val.layout} (node {where})")
     if val.dtype not in _SUPPORTED_DTYPES:
@@ -324,7 +324,12 @@ def compile_aten_graph(gm: fx.GraphModule, example_inputs: list) -> Callable:
 
     lowered = GraphLowering(gm, list(example_inputs)).run()
     plan = sched.schedule(lowered)
-    return wrapper.build(lowered, plan)
+    call = wrapper.build(lowered, plan)
+    if getattr(call, "uses_triton", False):
+        from kiln.codegen.triton.runtime import eager_on_kernel_error
+
+        call = eager_on_kernel_error(call, gm)
+    return call
 
 
 __all__ = ["compile_aten_graph", "GraphLowering"]
