@@ -97,15 +97,15 @@ def kiln_truncdiv_int(a, b):
 
 @triton.jit
 def kiln_pow_int(a, b):
-    r = tl.zeros_like(a) + 1
+    r = a * 0 + 1
     base = a
-    e = b + tl.zeros_like(a)
+    e = b + a * 0
     for _ in tl.static_range(63):
         r = tl.where((e & 1) != 0, r * base, r)
         base = base * base
         e = e >> 1
     neg = tl.where(a == 1, 1, tl.where(a == -1, tl.where((b & 1) != 0, -1, 1), 0))
-    return tl.where(b < 0, neg + tl.zeros_like(r), r)
+    return tl.where(b < 0, neg + r * 0, r)
 '''
 
 # NOTE: float-only helpers that need libdevice on the GPU; under the interpreter the

@@ -14,7 +14,9 @@ node's values kept in registers, when every inner range fits one block (persiste
 in a loop per node (looped; a node that reads a buffer stored earlier in the same kernel
 waits on ``tl.debug_barrier()``).  Every load and store is masked; index math is int32
 unless a size is symbolic or an extent reaches 2**31 (then program ids and aranges are
-int64).  float16/bfloat16 are loaded, converted to float32, and cast back when stored.
+int64).  Only Triton builtins are used, never its ``@jit`` standard library
+(``tl.zeros``, ``tl.sum``): those are decorated when Triton is imported, so they would not
+run under an interpreter switched on later.  float16/bfloat16 are loaded, converted to float32, and cast back when stored.
 """
 from __future__ import annotations
 
@@ -155,7 +157,7 @@ class Scope:
             if dims:
                 name = self.emit(f"({txt}).to({tl_type(e.dtype)})", dims)
             else:
-                name = self.emit(f"(tl.zeros({p.shape1}, {tl_type(e.dtype)}) + {txt})", dims)
+                name = self.emit(f"(tl.full({p.shape1}, 0, {tl_type(e.dtype)}) + {txt})", dims)
         elif isinstance(e, Load):
             name = p.load(self, e)
         elif isinstance(e, Op) and e.name == "masked":
@@ -377,7 +379,7 @@ class KernelPrinter:
         if self.pointwise:
             L.append(f"xindex = {pid} * XBLOCK + tl.arange(0, XBLOCK)")
             L.append("xmask = xindex < xnumel")
-            L.append(f"xzero = tl.zeros([XBLOCK], {idx})")
+            L.append(f"xzero = tl.full([XBLOCK], 0, {idx})")
             self.dims["xindex"] = frozenset("x")
             top.masks = [("xmask", frozenset("x"), True)]
             self._decompose(top, "xindex", xs, k.outer, frozenset("x"))
@@ -394,8 +396,8 @@ class KernelPrinter:
             rblock = next_pow2(max(int(s) for s in ints)) if persistent else 0
             L.append(f"xindex = {pid} * XBLOCK + tl.arange(0, XBLOCK)[:, None]")
             L.append("xmask = xindex < xnumel")
-            L.append(f"xzero = tl.zeros([XBLOCK, 1], {idx})")
-            L.append(f"rzero = tl.zeros([1, RBLOCK], {idx})")
+            L.append(f"xzero = tl.full([XBLOCK, 1], 0, {idx})")
+            L.append(f"rzero = tl.full([1, RBLOCK], 0, {idx})")
             L.append(f"rbase = tl.arange(0, RBLOCK)[None, :]" + (".to(tl.int64)" if self.index64 else ""))
             self.dims["xindex"] = frozenset("x")
             top.masks = [("xmask", frozenset("x"), True)]
@@ -507,8 +509,8 @@ class KernelPrinter:
                 top.lines += self._loop(rn, sc.lines)
             else:
                 av, ai = self.tmp("t"), self.tmp("t")
-                sc.lines.append(f"{av} = {vv} + tl.zeros([XBLOCK, RBLOCK], {tl_type(vt)})")
-                sc.lines.append(f"{ai} = {ii} + tl.zeros([XBLOCK, RBLOCK], tl.int64)")
+                sc.lines.append(f"{av} = {vv} + tl.full([XBLOCK, RBLOCK], 0, {tl_type(vt)})")
+                sc.lines.append(f"{ai} = {ii} + tl.full([XBLOCK, RBLOCK], 0, tl.int64)")
             top.lines.append(f"_, {res} = tl.reduce(({av}, {ai}), 1, kiln_{rtype})")
             top.lines.append(f"{res} = {res}[:, None]")
         else:
@@ -541,7 +543,7 @@ class KernelPrinter:
                 top.lines += self._loop(rn, sc.lines)
             else:
                 acc = self.tmp("t")
-                sc.lines.append(f"{acc} = {vv} + tl.zeros([XBLOCK, RBLOCK], {t})")
+                sc.lines.append(f"{acc} = {vv} + tl.full([XBLOCK, RBLOCK], 0, {t})")
             top.lines.append(f"{res} = tl.reduce({acc}, 1, {comb})[:, None]")
             if acc_t == torch.bool:
                 top.lines.append(f"{res} = {res} != 0")
