@@ -36,7 +36,8 @@ def default_config(kind: str, xnumel: int, rnumel: int, persistent: bool,
             xb = min(next_pow2(xnumel), 1024 if xnumel >= 65536 else 256 if xnumel >= 4096 else 128)
             xb = max(xb, 16)
         return {"XBLOCK": xb, "RBLOCK": 1, "num_warps": _warps(xb)}
-    rb = next_pow2(rnumel) if persistent else (min(next_pow2(rnumel), INTERP_TILE) if interpret
+    # NOTE: the interpreter reduces a block lane by lane in Python: short blocks, more loop trips.
+    rb = next_pow2(rnumel) if persistent else (min(next_pow2(rnumel), 128) if interpret
                                                else LOOP_RBLOCK)
     tile = INTERP_TILE if interpret else 4096
     xb = max(1, min(next_pow2(xnumel), tile // rb))

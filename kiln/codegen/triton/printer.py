@@ -31,7 +31,8 @@ from kiln import exc
 from kiln.codegen import ir
 from kiln.codegen.ir import Const, FloorDiv, IndexValue, Load, ModIndex, Op
 from kiln.codegen.triton import compat
-from kiln.codegen.triton.heuristics import PERSISTENT_MAX, next_pow2
+from kiln.codegen.triton import heuristics
+from kiln.codegen.triton.heuristics import next_pow2
 
 TL_TYPES = {
     torch.float32: "tl.float32", torch.float64: "tl.float64", torch.float16: "tl.float16",
@@ -392,7 +393,7 @@ class KernelPrinter:
         else:
             ints = [s for s in inner_sizes if s is not None]
             persistent = all(sympy.sympify(s).is_Integer for s in ints) and \
-                max(int(s) for s in ints) <= PERSISTENT_MAX
+                max(int(s) for s in ints) <= heuristics.PERSISTENT_MAX
             rblock = next_pow2(max(int(s) for s in ints)) if persistent else 0
             L.append(f"xindex = {pid} * XBLOCK + tl.arange(0, XBLOCK)[:, None]")
             L.append("xmask = xindex < xnumel")
