@@ -57,6 +57,14 @@ def _tuple(xs) -> str:
 
 
 def _restride(t: torch.Tensor, strides: tuple) -> torch.Tensor:
+    """``t``'s values in the layout ``strides`` (stride-0 dims: broadcast of index 0)."""
+    if 0 in strides:
+        idx = tuple(slice(0, 1) if st == 0 else slice(None) for st in strides)
+        small = t[idx]
+        base = torch.empty_strided(small.shape, tuple(st if st else 1 for st in strides),
+                                   dtype=t.dtype, device=t.device)
+        base.copy_(small)
+        return torch.as_strided(base, t.shape, strides)
     out = torch.empty_strided(t.shape, strides, dtype=t.dtype, device=t.device)
     out.copy_(t)
     return out

@@ -223,3 +223,14 @@ def test_large_parallel_kernel():
     x = torch.randn(256, 1024)
     rec = check(lambda x: (x.sigmoid() * x, torch.softmax(x, 0), x.sum()), x)
     assert "omp parallel for" in rec.source
+
+
+def test_slice_and_select_scatter():
+    x, s1, s2 = torch.randn(6, 10), torch.randn(6, 3), torch.randn(10)
+    check(lambda x, a, b: (torch.slice_scatter(x, a, 1, 2, 8, 2), torch.slice_scatter(x, a, 1, 7),
+                           torch.select_scatter(x, b, 0, -2), torch.full_like(x, 3.0) + x), x, s1, s2)
+
+
+def test_expanded_input_layout():
+    x = torch.randn(1, 8).expand(5, 8)
+    check(lambda x: (x * 2).sum(0), x)
