@@ -234,3 +234,16 @@ def test_slice_and_select_scatter():
 def test_expanded_input_layout():
     x = torch.randn(1, 8).expand(5, 8)
     check(lambda x: (x * 2).sum(0), x)
+
+
+def test_column_reduction_tiles_columns():
+    x = torch.randn(300, 70)
+    rec = check(lambda x: ((x * 2).sum(0), x.amax(0), x.sum(1)), x)
+    assert "xb += " in rec.source   # sums over rows loop over rows outside, columns inside
+
+
+def test_contiguous_pointwise_is_one_flat_loop():
+    x, y = torch.randn(4, 6, 8), torch.randn(4, 6, 8)
+    rec = check(lambda x, y: x.sin() * y + 1, x, y)
+    kernel = rec.source.split("ATen nodes")[-1]
+    assert "x0 < 192" in kernel and "x1 " not in kernel
