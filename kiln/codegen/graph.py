@@ -203,6 +203,11 @@ class GraphLowering:
         if fn is not None:
             try:
                 out = fn(self, *args, **kwargs)
+                # NOTE: loaders run lazily; one probe here makes a lowering that cannot
+                # handle these operands say so now (and become an extern), not later.
+                for tv in (out if isinstance(out, (list, tuple)) else [out]):
+                    if isinstance(tv, TensorValue):
+                        tv.load(make_vars("x", len(tv.sizes)))
             except NotLowered:
                 out = None
         if out is None:

@@ -236,7 +236,10 @@ class Scheduler:
         return live
 
     def _finish(self, steps: list, needed: set) -> None:
-        """Decide locals / stores / memory reads of each kernel."""
+        """Decide locals / stores / memory reads of each kernel; merge loops."""
+        for s in steps:
+            if isinstance(s, Kernel) and not s.has_reduction:
+                merge_loops(s)
         outside: dict[str, int] = {}
         lw = self.lowered
         for o in lw.outputs:
@@ -279,6 +282,51 @@ class Scheduler:
                     if (r not in mine or r in s.stores) and r not in reads and r not in s.locals:
                         reads.append(r)
             s.reads = [r for r in reads if r not in mine]
+
+
+def _index_exprs(k: Kernel) -> list:
+    out = []
+    for n in k.nodes:
+        out.append(n.store)
+        for e in ir.walk(n.expr):
+            if isinstance(e, ir.Load):
+                out.append(e.index)
+            elif isinstance(e, ir.IndexValue):
+                out.append(e.expr)
+    return out
+
+
+def merge_loops(k: Kernel) -> None:
+    """Merge adjacent loops of a pointwise kernel where every index is affine in both
+    with ``stride(i) == stride(i+1) * size(i+1)`` (so a contiguous tensor of any rank is
+    one flat, vectorizable loop).  Rewrites the nodes' expressions in place."""
+    i = len(k.outer) - 2
+    while i >= 0:
+        xi, xj = ir.var("x", i), ir.var("x", i + 1)
+        sj = k.outer[i + 1]
+        ok = True
+        for e in _index_exprs(k):
+            e = sympy.expand(e)
+            if any(({xi, xj} & f.free_symbols) for f in e.atoms(ir.FloorDiv, ir.ModIndex)):
+                ok = False
+                break
+            ci, cj = e.coeff(xi), e.coeff(xj)
+            if ci.free_symbols & {xi, xj} or cj.free_symbols & {xi, xj} or sympy.expand(ci - cj * sj) != 0:
+                ok = False
+                break
+        if ok:
+            mapping = {xi: sympy.Integer(0)}
+            n_old = len(k.outer)
+            # x_{i+1} becomes the merged var x_i; later vars shift down by one
+            mapping[xj] = xi
+            for j in range(i + 2, n_old):
+                mapping[ir.var("x", j)] = ir.var("x", j - 1)
+            for n in k.nodes:
+                n.expr = ir.substitute(n.expr, mapping)
+                n.store = sympy.expand(n.store.xreplace(mapping))
+                n.ranges = n.ranges[:i] + [n.ranges[i] * n.ranges[i + 1]] + n.ranges[i + 2:]
+            k.outer = k.outer[:i] + [k.outer[i] * sj] + k.outer[i + 2:]
+        i -= 1
 
 
 def _collect_refs(a, out: list) -> None:

@@ -57,6 +57,14 @@ def _tuple(xs) -> str:
 
 
 def _restride(t: torch.Tensor, strides: tuple) -> torch.Tensor:
+    """``t``'s values in the layout ``strides`` (stride-0 dims: broadcast of index 0)."""
+    if 0 in strides:
+        idx = tuple(slice(0, 1) if st == 0 else slice(None) for st in strides)
+        small = t[idx]
+        base = torch.empty_strided(small.shape, tuple(st if st else 1 for st in strides),
+                                   dtype=t.dtype, device=t.device)
+        base.copy_(small)
+        return torch.as_strided(base, t.shape, strides)
     out = torch.empty_strided(t.shape, strides, dtype=t.dtype, device=t.device)
     out.copy_(t)
     return out
@@ -112,10 +120,24 @@ class WrapperWriter:
             L.append(f"    {', '.join(names)}{',' if len(names) == 1 else ''} = args")
         L.append("    args.clear()")
         defined = self._symbols()
+        # NOTE: kernels and as_strided views assume the layout the fake values had; a
+        # tensor that arrives (or an extern that returns one) with other strides is
+        # copied into that layout first.
         kernel_reads = set()
         for s in plan.steps:
             if isinstance(s, Kernel):
                 kernel_reads |= set(s.reads)
+        refs: list = []
+        for s in plan.steps:
+            if not isinstance(s, Kernel):
+                _collect_refs(s.body.args, refs)
+                _collect_refs(tuple(s.body.kwargs.values()), refs)
+        _collect_refs(tuple(lw.outputs), refs)
+        for r in refs:
+            b = lw.buffers[r.buf]
+            if not (list(r.sizes) == list(b.sizes) and list(r.strides) == list(b.strides)
+                    and sympy.sympify(r.offset) == 0):
+                kernel_reads.add(r.buf)
         for name, b in lw.inputs:
             if isinstance(b, ir.Buffer) and name in kernel_reads:
                 L.append(f"    if {name}.stride() != {_tuple(b.strides)}: "

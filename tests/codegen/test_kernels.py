@@ -223,3 +223,27 @@ def test_large_parallel_kernel():
     x = torch.randn(256, 1024)
     rec = check(lambda x: (x.sigmoid() * x, torch.softmax(x, 0), x.sum()), x)
     assert "omp parallel for" in rec.source
+
+
+def test_slice_and_select_scatter():
+    x, s1, s2 = torch.randn(6, 10), torch.randn(6, 3), torch.randn(10)
+    check(lambda x, a, b: (torch.slice_scatter(x, a, 1, 2, 8, 2), torch.slice_scatter(x, a, 1, 7),
+                           torch.select_scatter(x, b, 0, -2), torch.full_like(x, 3.0) + x), x, s1, s2)
+
+
+def test_expanded_input_layout():
+    x = torch.randn(1, 8).expand(5, 8)
+    check(lambda x: (x * 2).sum(0), x)
+
+
+def test_column_reduction_tiles_columns():
+    x = torch.randn(300, 70)
+    rec = check(lambda x: ((x * 2).sum(0), x.amax(0), x.sum(1)), x)
+    assert "xb += " in rec.source   # sums over rows loop over rows outside, columns inside
+
+
+def test_contiguous_pointwise_is_one_flat_loop():
+    x, y = torch.randn(4, 6, 8), torch.randn(4, 6, 8)
+    rec = check(lambda x, y: x.sin() * y + 1, x, y)
+    kernel = rec.source.split("ATen nodes")[-1]
+    assert "x0 < 192" in kernel and "x1 " not in kernel

@@ -35,6 +35,11 @@ def load_indirect(x: TensorValue, index: list, bindings: list):
     return map_loads(e, attach)
 
 
+def _base(ctx, x: TensorValue) -> TensorValue:
+    """The indexed tensor as a strided buffer view (indirect loads need plain loads)."""
+    return x if x.strided is not None else ctx.realize(x)
+
+
 def _int_index(t) -> bool:
     return isinstance(t, TensorValue) and t.dtype in (torch.int64, torch.int32)
 
@@ -43,6 +48,7 @@ def _int_index(t) -> bool:
 def _index(ctx, x, indices):
     if not isinstance(x, TensorValue) or not all(i is None or _int_index(i) for i in indices):
         raise NotLowered("index with bool masks")
+    x = _base(ctx, x)
     val = ctx.node.meta["val"]
     sizes = out_sizes(ctx)
     n = len(x.sizes)
@@ -81,6 +87,7 @@ def _unsafe_index(ctx, x, indices):
 def _gather(ctx, x, dim, index, *, sparse_grad=False):
     if not isinstance(x, TensorValue) or not _int_index(index):
         raise NotLowered("gather operands")
+    x = _base(ctx, x)
     val = ctx.node.meta["val"]
     sizes = out_sizes(ctx)
     n = len(x.sizes)
@@ -102,6 +109,7 @@ def _gather(ctx, x, dim, index, *, sparse_grad=False):
 def _embedding(ctx, weight, indices, padding_idx=-1, scale_grad_by_freq=False, sparse=False):
     if not isinstance(weight, TensorValue) or not _int_index(indices) or len(weight.sizes) != 2:
         raise NotLowered("embedding operands")
+    weight = _base(ctx, weight)
     val = ctx.node.meta["val"]
     sizes = out_sizes(ctx)
     k = len(indices.sizes)
@@ -110,5 +118,72 @@ def _embedding(ctx, weight, indices, padding_idx=-1, scale_grad_by_freq=False, s
         v = cast(indices.load(out_index[:k]), torch.int64)
         s = new_indirect_symbol()
         return cast(load_indirect(weight, [s, out_index[k]], [(s, v, weight.sizes[0])]), val.dtype)
+
+    return TensorValue(val.dtype, val.device, sizes, loader)
+
+
+def _in_range(i, start, end, step):
+    from kiln.codegen.ir import Op, Const
+    from kiln.codegen.lowering.creation import _lt
+
+    iv = IndexValue(sympy.sympify(i), torch.int64)
+    c = Op("logical_and", (Op("ge", (iv, Const(0, torch.int64)), torch.bool) if start == 0 else
+                           Op("ge", (iv, IndexValue(sympy.sympify(start), torch.int64)), torch.bool),
+                           _lt(i, end)), torch.bool)
+    if step != 1:
+        from kiln.codegen.ir import ModIndex
+        c = Op("logical_and", (c, Op("eq", (IndexValue(ModIndex(sympy.sympify(i) - start + step * end, step),
+                                                       torch.int64), Const(0, torch.int64)), torch.bool)),
+               torch.bool)
+    return c
+
+
+@register(aten.slice_scatter.default)
+def _slice_scatter(ctx, x, src, dim=0, start=None, end=None, step=1):
+    """``x`` with ``src`` written over ``x[start:end:step]`` along dim (masked loads)."""
+    from kiln.codegen.lowering.creation import masked
+    from kiln.codegen.lowering.views import _norm_bound
+    from kiln.codegen.ir import FloorDiv
+
+    if not isinstance(x, TensorValue) or not isinstance(src, TensorValue):
+        raise NotLowered("slice_scatter operands")
+    val = ctx.node.meta["val"]
+    sizes = out_sizes(ctx)
+    n = len(sizes)
+    dim = dim + n if dim < 0 else dim
+    st = _norm_bound(start, sizes[dim], sympy.Integer(0))
+    en = st + src.sizes[dim] * step
+
+    def loader(index):
+        i = index[dim]
+        sidx = list(index)
+        sidx[dim] = FloorDiv(i - st + step * sizes[dim], step) - sizes[dim] if step != 1 else i - st
+        return masked(_in_range(i, st, en, step), cast(src.load(sidx), val.dtype),
+                      cast(x.load(index), val.dtype))
+
+    return TensorValue(val.dtype, val.device, sizes, loader)
+
+
+@register(aten.select_scatter.default)
+def _select_scatter(ctx, x, src, dim, index):
+    from kiln.codegen.ir import Op
+    from kiln.codegen.lowering.creation import masked
+    from kiln.codegen.ir import sympify_size
+
+    if not isinstance(x, TensorValue) or not isinstance(src, TensorValue):
+        raise NotLowered("select_scatter operands")
+    val = ctx.node.meta["val"]
+    sizes = out_sizes(ctx)
+    n = len(sizes)
+    dim = dim + n if dim < 0 else dim
+    index = sympify_size(index)
+    if index.is_Integer and int(index) < 0:
+        index = sizes[dim] + index
+
+    def loader(idx):
+        i = idx[dim]
+        cond = Op("eq", (IndexValue(sympy.sympify(i), torch.int64), IndexValue(index, torch.int64)), torch.bool)
+        sidx = list(idx[:dim]) + list(idx[dim + 1:])
+        return masked(cond, cast(src.load(sidx), val.dtype), cast(x.load(idx), val.dtype))
 
     return TensorValue(val.dtype, val.device, sizes, loader)
