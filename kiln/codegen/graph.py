@@ -328,6 +328,9 @@ def compile_aten_graph(gm: fx.GraphModule, example_inputs: list) -> Callable:
     from kiln.codegen import wrapper
 
     lowered = GraphLowering(gm, list(example_inputs)).run()
+    from kiln.codegen.triton.split import split_reductions
+
+    split_reductions(lowered, lambda b: wrapper.device_target(b.device) == "triton")
     plan = sched.schedule(lowered)
     call = wrapper.build(lowered, plan)
     if getattr(call, "uses_triton", False):

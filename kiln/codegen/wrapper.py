@@ -234,9 +234,13 @@ class WrapperWriter:
 def kernel_target(k: Kernel) -> str:
     """The printer for kernel ``k``: "triton" for CUDA tensors; for CPU tensors
     ``config.cpu_backend`` ("cpp" or "triton")."""
+    return device_target(k.nodes[0].buf.device)
+
+
+def device_target(dev: torch.device) -> str:
+    """The printer for kernels over ``dev`` tensors (see :func:`kernel_target`)."""
     from kiln.codegen import config
 
-    dev = k.nodes[0].buf.device
     if dev.type == "cuda":
         return "triton"
     if dev.type == "cpu":

@@ -211,3 +211,39 @@ def test_unavailable_reason_cpu_none():
     assert runtime.unavailable_reason("cpu") is None
     if not torch.cuda.is_available():
         assert "CUDA" in runtime.unavailable_reason("cuda")
+
+
+def test_split_reduction_small_output_long_reduction(monkeypatch):
+    from kiln.codegen.triton import split
+
+    monkeypatch.setattr(split, "SPLIT_MIN_REDUCTION", 512)
+    x = torch.randn(2, 3000)
+    rec = check(lambda x: (x.sum(1), x.amax(1), (x > 2).any(1), x.sum()), x)
+    assert "split" in rec.source          # the partial buffers of the first pass
+    xi = torch.randint(-5, 5, (4000,))
+    check(lambda x: (x.sum(), x.amin()), xi)
+
+
+def test_cuda_without_triton_raises_codegen_error(monkeypatch):
+    from kiln import exc
+    from kiln.codegen import wrapper
+
+    monkeypatch.setattr(runtime, "unavailable_reason", lambda dev="cuda": "Triton is not installed")
+    import kiln.codegen.triton as kt
+
+    monkeypatch.setattr(kt, "unavailable_reason", lambda dev="cuda": "Triton is not installed")
+    with pytest.raises(exc.CodegenError, match="Triton is not installed"):
+        compiled(lambda x: x.sin())[0](torch.randn(4))
+    assert wrapper.device_target(torch.device("cuda")) == "triton"
+
+
+def test_heuristics_shapes():
+    c = heuristics.default_config("pointwise", 10 ** 6, 0, False)
+    assert c["XBLOCK"] == 1024 and c["num_warps"] == 4
+    c = heuristics.default_config("reduction", 4096, 100, True)
+    assert c["RBLOCK"] == 128 and c["XBLOCK"] * c["RBLOCK"] <= 4096
+    c = heuristics.default_config("reduction", 8, 10 ** 6, False)
+    assert c["RBLOCK"] == heuristics.LOOP_RBLOCK
+    small = heuristics.autotune_configs("reduction", 8, 10 ** 6, False)
+    big = heuristics.autotune_configs("reduction", 8, 10 ** 6, False, max_autotune=True)
+    assert len(big) > len(small) >= 2
