@@ -247,3 +247,41 @@ def test_heuristics_shapes():
     small = heuristics.autotune_configs("reduction", 8, 10 ** 6, False)
     big = heuristics.autotune_configs("reduction", 8, 10 ** 6, False, max_autotune=True)
     assert len(big) > len(small) >= 2
+
+
+def test_autotune_drops_oom_configs_and_caches_winner(tmp_path, monkeypatch):
+    import json
+
+    import triton.testing
+
+    from kiln.codegen.triton.printer import KernelInfo
+
+    class OutOfResources(Exception):
+        pass
+
+    launched = []
+
+    class FakeFn:
+        def __getitem__(self, grid):
+            return lambda *a, **kw: launched.append((grid, kw))
+
+    info = KernelInfo("kernel0", [("tensor", "buf0")], "pointwise", 1 << 20, [], False, 0, False, [])
+    path = str(tmp_path / "kabc.py")
+    la = runtime.Launcher(FakeFn(), info, path, interpret=False)
+    times = {256: 3.0, 512: 1.0, 1024: 2.0, 2048: 5.0}
+
+    def bench(fn, warmup=0, rep=0):
+        fn()
+        xb = launched[-1][1]["XBLOCK"]
+        if xb == 512:
+            raise OutOfResources("out of resource: shared memory")
+        return times[xb]
+
+    monkeypatch.setattr(triton.testing, "do_bench", bench)
+    cfg = la.config_for([1 << 20], (None,))
+    assert cfg["XBLOCK"] == 1024            # 512 was fastest but ran out of resources
+    saved = json.load(open(path[:-3] + ".tune.json"))
+    assert saved["kernel0"][str(1 << 20)]["XBLOCK"] == 1024
+    la2 = runtime.Launcher(FakeFn(), info, path, interpret=False)
+    n = len(launched)
+    assert la2.config_for([1 << 20], (None,))["XBLOCK"] == 1024 and len(launched) == n   # from the file

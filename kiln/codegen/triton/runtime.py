@@ -193,12 +193,12 @@ class Launcher:
         numels = [int(v) for v in self._numels(*sizes)]
         if numels[0] == 0:
             return
-        cfg = self.config_for(numels, args)
         if self._compiled:
-            self._launch(cfg, numels, args)
+            self._launch(self.config_for(numels, args), numels, args)
             return
         try:
-            self._launch(cfg, numels, args)
+            # NOTE: the first launch (or autotuning) compiles the kernel
+            self._launch(self.config_for(numels, args), numels, args)
         except Exception as e:  # noqa: BLE001 - first launch compiles
             if _is_oom(e):
                 raise
