@@ -368,7 +368,8 @@ class KernelPrinter:
             rr = n.rranges if n.is_reduction else inner
             for r in rr:
                 self.note(r)
-            inner_sizes.append(ir.product(rr) if rr else None)
+            # NOTE: a reduction over size-1 dims only still reduces (over one element)
+            inner_sizes.append(ir.product(rr) if (rr or n.is_reduction) else None)
         self.index64 = self._needs_int64(inner_sizes)
         idx = "tl.int64" if self.index64 else "tl.int32"
         top = Scope(self)
