@@ -404,11 +404,13 @@ class KernelPrinter:
             self.dims["xindex"] = frozenset("x")
             top.masks = [("xmask", frozenset("x"), True)]
             self._decompose(top, "xindex", xs, k.outer, frozenset("x"))
-            group_scope, group_key = None, None
+            group_scope, group_key, grp = None, None, None
             stored_here: set = set()
             for i, (n, inner) in enumerate(zip(k.nodes, k.inner)):
                 top.lines.append(f"# {n.buf.name}: {', '.join(n.buf.origins)}")
                 if inner_sizes[i] is None:      # outer-only pointwise node
+                    self._close(top, grp, stored_here)
+                    grp = None
                     v = top.expr(n.expr)
                     top.regs[n.buf.name] = v
                     if n.buf.name not in k.locals:
@@ -441,20 +443,36 @@ class KernelPrinter:
                     self._inner_node(top, group_scope, n, rr, rvars, rn, looped=False,
                                      expr=expr, store=store)
                     continue
-                loop = Scope(self, top)
-                loop.masks = top.masks + [("rmask", frozenset("r"), True)]
-                for b in stored_here & n.reads:
-                    loop.regs.pop(b, None)
+                if not n.is_reduction:
+                    rv = ir.make_vars("r", len(rr))
+                    m = dict(zip(rvars, rv))
+                    expr, store = ir.substitute(n.expr, m), sympy.sympify(n.store).xreplace(m)
+                    rvars = rv
+                else:
+                    expr, store = n.expr, n.store
+                # NOTE: nodes over the same inner range share one loop unless a node needs
+                # a reduction finished in that loop.
+                if grp is None or not ir_same(rr, grp["rr"]) or n.reads & grp["reductions"]:
+                    self._close(top, grp, stored_here)
+                    loop = Scope(self, top)
+                    loop.masks = top.masks + [("rmask", frozenset("r"), True)]
+                    loop.lines.append("rindex = roffset + rbase")
+                    loop.lines.append(f"rmask = rindex < {rn}")
+                    self.dims["rindex"] = self.dims["rmask"] = frozenset("r")
+                    self._decompose(loop, "rindex", rvars, rr, frozenset("r"))
+                    grp = {"rr": list(rr), "rn": rn, "scope": loop, "pre": [], "post": [],
+                           "reductions": set(), "stored": set(), "barrier": False}
                 if stored_here & n.reads:
                     # NOTE: this loop reads what an earlier loop of this program stored.
-                    top.lines.append("tl.debug_barrier()")
-                loop.lines.append("rindex = roffset + rbase")
-                loop.lines.append(f"rmask = rindex < {rn}")
-                self.dims["rindex"] = self.dims["rmask"] = frozenset("r")
-                self._decompose(loop, "rindex", rvars, rr, frozenset("r"))
-                self._inner_node(top, loop, n, rr, rvars, rn, looped=True)
-                if not n.is_reduction:
-                    stored_here.add(n.buf.name)
+                    grp["barrier"] = True
+                self._pre = grp["pre"]
+                mark = len(top.lines)
+                self._inner_node(top, grp["scope"], n, rr, rvars, rn, looped=True,
+                                 expr=expr, store=store)
+                grp["post"] += top.lines[mark:]
+                del top.lines[mark:]
+                (grp["reductions"] if n.is_reduction else grp["stored"]).add(n.buf.name)
+            self._close(top, grp, stored_here)
         params = [f"{b}_ptr" for b in self.ptrs]
         sizes = sorted(self.sizes, key=lambda s: s.name)
         params += [s.name for s in sizes]
@@ -480,10 +498,8 @@ class KernelPrinter:
         if not n.is_reduction:
             v = sc.expr(n.expr if expr is None else expr)
             self.store(sc, name, n.store if store is None else store, v, xr)
-            if looped:
-                top.lines += self._loop(rn, sc.lines)
-            else:
-                sc.regs[name] = v
+            sc.regs[name] = v
+            if not looped:
                 top.regs[name] = v
             return
         body = n.buf.body
@@ -505,10 +521,9 @@ class KernelPrinter:
             res = self.tmp("red")
             if looped:
                 av, ai = self.tmp("acc"), self.tmp("acc")
-                top.lines.append(f"{av} = tl.full([XBLOCK, RBLOCK], {init}, {tl_type(vt)})")
-                top.lines.append(f"{ai} = tl.full([XBLOCK, RBLOCK], {2 ** 62}, tl.int64)")
+                self._pre.append(f"{av} = tl.full([XBLOCK, RBLOCK], {init}, {tl_type(vt)})")
+                self._pre.append(f"{ai} = tl.full([XBLOCK, RBLOCK], {2 ** 62}, tl.int64)")
                 sc.lines.append(f"{av}, {ai} = kiln_{rtype}({av}, {ai}, {vv}, {ii})")
-                top.lines += self._loop(rn, sc.lines)
             else:
                 av, ai = self.tmp("t"), self.tmp("t")
                 sc.lines.append(f"{av} = {vv} + tl.full([XBLOCK, RBLOCK], 0, {tl_type(vt)})")
@@ -540,9 +555,8 @@ class KernelPrinter:
             res = self.tmp("red")
             if looped:
                 acc = self.tmp("acc")
-                top.lines.append(f"{acc} = tl.full([XBLOCK, RBLOCK], {init}, {t})")
+                self._pre.append(f"{acc} = tl.full([XBLOCK, RBLOCK], {init}, {t})")
                 sc.lines.append(f"{acc} = " + upd.format(a=acc, v=vv))
-                top.lines += self._loop(rn, sc.lines)
             else:
                 acc = self.tmp("t")
                 sc.lines.append(f"{acc} = {vv} + tl.full([XBLOCK, RBLOCK], 0, {t})")
@@ -555,6 +569,16 @@ class KernelPrinter:
             sc.regs[name] = res
         if name not in self.k.locals:
             self.store(top, name, n.store, res, frozenset("x"))
+
+    def _close(self, top: Scope, grp: Optional[dict], stored_here: set) -> None:
+        """Emit a loop group: accumulators, the loop over the inner range, results."""
+        if grp is None or grp.get("closed"):
+            return
+        grp["closed"] = True
+        if grp["barrier"]:
+            top.lines.append("tl.debug_barrier()")
+        top.lines += grp["pre"] + self._loop(grp["rn"], grp["scope"].lines) + grp["post"]
+        stored_here |= grp["stored"]
 
     def _loop(self, rn: str, lines: list) -> list:
         return [f"for roffset in range(0, {rn}, RBLOCK):"] + ["    " + ln for ln in lines]
