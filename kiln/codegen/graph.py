@@ -226,9 +226,11 @@ class GraphLowering:
     def extern(self, node: fx.Node, args: tuple, kwargs: dict) -> Any:
         """Call the ATen op itself (inputs realized; outputs become buffers)."""
         target = node.target
-        if not isinstance(target, torch._ops.OpOverload):
+        if not callable(target):
             raise exc.CodegenError(f"cannot call {target} of node {node.name}")
-        if target._schema.is_mutable:
+        # NOTE: other callables (higher-order ops such as with_effects) run as opaque
+        # externs in program order.
+        if isinstance(target, torch._ops.OpOverload) and target._schema.is_mutable:
             raise exc.CodegenError(f"node {node.name} mutates its input ({target}); "
                                    "codegen takes functional graphs")
         conv = lambda a: self._extern_arg(a)  # noqa: E731
