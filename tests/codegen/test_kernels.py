@@ -260,3 +260,8 @@ def test_indirect_stores_are_generated():
                                    x.index_put((idx, idx.abs() % 4), v[:, 0], accumulate=True)), x, v, src)
     assert "#pragma omp atomic" in rec.source
     assert "aten.index_put" not in rec.wrapper and "scatter_add" not in rec.wrapper
+
+
+def test_reductions_of_0d_tensors():
+    x = torch.tensor(1.5)
+    check(lambda x: (x.sum(0), x.amax(-1), x.argmax(0), x.mean(0), (x > 1).any(0), torch.logsumexp(x, 0)), x)
