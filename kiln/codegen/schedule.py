@@ -52,6 +52,10 @@ class Kernel:
     reads: list = dataclasses.field(default_factory=list)   # buffers read from memory
 
     @property
+    def is_scatter(self) -> bool:
+        return isinstance(self.nodes[0].buf.body, ir.Scatter)
+
+    @property
     def has_reduction(self) -> bool:
         return any(n.is_reduction for n in self.nodes)
 
@@ -65,6 +69,12 @@ class Plan:
 
 def canonical(buf: Buffer) -> Node:
     body = buf.body
+    if isinstance(body, ir.Scatter):
+        reads = {ld.buf for e in (body.base, body.value) for ld in ir.loads(e)}
+        for _, v, _ in body.indirect:
+            reads |= {ld.buf for ld in ir.loads(v)}
+        return Node(buf, list(body.ranges), [], body.base, buf.store_index(make_vars("x", len(body.ranges))),
+                    reads, False)
     if isinstance(body, Pointwise):
         ranges, rranges = list(body.ranges), []
     else:
@@ -115,6 +125,8 @@ class Scheduler:
         """None when ``n`` can join kernel ``k``; else the reason."""
         if k.nodes[0].buf.device != n.buf.device:
             return "different device"
+        if isinstance(n.buf.body, ir.Scatter) or any(isinstance(m.buf.body, ir.Scatter) for m in k.nodes):
+            return "indirect stores run in a kernel of their own"
         outer = k.outer
         if n.is_reduction:
             if not k.has_reduction and len(outer) >= len(n.ranges):
@@ -222,6 +234,8 @@ class Scheduler:
                 _collect_refs(b.body.args, refs)
                 _collect_refs(tuple(b.body.kwargs.values()), refs)
                 deps[b.name] = {r.buf for r in refs}
+            elif isinstance(b.body, ir.Scatter):
+                deps[b.name] = canonical(b).reads
             else:
                 deps[b.name] = {ld.buf for ld in ir.loads(b.body.expr)}
         for b in lw.buffers.values():
@@ -238,7 +252,7 @@ class Scheduler:
     def _finish(self, steps: list, needed: set) -> None:
         """Decide locals / stores / memory reads of each kernel; merge loops."""
         for s in steps:
-            if isinstance(s, Kernel) and not s.has_reduction:
+            if isinstance(s, Kernel) and not s.has_reduction and not s.is_scatter:
                 merge_loops(s)
         outside: dict[str, int] = {}
         lw = self.lowered
@@ -272,7 +286,7 @@ class Scheduler:
                 s.inner.append([] if n.is_reduction else inner)
                 name = n.buf.name
                 outer_only = n.is_reduction or not inner
-                if outer_only and name not in outside:
+                if outer_only and name not in outside and not isinstance(n.buf.body, ir.Scatter):
                     s.locals.add(name)
                 else:
                     s.stores.add(name)

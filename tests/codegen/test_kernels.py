@@ -247,3 +247,21 @@ def test_contiguous_pointwise_is_one_flat_loop():
     rec = check(lambda x, y: x.sin() * y + 1, x, y)
     kernel = rec.source.split("ATen nodes")[-1]
     assert "x0 < 192" in kernel and "x1 " not in kernel
+
+
+def test_indirect_stores_are_generated():
+    x = torch.randn(6, 4)
+    idx = torch.tensor([0, 2, 2, -1, 5])
+    v = torch.randn(5, 4)
+    sidx = torch.randint(0, 6, (3, 4))
+    src = torch.randn(3, 4)
+    rec = check(lambda x, v, src: (torch.index_put(x, (idx,), v, accumulate=True),
+                                   torch.scatter_add(x, 0, sidx, src),
+                                   x.index_put((idx, idx.abs() % 4), v[:, 0], accumulate=True)), x, v, src)
+    assert "#pragma omp atomic" in rec.source
+    assert "aten.index_put" not in rec.wrapper and "scatter_add" not in rec.wrapper
+
+
+def test_reductions_of_0d_tensors():
+    x = torch.tensor(1.5)
+    check(lambda x: (x.sum(0), x.amax(-1), x.argmax(0), x.mean(0), (x > 1).any(0), torch.logsumexp(x, 0)), x)

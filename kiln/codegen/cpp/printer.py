@@ -369,7 +369,9 @@ class KernelPrinter:
         body_lines: list[str] = []
         top = Body(self)
         pure = not k.has_reduction and all(not i for i in k.inner)
-        if self._column_reduction():
+        if k.is_scatter:
+            body_lines = self._print_scatter()
+        elif self._column_reduction():
             body_lines = self._print_column(par)
         elif pure and kk >= 1:
             # pure pointwise: parallel over all but the innermost dim, simd innermost
@@ -414,6 +416,39 @@ class KernelPrinter:
         params.append("int nthreads")
         head = f'extern "C" void {k.name}({", ".join(params)})'
         return head + "\n{\n" + "\n".join(indent + ln for ln in top.lines + body_lines) + "\n}\n"
+
+    def _print_scatter(self) -> list[str]:
+        """Copy the base, then atomic adds at the indirect targets."""
+        n = self.k.nodes[0]
+        sc = n.buf.body
+        name = n.buf.name
+        xs = ir.make_vars("x", len(sc.ranges))
+        ys = ir.make_vars("y", len(sc.src_ranges))
+        for r in list(sc.ranges) + list(sc.src_ranges):
+            self._note(r)
+        b = Body(self)
+        v = b.expr(sc.base)
+        b.lines.append(self.store(name, n.store, v))
+        numel = index_str(sympy.expand(ir.product(sc.ranges)))
+        loops = [f"#pragma omp parallel for collapse({len(xs)}) if({numel} > {PARALLEL_MIN_WORK}) num_threads(nthreads)"
+                 if len(xs) > 1 else f"#pragma omp parallel for if({numel} > {PARALLEL_MIN_WORK}) num_threads(nthreads)"]
+        loops += [f"for (int64_t {x} = 0; {x} < {index_str(r)}; {x}++)" for x, r in zip(xs, sc.ranges)]
+        out = self._nest(loops, b.lines) if xs else b.lines
+        b2 = Body(self)
+        val = b2.expr(sc.value)
+        for sym, iv, bound in sc.indirect:
+            e = b2.expr(iv)
+            b2.lines.append(f"int64_t {sym.name} = kiln_wrap(static_cast<int64_t>({e}), {index_str(bound)});")
+            self._note(bound)
+        self._note(sc.target)
+        b2.lines.append("#pragma omp atomic")
+        b2.lines.append(f"{self.pointer(name)}[{index_str(sc.target)}] += {val};")
+        src_numel = index_str(sympy.expand(ir.product(sc.src_ranges)))
+        loops = [f"#pragma omp parallel for collapse({len(ys)}) if({src_numel} > {PARALLEL_MIN_WORK}) num_threads(nthreads)"
+                 if len(ys) > 1 else f"#pragma omp parallel for if({src_numel} > {PARALLEL_MIN_WORK}) num_threads(nthreads)"]
+        loops += [f"for (int64_t {y} = 0; {y} < {index_str(r)}; {y}++)" for y, r in zip(ys, sc.src_ranges)]
+        out += self._nest(loops, b2.lines) if ys else ["{"] + b2.lines + ["}"]
+        return out
 
     def _column_reduction(self) -> bool:
         """True for kernels of only sum/prod/max/min reductions whose loads are contiguous

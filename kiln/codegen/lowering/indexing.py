@@ -187,3 +187,78 @@ def _select_scatter(ctx, x, src, dim, index):
         return masked(cond, cast(src.load(sidx), val.dtype), cast(x.load(idx), val.dtype))
 
     return TensorValue(val.dtype, val.device, sizes, loader)
+
+
+# ----------------------------------------------------------------------------- indirect stores
+
+def _scatter_buffer(ctx, x: TensorValue, src_sizes, target_fn, value_fn) -> TensorValue:
+    """A buffer: x, then ``out[target(y)] += value(y)`` for y over src_sizes."""
+    from kiln.codegen.ir import Scatter, contiguous_strides, make_vars, strided_index
+
+    val = ctx.node.meta["val"]
+    if val.dtype in (torch.float16, torch.bfloat16, torch.bool):
+        raise NotLowered("atomic add of this dtype")
+    sizes = out_sizes(ctx)
+    strides = contiguous_strides(sizes)
+    xv = make_vars("x", len(sizes))
+    yv = make_vars("y", len(src_sizes))
+    base = cast(x.load(xv), val.dtype)
+    out_index, bindings = target_fn(yv)
+    target = strided_index(out_index, strides)
+    value = cast(value_fn(yv), val.dtype)
+    buf = ctx.new_buffer(val.dtype, val.device, sizes, strides,
+                         Scatter(list(sizes), base, list(src_sizes), target, tuple(bindings), value))
+    return TensorValue.of_buffer(buf)
+
+
+@register(aten.index_put.default)
+def _index_put(ctx, x, indices, values, accumulate=False):
+    if not accumulate:
+        raise NotLowered("index_put without accumulate")
+    if not isinstance(x, TensorValue) or not isinstance(values, TensorValue) or \
+            not all(i is None or _int_index(i) for i in indices):
+        raise NotLowered("index_put operands")
+    from kiln.codegen.ir import sympify_size
+
+    fx_x, fx_idx = ctx.node.args[0], ctx.node.args[1]
+    r = aten.index.Tensor(ctx.fake(fx_x), [ctx.fake(i) if i is not None else None for i in fx_idx])
+    rsizes = [sympify_size(s) for s in r.shape]
+    n = len(x.sizes)
+    pos = [d for d, i in enumerate(indices) if i is not None]
+    bnd = max(len(indices[d].sizes) for d in pos)
+    adjacent = pos == list(range(pos[0], pos[-1] + 1))
+    start = pos[0] if adjacent else 0
+    bsizes = rsizes[start:start + bnd]
+
+    def target(yv):
+        bidx = yv[start:start + bnd]
+        it = iter(list(yv[:start]) + list(yv[start + bnd:]))
+        xi, bindings = [], []
+        for d in range(n):
+            i = indices[d] if d < len(indices) else None
+            if i is None:
+                xi.append(next(it))
+            else:
+                v = cast(broadcast_loader(i, bsizes)(list(bidx)), torch.int64)
+                s = new_indirect_symbol()
+                bindings.append((s, v, x.sizes[d]))
+                xi.append(s)
+        return xi, bindings
+
+    return _scatter_buffer(ctx, x, rsizes, target, lambda yv: broadcast_loader(values, rsizes)(list(yv)))
+
+
+@register(aten.scatter_add.default)
+def _scatter_add(ctx, x, dim, index, src):
+    if not isinstance(x, TensorValue) or not isinstance(src, TensorValue) or not _int_index(index):
+        raise NotLowered("scatter_add operands")
+    n = len(x.sizes)
+    dim = dim + n if dim < 0 else dim
+
+    def target(yv):
+        s = new_indirect_symbol()
+        xi = list(yv)
+        xi[dim] = s
+        return xi, [(s, cast(index.load(list(yv)), torch.int64), x.sizes[dim])]
+
+    return _scatter_buffer(ctx, x, index.sizes, target, lambda yv: src.load(list(yv)))
