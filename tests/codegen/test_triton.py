@@ -285,3 +285,17 @@ def test_autotune_drops_oom_configs_and_caches_winner(tmp_path, monkeypatch):
     la2 = runtime.Launcher(FakeFn(), info, path, interpret=False)
     n = len(launched)
     assert la2.config_for([1 << 20], (None,))["XBLOCK"] == 1024 and len(launched) == n   # from the file
+
+
+def test_indirect_stores_atomic_adds():
+    x = torch.randn(6, 4)
+    idx = torch.tensor([0, 2, 2, -1, 5])
+    v = torch.randn(5, 4)
+    sidx = torch.randint(0, 6, (3, 4), generator=torch.Generator().manual_seed(0))
+    src = torch.randn(3, 4)
+    rec = check(lambda x, v, src: (torch.index_put(x, (idx,), v, accumulate=True),
+                                   torch.scatter_add(x, 0, sidx, src),
+                                   x.index_put((idx, idx.abs() % 4), v[:, 0], accumulate=True)), x, v, src)
+    assert "tl.atomic_add" in rec.source and "aten.index_put" not in rec.wrapper
+    w = torch.randn(10, 3, requires_grad=True)     # embedding backward: scatter-add of grads
+    check(lambda w: F.embedding(torch.tensor([[1, 3, 3], [0, 9, 1]]), w).tanh(), w, grad=True)

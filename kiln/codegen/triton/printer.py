@@ -358,8 +358,59 @@ class KernelPrinter:
         if n == 0:
             return
 
+    def print_scatter(self) -> tuple[str, KernelInfo]:
+        """An indirect-store kernel: ``{name}_base`` copies the base, then
+        ``{name}_scatter`` adds the values at their targets atomically (two launches: the
+        adds must see the whole copy)."""
+        k = self.k
+        n = k.nodes[0]
+        sc = n.buf.body
+        name = n.buf.name
+        idx = "tl.int64" if self._needs_int64([ir.product(sc.src_ranges)]) else "tl.int32"
+        pid = "tl.program_id(0).to(tl.int64)" if idx == "tl.int64" else "tl.program_id(0)"
+        bodies = []
+        for part, ranges, prefix in (("base", sc.ranges, "x"), ("scatter", sc.src_ranges, "y")):
+            for r in ranges:
+                self.note(r)
+            top = Scope(self)
+            top.lines += [f"xindex = {pid} * XBLOCK + tl.arange(0, XBLOCK)", "xmask = xindex < xnumel",
+                          f"xzero = tl.full([XBLOCK], 0, {idx})"]
+            self.dims["xindex"] = frozenset("x")
+            top.masks = [("xmask", frozenset("x"), True)]
+            self._decompose(top, "xindex", ir.make_vars(prefix, len(ranges)), ranges, frozenset("x"))
+            if part == "base":
+                v = top.expr(sc.base)
+                self.store(top, name, n.store, v, frozenset("x"))
+            else:
+                v = top.expr(sc.value)
+                for sym, iv, bound in sc.indirect:
+                    e = top.expr(iv)
+                    b = self.index(bound)
+                    top.lines.append(f"{sym.name} = {e}.to(tl.int64)")
+                    top.lines.append(f"{sym.name} = tl.where({sym.name} < 0, {sym.name} + {b}, {sym.name})")
+                    self.dims[sym.name] = self.dims[e]
+                dt = self.buffers[name].dtype
+                addr = f"{self.ptr(name)} + {self.index(sc.target)} + xzero"
+                top.lines.append(f"tl.atomic_add({addr}, {v}.to({tl_type(dt)}), mask=xmask)")
+            bodies.append((part, top.lines))
+        params = [f"{b}_ptr" for b in self.ptrs]
+        sizes = sorted(self.sizes, key=lambda s: s.name)
+        params += [s.name for s in sizes] + ["xnumel", "XBLOCK: tl.constexpr"]
+        src = []
+        for part, lines in bodies:
+            src.append("\n".join([f"@triton.jit", f"def {k.name}_{part}({', '.join(params)}):",
+                                   f"    # ATen nodes: {', '.join(n.buf.origins)}"]
+                                  + ["    " + ln for ln in lines]) + "\n")
+        args = [("tensor", b) for b in self.ptrs] + [("size", s) for s in sizes]
+        info = KernelInfo(k.name, args, "scatter", sympy.expand(ir.product(sc.ranges)),
+                          [sympy.expand(ir.product(sc.src_ranges))], False, 0, idx == "tl.int64",
+                          list(n.buf.origins))
+        return "\n\n".join(src), info
+
     def print(self) -> tuple[str, KernelInfo]:
         k = self.k
+        if getattr(k, "is_scatter", False):
+            return self.print_scatter()
         kk = len(k.outer)
         for r in k.outer:
             self.note(r)

@@ -143,6 +143,8 @@ class Launcher:
         xn, rn = numels[0], max(numels[1:], default=0)
         if info.persistent:
             rn = info.rblock
+        if info.kind == "scatter":
+            return {"XBLOCK": heuristics.INTERP_TILE if self.interpret else 1024, "RBLOCK": 1, "num_warps": 4}
         cfg = heuristics.default_config(info.kind, xn, rn, info.persistent, self.interpret)
         if info.persistent:
             cfg["RBLOCK"] = info.rblock
@@ -179,6 +181,14 @@ class Launcher:
         return best
 
     def _launch(self, cfg: dict, numels: list, args: tuple) -> None:
+        if self.info.kind == "scatter":
+            base, scatter = self.fn
+            for fn, n in ((base, numels[0]), (scatter, numels[1])):
+                if n:
+                    xb = min(heuristics.next_pow2(n), cfg["XBLOCK"])
+                    kw = {} if self.interpret else {"num_warps": heuristics._warps(xb)}
+                    fn[((n + xb - 1) // xb,)](*args, n, XBLOCK=xb, **kw)
+            return
         xb = cfg["XBLOCK"]
         grid = ((numels[0] + xb - 1) // xb,)
         kw = {"XBLOCK": xb}
@@ -191,7 +201,7 @@ class Launcher:
     def __call__(self, *args: Any) -> None:
         sizes = args[self.n_tensors:]
         numels = [int(v) for v in self._numels(*sizes)]
-        if numels[0] == 0:
+        if numels[0] == 0 and self.info.kind != "scatter":
             return
         if self._compiled:
             self._launch(self.config_for(numels, args), numels, args)
@@ -227,7 +237,12 @@ def _write_json(path: str, d: dict) -> None:
 def load_kernels(source: str, infos: dict, interpret: bool) -> dict[str, Launcher]:
     """``{name: Launcher}`` for the kernels of ``source``."""
     mod, path = load_module(source, interpret)
-    return {name: Launcher(getattr(mod, name), info, path, interpret) for name, info in infos.items()}
+    def fn(name, info):
+        if info.kind == "scatter":
+            return (getattr(mod, f"{name}_base"), getattr(mod, f"{name}_scatter"))
+        return getattr(mod, name)
+
+    return {name: Launcher(fn(name, info), info, path, interpret) for name, info in infos.items()}
 
 
 def eager_on_kernel_error(call: Callable, gm: Any) -> Callable:
