@@ -244,6 +244,8 @@ class KernelPrinter:
             scope.cse[key] = n
         dims = self.index_dims(e.index, scope)
         mask, need = scope.mask_for(dims)
+        if mask is not None and not need:
+            need = frozenset("x")   # NOTE: a mask is a block: the pointer must be one too
         addr = f"{self.ptr(e.buf)} + {self.index(e.index)}{self._broadcast(dims, need)}"
         dt = self.buffers[e.buf].dtype
         s = f"tl.load({addr}" + (f", mask={mask}, other=0)" if mask else ")")
