@@ -56,6 +56,12 @@ def _tuple(xs) -> str:
     return "(" + ", ".join(items) + ("," if len(items) == 1 else "") + ")"
 
 
+def _may_alias(op) -> bool:
+    if not isinstance(op, torch._ops.OpOverload):
+        return True
+    return any(r.alias_info is not None for r in op._schema.returns)
+
+
 def _restride(t: torch.Tensor, strides: tuple) -> torch.Tensor:
     """``t``'s values in the layout ``strides`` (stride-0 dims: broadcast of index 0)."""
     if 0 in strides:
@@ -146,6 +152,14 @@ class WrapperWriter:
         pool: dict = {}
         allocated: set = set()
         outputs = {o.buf for o in lw.outputs if isinstance(o, BufRef)}
+        # NOTE: an extern whose result may alias its inputs (views, opaque callables)
+        # keeps those buffers alive: they are never handed out for reuse.
+        for s in plan.steps:
+            if not isinstance(s, Kernel) and _may_alias(s.body.op):
+                refs2: list = []
+                _collect_refs(s.body.args, refs2)
+                _collect_refs(tuple(s.body.kwargs.values()), refs2)
+                outputs |= {r.buf for r in refs2}
         for i, s in enumerate(plan.steps):
             if isinstance(s, Kernel):
                 for n in s.nodes:

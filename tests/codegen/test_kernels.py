@@ -265,3 +265,14 @@ def test_indirect_stores_are_generated():
 def test_reductions_of_0d_tensors():
     x = torch.tensor(1.5)
     check(lambda x: (x.sum(0), x.amax(-1), x.argmax(0), x.mean(0), (x > 1).any(0), torch.logsumexp(x, 0)), x)
+
+
+def test_buffer_viewed_by_an_extern_is_not_reused():
+    # unfold runs as an extern returning a view of the buffer of x * 2; a later buffer of
+    # the same layout must not take that memory while the view is still read
+    def f(x):
+        u = (x * 2).unfold(0, 2, 1)
+        b = x + u.sum()
+        return b, u * 3
+
+    check(f, torch.randn(16))
