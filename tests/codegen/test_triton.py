@@ -139,8 +139,6 @@ def test_mlp_forward_backward():
 
 
 def test_transformer_block_forward_backward():
-    # NOTE: written out (nn.TransformerEncoderLayer through functional_call gives wrong
-    # values with the C++ target too: a codegen-core issue, reported separately).
     torch.manual_seed(0)
     b, t, d, h = 2, 5, 16, 2
 
@@ -156,6 +154,19 @@ def test_transformer_block_forward_backward():
     shapes = [(3 * d, d), (d, d), (d,), (d,), (4 * d, d), (d, 4 * d), (d,), (d,)]
     ps = [(torch.randn(*s) * 0.2).requires_grad_(True) for s in shapes]
     check(block, torch.randn(b, t, d, requires_grad=True), *ps, grad=True)
+
+
+def test_nn_transformer_encoder_layer_forward_backward():
+    torch.manual_seed(0)
+    d = 16
+    blk = torch.nn.TransformerEncoderLayer(d, 2, dim_feedforward=32, dropout=0.0, batch_first=True)
+    names, ps = zip(*blk.named_parameters())
+
+    def f(x, *params):
+        return torch.func.functional_call(blk, dict(zip(names, params)), (x,))
+
+    check(f, torch.randn(2, 5, d, requires_grad=True),
+          *[p.detach().clone().requires_grad_(True) for p in ps], grad=True)
 
 
 def test_symbolic_sizes_one_compile():
