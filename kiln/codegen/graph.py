@@ -62,6 +62,7 @@ class GraphLowering:
         self.var_to_val: dict = {}
         self._count = 0
         self._fakes: dict[int, tuple] = {}
+        self._lazy_origins: list = []
         self.constants: dict[str, torch.Tensor] = {}
         for x in example_inputs:
             se = None
@@ -109,11 +110,19 @@ class GraphLowering:
 
     def new_buffer(self, dtype, device, sizes, strides, body, origins=None) -> Buffer:
         buf = Buffer(self.new_name(), dtype, device, list(sizes), list(strides), body,
-                     list(origins or ([self.node.name] if self.node is not None else [])))
+                     list(origins or self._origins()))
         self.buffers[buf.name] = buf
         if buf.is_kernel() or isinstance(buf.body, Extern):
             self.order.append(buf)
         return buf
+
+    def _origins(self) -> list:
+        """fx nodes a buffer made now comes from: the current node and the lazy values
+        inlined into it."""
+        out = list(self._lazy_origins)
+        if self.node is not None and self.node.name not in out:
+            out.append(self.node.name)
+        return out
 
     def realize(self, tv: TensorValue, like: Any = None) -> TensorValue:
         """``tv`` stored in a buffer (contiguous, or ``like``'s strides when dense)."""
@@ -199,6 +208,11 @@ class GraphLowering:
         if isinstance(val, torch.Tensor):
             _check_tensor(val, node.name)
         fn = lowering_for(target)
+        lazy: list = []
+        for a in _flat(args) + _flat(tuple(kwargs.values())):
+            if isinstance(a, TensorValue) and a.strided is None:
+                lazy += [o for o in a.origins if o not in lazy]
+        self._lazy_origins = lazy
         out = None
         if fn is not None:
             try:
@@ -216,7 +230,8 @@ class GraphLowering:
 
     def _maybe_realize(self, node: fx.Node, out: Any) -> Any:
         if isinstance(out, TensorValue):
-            out.origins = out.origins or [node.name]
+            if out.strided is None:
+                out.origins = self._origins()
             if out.strided is None:
                 n = op_count(out.load(make_vars("x", len(out.sizes))))
                 if n > REALIZE_MAX_OPS or (len(node.users) > 1 and n > INLINE_MAX_OPS):
@@ -226,9 +241,11 @@ class GraphLowering:
     def extern(self, node: fx.Node, args: tuple, kwargs: dict) -> Any:
         """Call the ATen op itself (inputs realized; outputs become buffers)."""
         target = node.target
-        if not isinstance(target, torch._ops.OpOverload):
+        if not callable(target):
             raise exc.CodegenError(f"cannot call {target} of node {node.name}")
-        if target._schema.is_mutable:
+        # NOTE: other callables (higher-order ops such as with_effects) run as opaque
+        # externs in program order.
+        if isinstance(target, torch._ops.OpOverload) and target._schema.is_mutable:
             raise exc.CodegenError(f"node {node.name} mutates its input ({target}); "
                                    "codegen takes functional graphs")
         conv = lambda a: self._extern_arg(a)  # noqa: E731
@@ -270,6 +287,12 @@ class GraphLowering:
                 self.outputs.append(v)
 
 
+def _flat(a) -> list:
+    if isinstance(a, (list, tuple)):
+        return [y for x in a for y in _flat(x)]
+    return [a]
+
+
 def _map(fn, a):
     if isinstance(a, (list, tuple)):
         return type(a)(_map(fn, x) for x in a)
@@ -307,8 +330,8 @@ def _dense(t: torch.Tensor) -> bool:
 
 
 def _check_tensor(val: torch.Tensor, where: str) -> None:
-    if val.device.type != "cpu":
-        raise exc.CodegenError(f"no codegen for device {val.device.type} yet (node {where})")
+    if val.device.type not in ("cpu", "cuda"):
+        raise exc.CodegenError(f"no codegen for device {val.device.type} (node {where})")
     if val.layout != torch.strided:
         raise exc.CodegenError(f"no codegen for layout {val.layout} (node {where})")
     if val.dtype not in _SUPPORTED_DTYPES:
@@ -328,8 +351,16 @@ def compile_aten_graph(gm: fx.GraphModule, example_inputs: list) -> Callable:
     from kiln.codegen import wrapper
 
     lowered = GraphLowering(gm, list(example_inputs)).run()
+    from kiln.codegen.triton.split import split_reductions
+
+    split_reductions(lowered, lambda b: wrapper.device_target(b.device) == "triton")
     plan = sched.schedule(lowered)
-    return wrapper.build(lowered, plan)
+    call = wrapper.build(lowered, plan)
+    if getattr(call, "uses_triton", False):
+        from kiln.codegen.triton.runtime import eager_on_kernel_error
+
+        call = eager_on_kernel_error(call, gm)
+    return call
 
 
 __all__ = ["compile_aten_graph", "GraphLowering"]

@@ -337,6 +337,21 @@ class Reduction:
 
 
 @dataclasses.dataclass
+class Scatter:
+    """``out[x] = base(x)`` for x in ``ranges``, then for y in ``src_ranges``:
+    ``out[target(y)] += value(y)`` (atomic); ``target`` is a store index over y vars whose
+    indirect symbols are bound in ``indirect`` (as in :class:`Load`).  base is over x0..,
+    target/value over y0.."""
+
+    ranges: list
+    base: Expr
+    src_ranges: list
+    target: sympy.Expr
+    indirect: tuple
+    value: Expr
+
+
+@dataclasses.dataclass
 class Extern:
     """``name = op(*args, **kwargs)`` run by the wrapper; buffers in args are ``BufRef``s."""
 
@@ -377,7 +392,7 @@ class Buffer:
         return strided_index(index, self.strides)
 
     def is_kernel(self) -> bool:
-        return isinstance(self.body, (Pointwise, Reduction))
+        return isinstance(self.body, (Pointwise, Reduction, Scatter))
 
 
 # ----------------------------------------------------------------------------- lazy values

@@ -52,6 +52,10 @@ class Kernel:
     reads: list = dataclasses.field(default_factory=list)   # buffers read from memory
 
     @property
+    def is_scatter(self) -> bool:
+        return isinstance(self.nodes[0].buf.body, ir.Scatter)
+
+    @property
     def has_reduction(self) -> bool:
         return any(n.is_reduction for n in self.nodes)
 
@@ -65,6 +69,12 @@ class Plan:
 
 def canonical(buf: Buffer) -> Node:
     body = buf.body
+    if isinstance(body, ir.Scatter):
+        reads = {ld.buf for e in (body.base, body.value) for ld in ir.loads(e)}
+        for _, v, _ in body.indirect:
+            reads |= {ld.buf for ld in ir.loads(v)}
+        return Node(buf, list(body.ranges), [], body.base, buf.store_index(make_vars("x", len(body.ranges))),
+                    reads, False)
     if isinstance(body, Pointwise):
         ranges, rranges = list(body.ranges), []
     else:
@@ -115,6 +125,8 @@ class Scheduler:
         """None when ``n`` can join kernel ``k``; else the reason."""
         if k.nodes[0].buf.device != n.buf.device:
             return "different device"
+        if isinstance(n.buf.body, ir.Scatter) or any(isinstance(m.buf.body, ir.Scatter) for m in k.nodes):
+            return "indirect stores run in a kernel of their own"
         outer = k.outer
         if n.is_reduction:
             if not k.has_reduction and len(outer) >= len(n.ranges):
@@ -222,6 +234,8 @@ class Scheduler:
                 _collect_refs(b.body.args, refs)
                 _collect_refs(tuple(b.body.kwargs.values()), refs)
                 deps[b.name] = {r.buf for r in refs}
+            elif isinstance(b.body, ir.Scatter):
+                deps[b.name] = canonical(b).reads
             else:
                 deps[b.name] = {ld.buf for ld in ir.loads(b.body.expr)}
         for b in lw.buffers.values():
@@ -236,7 +250,10 @@ class Scheduler:
         return live
 
     def _finish(self, steps: list, needed: set) -> None:
-        """Decide locals / stores / memory reads of each kernel."""
+        """Decide locals / stores / memory reads of each kernel; merge loops."""
+        for s in steps:
+            if isinstance(s, Kernel) and not s.has_reduction and not s.is_scatter:
+                merge_loops(s)
         outside: dict[str, int] = {}
         lw = self.lowered
         for o in lw.outputs:
@@ -269,7 +286,7 @@ class Scheduler:
                 s.inner.append([] if n.is_reduction else inner)
                 name = n.buf.name
                 outer_only = n.is_reduction or not inner
-                if outer_only and name not in outside:
+                if outer_only and name not in outside and not isinstance(n.buf.body, ir.Scatter):
                     s.locals.add(name)
                 else:
                     s.stores.add(name)
@@ -279,6 +296,51 @@ class Scheduler:
                     if (r not in mine or r in s.stores) and r not in reads and r not in s.locals:
                         reads.append(r)
             s.reads = [r for r in reads if r not in mine]
+
+
+def _index_exprs(k: Kernel) -> list:
+    out = []
+    for n in k.nodes:
+        out.append(n.store)
+        for e in ir.walk(n.expr):
+            if isinstance(e, ir.Load):
+                out.append(e.index)
+            elif isinstance(e, ir.IndexValue):
+                out.append(e.expr)
+    return out
+
+
+def merge_loops(k: Kernel) -> None:
+    """Merge adjacent loops of a pointwise kernel where every index is affine in both
+    with ``stride(i) == stride(i+1) * size(i+1)`` (so a contiguous tensor of any rank is
+    one flat, vectorizable loop).  Rewrites the nodes' expressions in place."""
+    i = len(k.outer) - 2
+    while i >= 0:
+        xi, xj = ir.var("x", i), ir.var("x", i + 1)
+        sj = k.outer[i + 1]
+        ok = True
+        for e in _index_exprs(k):
+            e = sympy.expand(e)
+            if any(({xi, xj} & f.free_symbols) for f in e.atoms(ir.FloorDiv, ir.ModIndex)):
+                ok = False
+                break
+            ci, cj = e.coeff(xi), e.coeff(xj)
+            if ci.free_symbols & {xi, xj} or cj.free_symbols & {xi, xj} or sympy.expand(ci - cj * sj) != 0:
+                ok = False
+                break
+        if ok:
+            mapping = {xi: sympy.Integer(0)}
+            n_old = len(k.outer)
+            # x_{i+1} becomes the merged var x_i; later vars shift down by one
+            mapping[xj] = xi
+            for j in range(i + 2, n_old):
+                mapping[ir.var("x", j)] = ir.var("x", j - 1)
+            for n in k.nodes:
+                n.expr = ir.substitute(n.expr, mapping)
+                n.store = sympy.expand(n.store.xreplace(mapping))
+                n.ranges = n.ranges[:i] + [n.ranges[i] * n.ranges[i + 1]] + n.ranges[i + 2:]
+            k.outer = k.outer[:i] + [k.outer[i] * sj] + k.outer[i + 2:]
+        i -= 1
 
 
 def _collect_refs(a, out: list) -> None:

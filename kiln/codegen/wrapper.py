@@ -56,7 +56,21 @@ def _tuple(xs) -> str:
     return "(" + ", ".join(items) + ("," if len(items) == 1 else "") + ")"
 
 
+def _may_alias(op) -> bool:
+    if not isinstance(op, torch._ops.OpOverload):
+        return True
+    return any(r.alias_info is not None for r in op._schema.returns)
+
+
 def _restride(t: torch.Tensor, strides: tuple) -> torch.Tensor:
+    """``t``'s values in the layout ``strides`` (stride-0 dims: broadcast of index 0)."""
+    if 0 in strides:
+        idx = tuple(slice(0, 1) if st == 0 else slice(None) for st in strides)
+        small = t[idx]
+        base = torch.empty_strided(small.shape, tuple(st if st else 1 for st in strides),
+                                   dtype=t.dtype, device=t.device)
+        base.copy_(small)
+        return torch.as_strided(base, t.shape, strides)
     out = torch.empty_strided(t.shape, strides, dtype=t.dtype, device=t.device)
     out.copy_(t)
     return out
@@ -103,7 +117,7 @@ class WrapperWriter:
             return "[" + ", ".join(inner) + "]"
         return self.const(a)
 
-    def write(self, kernel_fns: dict, kernel_args: dict) -> str:
+    def write(self, kernel_fns: dict, kernel_args: dict, kernel_targets: dict | None = None) -> str:
         lw, plan = self.lw, self.plan
         L = self.lines
         L.append("def call(args):")
@@ -138,6 +152,14 @@ class WrapperWriter:
         pool: dict = {}
         allocated: set = set()
         outputs = {o.buf for o in lw.outputs if isinstance(o, BufRef)}
+        # NOTE: an extern whose result may alias its inputs (views, opaque callables)
+        # keeps those buffers alive: they are never handed out for reuse.
+        for s in plan.steps:
+            if not isinstance(s, Kernel) and _may_alias(s.body.op):
+                refs2: list = []
+                _collect_refs(s.body.args, refs2)
+                _collect_refs(tuple(s.body.kwargs.values()), refs2)
+                outputs |= {r.buf for r in refs2}
         for i, s in enumerate(plan.steps):
             if isinstance(s, Kernel):
                 for n in s.nodes:
@@ -149,12 +171,17 @@ class WrapperWriter:
                         if pool.get(key):
                             L.append(f"    {name} = {pool[key].pop()}  # reuse")
                         else:
+                            dev = "" if b.device.type == "cpu" else f", device={self.const(b.device)}"
                             L.append(f"    {name} = empty_strided({_tuple(b.sizes)}, {_tuple(b.strides)}, "
-                                     f"dtype={self.const(b.dtype)})")
+                                     f"dtype={self.const(b.dtype)}{dev})")
                 call = []
-                for kind, v in kernel_args[s.name]:
-                    call.append(f"{v}.data_ptr()" if kind == "ptr" else pyexpr(v))
-                call.append("_nt()")
+                if (kernel_targets or {}).get(s.name) == "triton":
+                    # NOTE: Triton launchers take the tensors themselves and int sizes.
+                    call = [v if kind == "tensor" else pyexpr(v) for kind, v in kernel_args[s.name]]
+                else:
+                    for kind, v in kernel_args[s.name]:
+                        call.append(f"{v}.data_ptr()" if kind == "ptr" else pyexpr(v))
+                    call.append("_nt()")
                 L.append(f"    {s.name}({', '.join(call)})")
             else:
                 ext: Extern = s.body
@@ -218,16 +245,40 @@ class WrapperWriter:
         return last
 
 
+def kernel_target(k: Kernel) -> str:
+    """The printer for kernel ``k``: "triton" for CUDA tensors; for CPU tensors
+    ``config.cpu_backend`` ("cpp" or "triton")."""
+    return device_target(k.nodes[0].buf.device)
+
+
+def device_target(dev: torch.device) -> str:
+    """The printer for kernels over ``dev`` tensors (see :func:`kernel_target`)."""
+    from kiln.codegen import config
+
+    if dev.type == "cuda":
+        return "triton"
+    if dev.type == "cpu":
+        if config.cpu_backend not in ("cpp", "triton"):
+            raise exc.CodegenError(f"config.cpu_backend={config.cpu_backend!r}: expected 'cpp' or 'triton'")
+        return config.cpu_backend
+    raise exc.CodegenError(f"no codegen target for {dev.type} tensors")
+
+
 def build(lowered, plan: Plan) -> Callable:
     """Print, compile and load the plan's kernels and exec its wrapper."""
     from kiln.codegen.cpp import load_library, print_kernels
 
-    kernels = [s for s in plan.steps if isinstance(s, Kernel)]
+    all_kernels = [s for s in plan.steps if isinstance(s, Kernel)]
+    targets = {k.name: kernel_target(k) for k in all_kernels}
+    kernels = [k for k in all_kernels if targets[k.name] == "cpp"]
     fns: dict = {}
     kargs: dict = {}
     source = ""
+    triton_source = _build_triton([k for k in all_kernels if targets[k.name] == "triton"],
+                                  lowered, fns, kargs)
     if kernels:
-        source, kargs = print_kernels(kernels, lowered.buffers)
+        source, cargs = print_kernels(kernels, lowered.buffers)
+        kargs.update(cargs)
         lib = load_library(source, name="kiln_graph")
         for k in kernels:
             fn = getattr(lib, k.name)
@@ -235,8 +286,10 @@ def build(lowered, plan: Plan) -> Callable:
                            for kind, _ in kargs[k.name]] + [ctypes.c_int]
             fn.restype = None
             fns[k.name] = fn
+    source = "\n".join(x for x in (source, triton_source) if x)
+    kernels = all_kernels
     w = WrapperWriter(lowered, plan)
-    py = w.write(fns, kargs)
+    py = w.write(fns, kargs, targets)
     missing = _undefined_symbols(kargs, w.defined, plan, lowered)
     if missing:
         raise exc.CodegenError(f"sizes {sorted(map(str, missing))} cannot be read from the inputs")
@@ -254,8 +307,32 @@ def build(lowered, plan: Plan) -> Callable:
     call.source = py
     call.kernel_source = source
     call.kernel_count = len(kernels)
+    call.uses_triton = bool(triton_source)
     metrics.generated_kernel_count += len(kernels)
     return call
+
+
+def _build_triton(kernels: list, lowered, fns: dict, kargs: dict) -> str:
+    """Print and load the Triton kernels (CPU ones under the interpreter); their source."""
+    if not kernels:
+        return ""
+    from kiln.codegen import triton as ktriton
+
+    sources = []
+    for interpret in (True, False):
+        group = [k for k in kernels if (k.nodes[0].buf.device.type == "cpu") == interpret]
+        if not group:
+            continue
+        why = ktriton.unavailable_reason("cpu" if interpret else group[0].nodes[0].buf.device.type)
+        if why is not None:
+            raise exc.CodegenError(f"Triton kernels cannot run here: {why}")
+        src, infos = ktriton.print_kernels(group, lowered.buffers, interpret=interpret)
+        launchers = ktriton.load_kernels(src, infos, interpret)
+        for k in group:
+            fns[k.name] = launchers[k.name]
+            kargs[k.name] = infos[k.name].args
+        sources.append(src)
+    return "\n".join(sources)
 
 
 def _undefined_symbols(kargs, defined, plan, lowered) -> set:

@@ -223,3 +223,56 @@ def test_large_parallel_kernel():
     x = torch.randn(256, 1024)
     rec = check(lambda x: (x.sigmoid() * x, torch.softmax(x, 0), x.sum()), x)
     assert "omp parallel for" in rec.source
+
+
+def test_slice_and_select_scatter():
+    x, s1, s2 = torch.randn(6, 10), torch.randn(6, 3), torch.randn(10)
+    check(lambda x, a, b: (torch.slice_scatter(x, a, 1, 2, 8, 2), torch.slice_scatter(x, a, 1, 7),
+                           torch.select_scatter(x, b, 0, -2), torch.full_like(x, 3.0) + x), x, s1, s2)
+
+
+def test_expanded_input_layout():
+    x = torch.randn(1, 8).expand(5, 8)
+    check(lambda x: (x * 2).sum(0), x)
+
+
+def test_column_reduction_tiles_columns():
+    x = torch.randn(300, 70)
+    rec = check(lambda x: ((x * 2).sum(0), x.amax(0), x.sum(1)), x)
+    assert "xb += " in rec.source   # sums over rows loop over rows outside, columns inside
+
+
+def test_contiguous_pointwise_is_one_flat_loop():
+    x, y = torch.randn(4, 6, 8), torch.randn(4, 6, 8)
+    rec = check(lambda x, y: x.sin() * y + 1, x, y)
+    kernel = rec.source.split("ATen nodes")[-1]
+    assert "x0 < 192" in kernel and "x1 " not in kernel
+
+
+def test_indirect_stores_are_generated():
+    x = torch.randn(6, 4)
+    idx = torch.tensor([0, 2, 2, -1, 5])
+    v = torch.randn(5, 4)
+    sidx = torch.randint(0, 6, (3, 4))
+    src = torch.randn(3, 4)
+    rec = check(lambda x, v, src: (torch.index_put(x, (idx,), v, accumulate=True),
+                                   torch.scatter_add(x, 0, sidx, src),
+                                   x.index_put((idx, idx.abs() % 4), v[:, 0], accumulate=True)), x, v, src)
+    assert "#pragma omp atomic" in rec.source
+    assert "aten.index_put" not in rec.wrapper and "scatter_add" not in rec.wrapper
+
+
+def test_reductions_of_0d_tensors():
+    x = torch.tensor(1.5)
+    check(lambda x: (x.sum(0), x.amax(-1), x.argmax(0), x.mean(0), (x > 1).any(0), torch.logsumexp(x, 0)), x)
+
+
+def test_buffer_viewed_by_an_extern_is_not_reused():
+    # unfold runs as an extern returning a view of the buffer of x * 2; a later buffer of
+    # the same layout must not take that memory while the view is still read
+    def f(x):
+        u = (x * 2).unfold(0, 2, 1)
+        b = x + u.sum()
+        return b, u * 3
+
+    check(f, torch.randn(16))

@@ -369,7 +369,11 @@ class KernelPrinter:
         body_lines: list[str] = []
         top = Body(self)
         pure = not k.has_reduction and all(not i for i in k.inner)
-        if pure and kk >= 1:
+        if k.is_scatter:
+            body_lines = self._print_scatter()
+        elif self._column_reduction():
+            body_lines = self._print_column(par)
+        elif pure and kk >= 1:
             # pure pointwise: parallel over all but the innermost dim, simd innermost
             xs = ir.make_vars("x", kk)
             body = Body(self)
@@ -412,6 +416,118 @@ class KernelPrinter:
         params.append("int nthreads")
         head = f'extern "C" void {k.name}({", ".join(params)})'
         return head + "\n{\n" + "\n".join(indent + ln for ln in top.lines + body_lines) + "\n}\n"
+
+    def _print_scatter(self) -> list[str]:
+        """Copy the base, then atomic adds at the indirect targets."""
+        n = self.k.nodes[0]
+        sc = n.buf.body
+        name = n.buf.name
+        xs = ir.make_vars("x", len(sc.ranges))
+        ys = ir.make_vars("y", len(sc.src_ranges))
+        for r in list(sc.ranges) + list(sc.src_ranges):
+            self._note(r)
+        b = Body(self)
+        v = b.expr(sc.base)
+        b.lines.append(self.store(name, n.store, v))
+        numel = index_str(sympy.expand(ir.product(sc.ranges)))
+        loops = [f"#pragma omp parallel for collapse({len(xs)}) if({numel} > {PARALLEL_MIN_WORK}) num_threads(nthreads)"
+                 if len(xs) > 1 else f"#pragma omp parallel for if({numel} > {PARALLEL_MIN_WORK}) num_threads(nthreads)"]
+        loops += [f"for (int64_t {x} = 0; {x} < {index_str(r)}; {x}++)" for x, r in zip(xs, sc.ranges)]
+        out = self._nest(loops, b.lines) if xs else b.lines
+        b2 = Body(self)
+        val = b2.expr(sc.value)
+        for sym, iv, bound in sc.indirect:
+            e = b2.expr(iv)
+            b2.lines.append(f"int64_t {sym.name} = kiln_wrap(static_cast<int64_t>({e}), {index_str(bound)});")
+            self._note(bound)
+        self._note(sc.target)
+        b2.lines.append("#pragma omp atomic")
+        b2.lines.append(f"{self.pointer(name)}[{index_str(sc.target)}] += {val};")
+        src_numel = index_str(sympy.expand(ir.product(sc.src_ranges)))
+        loops = [f"#pragma omp parallel for collapse({len(ys)}) if({src_numel} > {PARALLEL_MIN_WORK}) num_threads(nthreads)"
+                 if len(ys) > 1 else f"#pragma omp parallel for if({src_numel} > {PARALLEL_MIN_WORK}) num_threads(nthreads)"]
+        loops += [f"for (int64_t {y} = 0; {y} < {index_str(r)}; {y}++)" for y, r in zip(ys, sc.src_ranges)]
+        out += self._nest(loops, b2.lines) if ys else ["{"] + b2.lines + ["}"]
+        return out
+
+    def _column_reduction(self) -> bool:
+        """True for kernels of only sum/prod/max/min reductions whose loads are contiguous
+        along the last outer dim and strided along the reduction (e.g. weight grads:
+        sums over rows).  Those loop over the reduction outside and a tile of the last
+        outer dim inside (vectorized, one accumulator per column)."""
+        k = self.k
+        if not k.outer or not all(n.is_reduction and n.buf.body.reduction_type in ("sum", "prod", "max", "min")
+                                  for n in k.nodes):
+            return False
+        mine = {n.buf.name for n in k.nodes}
+        if any(n.reads & mine for n in k.nodes):
+            return False   # a reduction reading another's result needs it complete first
+        xl = ir.var("x", len(k.outer) - 1)
+        votes = 0
+        for n in k.nodes:
+            if not n.rranges:
+                return False
+            rl = ir.var("r", len(n.rranges) - 1)
+            for ld in ir.loads(n.expr):
+                if ld.indirect:
+                    return False
+                ix = sympy.expand(ld.index)
+                cx, cr = ix.coeff(xl), ix.coeff(rl)
+                if cx == 1 and cr != 1 and cr != 0:
+                    votes += 1
+                elif cr == 1:
+                    votes -= 1
+        return votes > 0 and len({tuple(n.rranges) for n in k.nodes}) == 1
+
+    def _print_column(self, par: str) -> list[str]:
+        k = self.k
+        kk = len(k.outer)
+        T = 32  # columns per tile
+        xs = ir.make_vars("x", kk)
+        xl, last = xs[-1], k.outer[-1]
+        rr = k.nodes[0].rranges
+        rvars = ir.make_vars("r", len(rr))
+        lines: list[str] = []
+        accs = []
+        inner = Body(self)
+        for n in k.nodes:
+            rtype = n.buf.body.reduction_type
+            acc_t = n.buf.body.acc_dtype
+            t = cpp_type(acc_t)
+            a = self.tmp()
+            init = {"sum": const_str(0, acc_t), "prod": const_str(1, acc_t)}.get(rtype)
+            if init is None:
+                lo = rtype == "max"
+                init = (const_str(-math.inf if lo else math.inf, acc_t) if acc_t.is_floating_point else
+                        f"std::numeric_limits<{t}>::{'lowest' if lo else 'max'}()")
+            accs.append((n, a, t, init, rtype, acc_t))
+            v = inner.expr(n.expr)
+            slot = f"{a}[{xl} - xb]"
+            if rtype == "sum":
+                inner.lines.append(f"{slot} += {v};")
+            elif rtype == "prod":
+                inner.lines.append(f"{slot} *= {v};")
+            else:
+                fn = ("kiln_max" if rtype == "max" else "kiln_min") if acc_t.is_floating_point else \
+                    ("std::max" if rtype == "max" else "std::min")
+                inner.lines.append(f"{slot} = {fn}<{t}>({slot}, {v});")
+        head = [f"for (int64_t {x} = 0; {x} < {index_str(r)}; {x}++)" for x, r in zip(xs[:-1], k.outer[:-1])]
+        head.append(f"for (int64_t xb = 0; xb < {index_str(last)}; xb += {T})")
+        pragma = (f"#pragma omp parallel for collapse({kk}) {par}" if kk > 1 else f"#pragma omp parallel for {par}")
+        body: list[str] = [f"int64_t xe = std::min<int64_t>(xb + {T}, {index_str(last)});"]
+        for n, a, t, init, _, _ in accs:
+            body.append(f"{t} {a}[{T}];")
+            body.append(f"for (int64_t j = 0; j < {T}; j++) {a}[j] = {init};")
+        rloops = [f"for (int64_t {x} = 0; {x} < {index_str(r)}; {x}++)" for x, r in zip(rvars, rr)]
+        rloops += ["#pragma omp simd", f"for (int64_t {xl} = xb; {xl} < xe; {xl}++)"]
+        for r in rr:
+            self._note(r)
+        body += self._nest(rloops, inner.lines)
+        store = Body(self)
+        for n, a, t, init, _, _ in accs:
+            store.lines.append(self.store(n.buf.name, n.store, f"{a}[{xl} - xb]"))
+        body += self._nest([f"for (int64_t {xl} = xb; {xl} < xe; {xl}++)"], store.lines)
+        return self._nest([pragma] + head, body)
 
     def _nest(self, loops: list[str], inner: list[str]) -> list[str]:
         out, depth = [], 0

@@ -31,6 +31,21 @@ def _full(ctx, size, fill_value, **kw):
     return _const_value(ctx, fill_value)
 
 
+@register(aten.full_like.default)
+def _full_like(ctx, x, fill_value, **kw):
+    return _const_value(ctx, fill_value)
+
+
+@register(aten.zeros_like.default)
+def _zeros_like(ctx, x, **kw):
+    return _const_value(ctx, 0)
+
+
+@register(aten.ones_like.default)
+def _ones_like(ctx, x, **kw):
+    return _const_value(ctx, 1)
+
+
 @register(aten.scalar_tensor.default)
 def _scalar_tensor(ctx, s, **kw):
     return _const_value(ctx, s)

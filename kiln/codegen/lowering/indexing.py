@@ -120,3 +120,145 @@ def _embedding(ctx, weight, indices, padding_idx=-1, scale_grad_by_freq=False, s
         return cast(load_indirect(weight, [s, out_index[k]], [(s, v, weight.sizes[0])]), val.dtype)
 
     return TensorValue(val.dtype, val.device, sizes, loader)
+
+
+def _in_range(i, start, end, step):
+    from kiln.codegen.ir import Op, Const
+    from kiln.codegen.lowering.creation import _lt
+
+    iv = IndexValue(sympy.sympify(i), torch.int64)
+    c = Op("logical_and", (Op("ge", (iv, Const(0, torch.int64)), torch.bool) if start == 0 else
+                           Op("ge", (iv, IndexValue(sympy.sympify(start), torch.int64)), torch.bool),
+                           _lt(i, end)), torch.bool)
+    if step != 1:
+        from kiln.codegen.ir import ModIndex
+        c = Op("logical_and", (c, Op("eq", (IndexValue(ModIndex(sympy.sympify(i) - start + step * end, step),
+                                                       torch.int64), Const(0, torch.int64)), torch.bool)),
+               torch.bool)
+    return c
+
+
+@register(aten.slice_scatter.default)
+def _slice_scatter(ctx, x, src, dim=0, start=None, end=None, step=1):
+    """``x`` with ``src`` written over ``x[start:end:step]`` along dim (masked loads)."""
+    from kiln.codegen.lowering.creation import masked
+    from kiln.codegen.lowering.views import _norm_bound
+    from kiln.codegen.ir import FloorDiv
+
+    if not isinstance(x, TensorValue) or not isinstance(src, TensorValue):
+        raise NotLowered("slice_scatter operands")
+    val = ctx.node.meta["val"]
+    sizes = out_sizes(ctx)
+    n = len(sizes)
+    dim = dim + n if dim < 0 else dim
+    st = _norm_bound(start, sizes[dim], sympy.Integer(0))
+    en = st + src.sizes[dim] * step
+
+    def loader(index):
+        i = index[dim]
+        sidx = list(index)
+        sidx[dim] = FloorDiv(i - st + step * sizes[dim], step) - sizes[dim] if step != 1 else i - st
+        return masked(_in_range(i, st, en, step), cast(src.load(sidx), val.dtype),
+                      cast(x.load(index), val.dtype))
+
+    return TensorValue(val.dtype, val.device, sizes, loader)
+
+
+@register(aten.select_scatter.default)
+def _select_scatter(ctx, x, src, dim, index):
+    from kiln.codegen.ir import Op
+    from kiln.codegen.lowering.creation import masked
+    from kiln.codegen.ir import sympify_size
+
+    if not isinstance(x, TensorValue) or not isinstance(src, TensorValue):
+        raise NotLowered("select_scatter operands")
+    val = ctx.node.meta["val"]
+    sizes = out_sizes(ctx)
+    n = len(sizes)
+    dim = dim + n if dim < 0 else dim
+    index = sympify_size(index)
+    if index.is_Integer and int(index) < 0:
+        index = sizes[dim] + index
+
+    def loader(idx):
+        i = idx[dim]
+        cond = Op("eq", (IndexValue(sympy.sympify(i), torch.int64), IndexValue(index, torch.int64)), torch.bool)
+        sidx = list(idx[:dim]) + list(idx[dim + 1:])
+        return masked(cond, cast(src.load(sidx), val.dtype), cast(x.load(idx), val.dtype))
+
+    return TensorValue(val.dtype, val.device, sizes, loader)
+
+
+# ----------------------------------------------------------------------------- indirect stores
+
+def _scatter_buffer(ctx, x: TensorValue, src_sizes, target_fn, value_fn) -> TensorValue:
+    """A buffer: x, then ``out[target(y)] += value(y)`` for y over src_sizes."""
+    from kiln.codegen.ir import Scatter, contiguous_strides, make_vars, strided_index
+
+    val = ctx.node.meta["val"]
+    if val.dtype in (torch.float16, torch.bfloat16, torch.bool):
+        raise NotLowered("atomic add of this dtype")
+    sizes = out_sizes(ctx)
+    strides = contiguous_strides(sizes)
+    xv = make_vars("x", len(sizes))
+    yv = make_vars("y", len(src_sizes))
+    base = cast(x.load(xv), val.dtype)
+    out_index, bindings = target_fn(yv)
+    target = strided_index(out_index, strides)
+    value = cast(value_fn(yv), val.dtype)
+    buf = ctx.new_buffer(val.dtype, val.device, sizes, strides,
+                         Scatter(list(sizes), base, list(src_sizes), target, tuple(bindings), value))
+    return TensorValue.of_buffer(buf)
+
+
+@register(aten.index_put.default)
+def _index_put(ctx, x, indices, values, accumulate=False):
+    if not accumulate:
+        raise NotLowered("index_put without accumulate")
+    if not isinstance(x, TensorValue) or not isinstance(values, TensorValue) or \
+            not all(i is None or _int_index(i) for i in indices):
+        raise NotLowered("index_put operands")
+    from kiln.codegen.ir import sympify_size
+
+    fx_x, fx_idx = ctx.node.args[0], ctx.node.args[1]
+    r = aten.index.Tensor(ctx.fake(fx_x), [ctx.fake(i) if i is not None else None for i in fx_idx])
+    rsizes = [sympify_size(s) for s in r.shape]
+    n = len(x.sizes)
+    pos = [d for d, i in enumerate(indices) if i is not None]
+    bnd = max(len(indices[d].sizes) for d in pos)
+    adjacent = pos == list(range(pos[0], pos[-1] + 1))
+    start = pos[0] if adjacent else 0
+    bsizes = rsizes[start:start + bnd]
+
+    def target(yv):
+        bidx = yv[start:start + bnd]
+        it = iter(list(yv[:start]) + list(yv[start + bnd:]))
+        xi, bindings = [], []
+        for d in range(n):
+            i = indices[d] if d < len(indices) else None
+            if i is None:
+                xi.append(next(it))
+            else:
+                v = cast(broadcast_loader(i, bsizes)(list(bidx)), torch.int64)
+                s = new_indirect_symbol()
+                bindings.append((s, v, x.sizes[d]))
+                xi.append(s)
+        return xi, bindings
+
+    return _scatter_buffer(ctx, x, rsizes, target, lambda yv: broadcast_loader(values, rsizes)(list(yv)))
+
+
+@register(aten.scatter_add.default)
+def _scatter_add(ctx, x, dim, index, src):
+    if not isinstance(x, TensorValue) or not isinstance(src, TensorValue) or not _int_index(index):
+        raise NotLowered("scatter_add operands")
+    n = len(x.sizes)
+    dim = dim + n if dim < 0 else dim
+
+    def target(yv):
+        s = new_indirect_symbol()
+        xi = list(yv)
+        xi[dim] = s
+        return xi, [(s, cast(index.load(list(yv)), torch.int64), x.sizes[dim])]
+
+    return _scatter_buffer(ctx, x, index.sizes, target, lambda yv: src.load(list(yv)))

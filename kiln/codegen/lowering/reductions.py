@@ -23,6 +23,8 @@ aten = torch.ops.aten
 
 
 def _norm_dims(dims, n: int) -> list[int]:
+    if n == 0:   # a 0-d tensor: dim 0 / -1 name the tensor itself, nothing to reduce over
+        return []
     if dims is None or (isinstance(dims, (list, tuple)) and len(dims) == 0):
         return list(range(n))
     if isinstance(dims, int):
