@@ -16,6 +16,11 @@ the marker says ``required=False`` (a fallback that depends on the machine, e.g.
 optional package).  Code that checks its own fallbacks (the OpInfo sweep) takes them out
 of the record with ``kiln.fallbacks.taken()``.
 
+Code generation: the profitability check (a compiled graph slower than its ATen graph
+run eagerly is replaced by that) is off in tests, so that a test of compiled code tests
+the generated kernels, not which of two callables timed faster on a noisy machine; the
+tests of the check itself turn it on.
+
 Checking the suite itself: ``KILN_TEST_FORCE_FALLBACK=aot`` (or ``capture``) makes AOT
 autograd (or capture) give up on every graph, so everything compiled runs eagerly through
 the normal fallback path.  The suite must then fail loudly (differential, model and seed
@@ -34,6 +39,14 @@ from kiln import fallbacks  # noqa: E402
 from kiln.testing import fallback_mismatch  # noqa: E402
 
 _START = pytest.StashKey[int]()
+
+
+@pytest.fixture(autouse=True)
+def _no_profitability_check():
+    from kiln.codegen import config
+
+    with config.patch(profitability_check=False):
+        yield
 
 
 def _declared(item: pytest.Item) -> list[tuple[str, bool]]:

@@ -1,4 +1,5 @@
-"""Real models through ``kiln.compile(model, backend="aot_eager")`` against eager.
+"""Real models through ``kiln.compile(model)`` against eager, under ``aot_eager`` and under
+kiln's code generator (``inductor``, the default: generated kernels must have run).
 
 For each model in ``zoo.py``: outputs equal eager's (same output type, values within
 fp32 tolerance, on two calls: the second is a cache hit), gradients of every parameter
@@ -106,7 +107,10 @@ MODELS = [n for n in EXPECTED if n != "nanogpt_train_step"]
 # --------------------------------------------------------------------------- compile switch
 
 
-def compile_aot_eager(fn: Callable) -> tuple[Callable, Any]:
+BACKENDS = ["aot_eager", "inductor"]
+
+
+def compile_with(fn: Callable, backend: str = "aot_eager") -> tuple[Callable, Any]:
     """The compiler under test (kiln's, or torch's when KILN_MODELS_REFERENCE=torch) and a
     counter whose ``frame_count`` says how many graphs it compiled.
 
@@ -117,13 +121,22 @@ def compile_aot_eager(fn: Callable) -> tuple[Callable, Any]:
     if REFERENCE == "torch":
         import torch._dynamo.testing
 
-        counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
+        counter = torch._dynamo.testing.CompileCounterWithBackend(backend)
         return torch.compile(fn, backend=counter), counter
     import kiln
     from kiln.testing import CompileCounterWithBackend
 
-    counter = CompileCounterWithBackend("aot_eager")
+    counter = CompileCounterWithBackend(backend)
     return kiln.compile(fn, backend=counter), counter
+
+
+def assert_kernels_ran(backend: str, what: str) -> None:
+    """Under kiln's inductor, generated kernels (not only extern ATen calls) were made."""
+    if backend != "inductor" or REFERENCE != "kiln":
+        return
+    from kiln.codegen import metrics
+
+    assert metrics.generated_kernel_count > 0, f"{what}: inductor generated no kernel"
 
 
 def explain(fn: Callable, *inputs: Any) -> Any:
@@ -266,10 +279,13 @@ def check_counts(e: Any, want: Expect, what: str) -> None:
 # --------------------------------------------------------------------------- tests
 
 
-def _run_model(name: str, size: str) -> None:
+def _run_model(name: str, size: str, backend: str) -> None:
+    import kiln
+
+    kiln.reset()
     eager, inputs, _ = build(name, size)
     model, _, _ = build(name, size)
-    compiled, counter = compile_aot_eager(model)
+    compiled, counter = compile_with(model, backend)
     for call in (1, 2):  # the second call goes through the cache (and, in train mode, updated buffers)
         want = eager(*inputs)
         got = compiled(*inputs)
@@ -280,17 +296,20 @@ def _run_model(name: str, size: str) -> None:
     scalar_loss(want).backward()
     scalar_loss(got).backward()
     assert_same_state(model, eager, grads=True)
+    assert_kernels_ran(backend, name)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("name", MODELS)
-def test_outputs_and_grads(name: str) -> None:
-    _run_model(name, "tiny")
+def test_outputs_and_grads(name: str, backend: str) -> None:
+    _run_model(name, "tiny", backend)
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("name", MODELS)
-def test_outputs_and_grads_small(name: str) -> None:
-    _run_model(name, "small")
+def test_outputs_and_grads_small(name: str, backend: str) -> None:
+    _run_model(name, "small", backend)
 
 
 def _explain_target(name: str) -> tuple[Callable, tuple[Any, ...]]:
@@ -312,12 +331,16 @@ def test_dynamo_expectation(name: str) -> None:
     check_counts(dynamo_explain(fn, *inputs), EXPECTED[name]["dynamo"], f"torch._dynamo.explain of {name}")
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("size", ["tiny", pytest.param("small", marks=pytest.mark.slow)])
-def test_train_step(size: str) -> None:
+def test_train_step(size: str, backend: str) -> None:
     """Two compiled training steps (forward, backward, AdamW, zero_grad) equal eager's."""
+    import kiln
+
+    kiln.reset()
     eager, (_, eager_opt, batch), _ = build("nanogpt_train_step", size)
     model, (_, opt, _), _ = build("nanogpt_train_step", size)
-    step, counter = compile_aot_eager(zoo.train_step)
+    step, counter = compile_with(zoo.train_step, backend)
     for i in range(2):
         want = zoo.train_step(eager, eager_opt, batch)
         got = step(model, opt, batch)
@@ -325,6 +348,7 @@ def test_train_step(size: str) -> None:
         assert all(p.grad is None for p in model.parameters()), "zero_grad (set_to_none) was not replayed"
     assert_same_state(model, eager, grads=False)
     assert counter.frame_count > 0, "the compiler compiled no graph (the training step ran eagerly)"
+    assert_kernels_ran(backend, "nanogpt_train_step")
     start, _, _ = build("nanogpt_train_step", size)
     moved = [n for (n, p), q in zip(model.named_parameters(), start.parameters()) if not torch.equal(p, q)]
     assert len(moved) == len(list(start.parameters())), "some parameters did not move in two steps"
