@@ -7,7 +7,8 @@ through every stage of kiln that exists in this checkout, one section per stage:
   2. modes     the same trace with fake and symbolic tensors
   3. aot       kiln.aot: forward and backward graphs of a training step
   4. capture   kiln.explain / kiln.compile: graphs, graph breaks and their reasons
-  5. speed     compiled against eager, per call and compile time
+  5. codegen   what kiln's code generator made of it: kernels, extern calls, a kernel's source
+  6. speed     compiled against eager, per call and compile time (the default backend first)
 
 A section whose stage is not built yet says so; a section that fails prints why
 (one line), never a traceback, and the demo goes on.
@@ -229,14 +230,52 @@ def time_calls(fn: Callable, x: torch.Tensor, iters: int) -> float:
     return statistics.median(samples)
 
 
+def section_codegen(ctx: Context) -> None:
+    """Compile the model with the default backend and show what codegen generated."""
+    import io
+    import contextlib
+    import os
+
+    kiln_compile = kiln_attr("compile")
+    codegen = stage("kiln.codegen", "metrics", "config")
+    kiln_attr("reset")()
+    codegen.metrics.reset()
+    buf = io.StringIO()
+    old = os.environ.get("KILN_LOGS")
+    os.environ["KILN_LOGS"] = "output_code"
+    try:
+        with torch.no_grad(), contextlib.redirect_stderr(buf):
+            out = kiln_compile(ctx.model)(ctx.x)
+    finally:
+        if old is None:
+            del os.environ["KILN_LOGS"]
+        else:
+            os.environ["KILN_LOGS"] = old
+    code = buf.getvalue()
+    print(f"  default backend: {kiln_attr('backends').DEFAULT_BACKEND}; "
+          f"generated kernels: {codegen.metrics.generated_kernel_count}; "
+          f"max |diff| vs eager {max_diff(out, ctx.model(ctx.x)):.1e}")
+    externs = sorted({l.split("aten.")[1].split("(")[0] for l in code.splitlines()
+                      if "aten." in l and "=" in l and not l.lstrip().startswith("#")})
+    print(f"  extern ATen calls (matmuls and the like): {', '.join(externs) or 'none'}")
+    lines = code.splitlines()
+    start = next((i for i, l in enumerate(lines) if "extern \"C\"" in l or "@triton.jit" in l), None)
+    if start is not None:
+        print("  one generated kernel (KILN_LOGS=output_code prints them all):")
+        begin = max(0, start - 3)
+        for l in lines[begin:start + 18]:
+            print(f"    {l}")
+
+
 def section_speed(ctx: Context) -> None:
     kiln_compile = kiln_attr("compile")
-    from kiln.backends import list_backends
+    from kiln.backends import DEFAULT_BACKEND, list_backends
 
     with torch.no_grad():
         eager_t = time_calls(ctx.model, ctx.x, ctx.iters)
         print(f"  {'eager':12s} {eager_t * 1e6:9.1f} us/call")
-        for backend in ["aot_eager"] + list_backends():
+        order = [DEFAULT_BACKEND] + [b for b in ["aot_eager"] + list_backends() if b != DEFAULT_BACKEND]
+        for backend in order:
             why = not_shown(backend, ctx.x.device)
             if why:
                 print(f"  {backend:12s} not shown: {why}")
@@ -279,7 +318,8 @@ SECTIONS: list[tuple[str, Callable[[Context], None]]] = [
     ("2. fake and symbolic tracing", section_modes),
     ("3. AOT autograd: forward + backward graphs", section_aot),
     ("4. capture: graphs and graph breaks (kiln.explain)", section_capture),
-    ("5. speed: kiln.compile vs eager", section_speed),
+    ("5. codegen: kernels generated for the model (default backend)", section_codegen),
+    ("6. speed: kiln.compile vs eager (default backend first)", section_speed),
 ]
 
 
