@@ -117,7 +117,8 @@ def test_reductions(red):
 def test_reduction_nan_propagates():
     x = torch.randn(4, 9)
     x[1, 3] = float("nan")
-    check(lambda x: (x.amax(1), x.argmax(1), x.clamp(-0.5, 0.5), torch.maximum(x, x.flip(0))), x)
+    check(lambda x: (x.amax(1), x.argmax(1), x.clamp(-0.5, 0.5), torch.maximum(x, x.flip(0)), x.amax(),
+                     x.amin(0), (x > 0).amax(1)), x)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])

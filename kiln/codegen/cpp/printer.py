@@ -577,6 +577,7 @@ class KernelPrinter:
         v = b.expr(n.expr)
         vt = cpp_type(n.expr.dtype)
         clause = ""
+        nan_fix = ""
         if rtype == "sum":
             body.lines.append(f"{t} {acc} = {const_str(0, acc_t)};")
             b.lines.append(f"{acc} += {v};")
@@ -598,9 +599,20 @@ class KernelPrinter:
             else:
                 init = f"std::numeric_limits<{t}>::{'lowest' if lo else 'max'}()"
             body.lines.append(f"{t} {acc} = {init};")
-            fn = ("kiln_max" if lo else "kiln_min") if acc_t.is_floating_point else \
-                ("std::max" if lo else "std::min")
-            b.lines.append(f"{acc} = {fn}<{t}>({acc}, {v});")
+            if acc_t.is_floating_point:
+                # NOTE: a vectorizable max/min (OpenMP max reduction) plus a NaN flag:
+                # eager propagates NaN, so a NaN seen anywhere makes the result NaN.
+                nanf = self.tmp()
+                body.lines.append(f"bool {nanf} = false;")
+                b.lines.append(f"{nanf} = {nanf} || ({v} != {v});")
+                b.lines.append(f"{acc} = ({acc} {'>' if lo else '<'} {v}) ? {acc} : {v};")
+                clause = f"reduction({'max' if lo else 'min'}:{acc}) reduction(||:{nanf})"
+                nan_fix = f"if ({nanf}) {acc} = {const_str(math.nan, acc_t)};"
+            elif acc_t == torch.bool:
+                b.lines.append(f"{acc} = {acc} {'||' if lo else '&&'} {v};")
+            else:
+                b.lines.append(f"{acc} = std::{'max' if lo else 'min'}<{t}>({acc}, {v});")
+                clause = f"reduction({'max' if lo else 'min'}:{acc})"
         elif rtype in ("argmax", "argmin"):
             lo = rtype == "argmax"
             dt = n.expr.dtype
@@ -633,6 +645,8 @@ class KernelPrinter:
         for x, r in zip(rvars, n.rranges):
             loops.append(f"for (int64_t {x} = 0; {x} < {index_str(r)}; {x}++)")
         body.lines += self._nest(loops, b.lines) if loops else b.lines
+        if nan_fix:
+            body.lines.append(nan_fix)
         if name in self.k.locals:
             self.local[name] = acc
         else:
