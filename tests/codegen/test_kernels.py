@@ -11,8 +11,11 @@ from kiln.codegen import metrics
 from kiln.codegen.decompose import decomposition_table
 from kiln.codegen.graph import compile_aten_graph
 
+# NOTE: kiln keeps fused float16/bfloat16 intermediates in float32 (as PyTorch's inductor
+# does) where eager rounds each op's result; over a reduction of n terms the rounding
+# errors eager makes add up to about sqrt(n) ulps, hence the bfloat16 atol.
 TOL = {torch.float32: (1e-4, 1e-5), torch.float64: (1e-9, 1e-9), torch.float16: (2e-3, 2e-3),
-       torch.bfloat16: (1.6e-2, 1e-2)}
+       torch.bfloat16: (1.6e-2, 3e-2)}
 
 
 class Recorder:
@@ -123,6 +126,7 @@ def test_reduction_nan_propagates():
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
 def test_float_dtypes(dtype):
+    torch.manual_seed(0)
     x, y = torch.randn(5, 40, dtype=dtype), torch.randn(40, dtype=dtype)
     check(lambda x, y: (torch.softmax(x * y, -1), (x + y).sum(1), x.float() * 2), x, y)
 
