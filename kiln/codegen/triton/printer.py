@@ -634,6 +634,12 @@ class KernelPrinter:
         stored_here |= grp["stored"]
 
     def _loop(self, rn: str, lines: list) -> list:
+        if self.interpret:
+            # NOTE: Triton's interpreter before 3.7 turns a scalar argument into a 1-element
+            # array and range() calls int() on it, which NumPy 2.4 refuses; a while loop only
+            # compares.  Compiled kernels keep the for loop (Triton pipelines it).
+            return (["roffset = 0", f"while roffset < {rn}:"] + ["    " + ln for ln in lines]
+                    + ["    roffset += RBLOCK"])
         return [f"for roffset in range(0, {rn}, RBLOCK):"] + ["    " + ln for ln in lines]
 
     def _needs_int64(self, inner_sizes) -> bool:
