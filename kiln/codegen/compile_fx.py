@@ -267,7 +267,10 @@ def compile_fx(gm: fx.GraphModule, example_inputs: Sequence[Any], *, mode: Optio
             partition_fn=partition_fn(),
             keep_inference_input_mutations=True,
         )
-        return backend(gm, list(example_inputs))
+        compiled = backend(gm, list(example_inputs))
+        if config.profitability_check:
+            compiled = profitability.choose_graph(gm, list(example_inputs), compiled, f"graph {graph_id}")
+        return compiled
 
 
 __all__ = ["compile_fx", "compile_graph", "resolve_options", "check_options", "MODES",

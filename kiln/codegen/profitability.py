@@ -143,4 +143,80 @@ def choose(gm: fx.GraphModule, example_inputs: Sequence[Any], compiled: Callable
     return eager
 
 
-__all__ = ["Decision", "choose", "measure", "graph_label"]
+# ----------------------------------------------------------------------------- whole graphs
+
+# NOTE: in-place torch-level calls (method names ending in "_", copy_) write module state or
+# inputs: timing such a graph would change what the user's program sees.
+def _writes_state(gm: fx.GraphModule) -> bool:
+    if any(True for _ in gm.buffers()):
+        return True  # NOTE: buffers (BatchNorm running stats) may be updated by a forward
+    for n in gm.graph.nodes:
+        name = n.target if isinstance(n.target, str) else getattr(n.target, "__name__", "")
+        if n.op in ("call_method", "call_function") and name.endswith("_") and not name.startswith("__"):
+            return True
+    return False
+
+
+def _timing_inputs(example_inputs: Sequence[Any]) -> list[Any]:
+    inputs = _real_inputs(example_inputs)
+    return [m.requires_grad_(x.requires_grad) if isinstance(m, torch.Tensor) and isinstance(x, torch.Tensor)
+            and x.requires_grad and m.is_leaf and (m.is_floating_point() or m.is_complex()) else m
+            for m, x in zip(inputs, example_inputs)]
+
+
+def _unboxed_timed(fn: Callable, inputs: list) -> float:
+    _sync(inputs)
+    t0 = time.perf_counter()
+    fn(*inputs)
+    _sync(inputs)
+    return time.perf_counter() - t0
+
+
+def choose_graph(gm: fx.GraphModule, example_inputs: Sequence[Any], compiled: Callable,
+                 label: str) -> Callable:
+    """The faster of ``compiled(*inputs)`` (the whole AOT + codegen callable) and the captured
+    torch-level graph ``gm`` run eagerly: PyTorch's own kernels, the real eager baseline.
+
+    NOTE: the ATen graphs codegen receives are decomposed (softmax into amax, sub, exp, sum,
+    div): run op by op they are much slower than eager, so they are no baseline for "never
+    slower than eager".  Timed in the grad mode of the compile (the forward only), with the
+    random-number state restored afterwards; graphs that write module state or inputs are not
+    timed (the compiled callable is kept, and the decision says why).
+    """
+    from kiln.passes import should_log
+
+    if _writes_state(gm):
+        decision = Decision(label, None, None, "compiled", "not measured: the graph writes module state or inputs")
+    else:
+        inputs = _timing_inputs(example_inputs)
+        cpu_rng = torch.random.get_rng_state()
+        cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+        try:
+            budget, start = config.profitability_budget_s, time.perf_counter()
+            best_e = _unboxed_timed(gm.forward, inputs)
+            best_c = _unboxed_timed(compiled, inputs)
+            rounds = 0
+            while rounds < _MAX_ROUNDS and time.perf_counter() - start < budget:
+                best_e = min(best_e, _unboxed_timed(gm.forward, inputs))
+                best_c = min(best_c, _unboxed_timed(compiled, inputs))
+                rounds += 1
+            kept = "compiled" if best_c <= best_e else "eager"
+            decision = Decision(label, best_e, best_c, kept,
+                                f"{'not slower' if kept == 'compiled' else 'slower'} than the captured graph "
+                                f"run eagerly (best of {rounds + 1} runs each)")
+        except Exception as e:  # noqa: BLE001 - random inputs may be invalid for this graph
+            decision = Decision(label, None, None, "compiled", f"not measured: {type(e).__name__}: {e}")
+        finally:
+            torch.random.set_rng_state(cpu_rng)
+            if cuda_rng is not None:
+                torch.cuda.set_rng_state_all(cuda_rng)
+    metrics.profitability_decisions.append(decision)
+    if should_log("codegen", "profitability"):
+        print(str(decision), file=sys.stderr)
+    if decision.kept == "compiled":
+        return compiled
+    metrics.graphs_kept_eager += 1
+    return gm.forward
+
+
+__all__ = ["Decision", "choose", "choose_graph", "measure", "graph_label"]

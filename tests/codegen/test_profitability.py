@@ -154,8 +154,28 @@ def _compile_with_slowed_core(monkeypatch, **options):
 def test_end_to_end_slow_graph_runs_its_aten_graph(monkeypatch):
     with config.patch(profitability_check=True):
         calls = _compile_with_slowed_core(monkeypatch)
-    assert calls and metrics.graphs_compiled == 1 and metrics.graphs_kept_eager == 1
-    assert metrics.profitability_decisions[0].kept == "eager"
+    # NOTE: two decisions: the ATen graph against itself run eagerly, then the whole compiled
+    # callable against the captured torch-level graph run eagerly (the real eager baseline).
+    assert calls and metrics.graphs_compiled == 1 and metrics.graphs_kept_eager == 2
+    first, whole = metrics.profitability_decisions
+    assert first.kept == "eager" and whole.kept == "eager"
+    assert "captured graph run eagerly" in whole.why and whole.eager_s < whole.compiled_s
+
+
+def test_whole_graph_check_leaves_module_state_alone():
+    """A graph that updates buffers (BatchNorm in training) is not timed: timing would move
+    its running statistics."""
+    import kiln
+
+    bn = torch.nn.BatchNorm1d(4).train()
+    ref = torch.nn.BatchNorm1d(4).train()
+    x = torch.randn(8, 4)
+    with config.patch(profitability_check=True):
+        out = kiln.compile(bn)(x)
+    torch.testing.assert_close(out, ref(x))
+    torch.testing.assert_close(bn.running_mean, ref.running_mean)
+    whole = metrics.profitability_decisions[-1]
+    assert whole.kept == "compiled" and "writes module state" in whole.why
 
 
 def test_check_off_keeps_the_compiled_graph(monkeypatch):
