@@ -112,11 +112,23 @@ def measure(gm: fx.GraphModule, example_inputs: Sequence[Any], compiled: Callabl
     return best_e, best_c, f"best of {rounds + 1} runs each"
 
 
+def _record(decision: Decision) -> bool:
+    """Keep ``decision`` (metrics, KILN_LOGS=codegen); True when the compiled callable stays."""
+    from kiln.passes import should_log
+
+    metrics.profitability_decisions.append(decision)
+    if should_log("codegen", "profitability"):
+        print(str(decision), file=sys.stderr)
+    if decision.kept == "compiled":
+        return True
+    metrics.graphs_kept_eager += 1
+    return False
+
+
 def choose(gm: fx.GraphModule, example_inputs: Sequence[Any], compiled: Callable) -> Callable:
     """The faster of ``compiled`` and the ATen graph run eagerly (see the module docstring)."""
     from kiln.aot import nop
     from kiln.fallbacks import record_fallback
-    from kiln.passes import should_log
 
     eager = nop(gm, list(example_inputs))
     eager_s, compiled_s, how = measure(gm, example_inputs, compiled, eager)
@@ -129,12 +141,8 @@ def choose(gm: fx.GraphModule, example_inputs: Sequence[Any], compiled: Callable
         decision = Decision(label, eager_s, compiled_s, "compiled", f"not slower than eager ({how})")
     else:
         decision = Decision(label, eager_s, compiled_s, "eager", f"slower than eager ({how})")
-    metrics.profitability_decisions.append(decision)
-    if should_log("codegen", "profitability"):
-        print(str(decision), file=sys.stderr)
-    if decision.kept == "compiled":
+    if _record(decision):
         return compiled
-    metrics.graphs_kept_eager += 1
     if compiled_s is None:
         # NOTE: a compiled graph that raised is a kiln bug, and users hear of it.  A slower
         # one is a normal decision, not a fallback: it is kept in
@@ -188,8 +196,6 @@ def choose_graph(gm: fx.GraphModule, example_inputs: Sequence[Any], compiled: Ca
     random-number state restored afterwards; graphs that write module state or inputs are not
     timed (the compiled callable is kept, and the decision says why).
     """
-    from kiln.passes import should_log
-
     if _writes_state(gm):
         decision = Decision(label, None, None, "compiled", "not measured: the graph writes module state or inputs")
     else:
@@ -219,13 +225,7 @@ def choose_graph(gm: fx.GraphModule, example_inputs: Sequence[Any], compiled: Ca
             torch.random.set_rng_state(cpu_rng)
             if cuda_rng is not None:
                 torch.cuda.set_rng_state_all(cuda_rng)
-    metrics.profitability_decisions.append(decision)
-    if should_log("codegen", "profitability"):
-        print(str(decision), file=sys.stderr)
-    if decision.kept == "compiled":
-        return compiled
-    metrics.graphs_kept_eager += 1
-    return gm.forward
+    return compiled if _record(decision) else gm.forward
 
 
 __all__ = ["Decision", "choose", "choose_graph", "measure", "graph_label"]
