@@ -161,6 +161,7 @@ class CompileContext:
         self._resumes: dict = {}
         self.break_reasons: list = []
         self.eager_frames: list[str] = []  # why a whole function runs uncompiled (explain shows them)
+        self._hooked_warned: set[int] = set()  # modules with hooks already recorded as running eagerly
         self._frame_states: dict = {}
 
     def frame_state(self, code: types.CodeType):
@@ -183,6 +184,15 @@ class CompileContext:
         """Call ``fn`` from generated code; Python callees are compiled frames."""
         target = _compilable(fn)
         if target is None:
+            if isinstance(fn, torch.nn.Module) and _has_forward_hooks(fn) and id(fn) not in self._hooked_warned:
+                # NOTE: a graph break left this call to generated code; the hooks must run as
+                # eager runs them, so the module's forward is not compiled: say so once.
+                self._hooked_warned.add(id(fn))
+                fallbacks.record_fallback(
+                    "capture", f"{type(fn).__name__}.forward",
+                    "the module has forward hooks; called after a graph break, it runs eagerly "
+                    "(hooks included)", where=_frame_where(type(fn).forward)
+                    if isinstance(type(fn).forward, types.FunctionType) else "")
             return fn(*args, **kwargs)
         func, bound_self = target
         w = self.wrapper_for(func)
@@ -232,14 +242,19 @@ def _compilable(fn: Any):
     if isinstance(fn, types.FunctionType):
         return None if _skip(fn) else (fn, None)
     if isinstance(fn, torch.nn.Module):
-        from torch.nn.modules import module as m
-
-        if fn._forward_hooks or fn._forward_pre_hooks or m._global_forward_hooks or m._global_forward_pre_hooks:
+        if _has_forward_hooks(fn):
             return None
         fwd = type(fn).forward
         if isinstance(fwd, types.FunctionType) and not _skip(fwd):
             return fwd, fn
     return None
+
+
+def _has_forward_hooks(mod: torch.nn.Module) -> bool:
+    from torch.nn.modules import module as m
+
+    return bool(mod._forward_hooks or mod._forward_pre_hooks or m._global_forward_hooks
+                or m._global_forward_pre_hooks)
 
 
 def _skip(fn: types.FunctionType) -> bool:

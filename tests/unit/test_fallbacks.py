@@ -108,3 +108,26 @@ def test_forced_capture_runs_eagerly_through_the_fallback_path(monkeypatch):
     cc = CompileCounter()
     assert torch.equal(kiln.compile(_f, backend=cc)(X), _f(X))
     assert cc.frame_count == 0
+
+
+@pytest.mark.expect_fallback("the module has forward hooks")
+def test_hooked_submodule_after_a_break_is_recorded_once():
+    """A submodule with a forward hook, called by generated code after a graph break,
+    runs eagerly (its hooks too): that is recorded as a fallback, once per module."""
+    lin = torch.nn.Linear(3, 3)
+    seen = []
+    lin.register_forward_hook(lambda mod, inp, out: seen.append(out.shape))
+
+    def f(x):
+        y = x * 2
+        kiln.graph_break()
+        return lin(y)
+
+    mark = fallbacks.mark()
+    cf = kiln.compile(f, backend="eager")
+    x = torch.randn(2, 3)
+    for _ in range(2):
+        torch.testing.assert_close(cf(x), lin(x * 2))
+    recs = [r for r in fallbacks.recorded(mark) if "forward hooks" in r.why]
+    assert len(recs) == 1 and recs[0].what == "Linear.forward"
+    assert len(seen) == 4  # two compiled calls, two eager reference calls: the hook ran each time
