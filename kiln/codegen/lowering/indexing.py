@@ -44,6 +44,26 @@ def _int_index(t) -> bool:
     return isinstance(t, TensorValue) and t.dtype in (torch.int64, torch.int32)
 
 
+def _indirect_index(x, indices: list, index: list, start: int, bnd: int, bsizes: list):
+    """Index of ``x`` for one point ``index`` of an advanced-indexing result: the
+    broadcast index dims ``index[start:start+bnd]`` select through the index tensors (each
+    a new indirect symbol bound to the loaded value), the other dims pass through.
+    Returns (index expressions of x, bindings (symbol, value, size))."""
+    bidx = index[start:start + bnd]
+    it = iter(index[:start] + index[start + bnd:])
+    xi, bindings = [], []
+    for d in range(len(x.sizes)):
+        i = indices[d] if d < len(indices) else None
+        if i is None:
+            xi.append(next(it))
+        else:
+            v = cast(broadcast_loader(i, bsizes)(list(bidx)), torch.int64)
+            s = new_indirect_symbol()
+            bindings.append((s, v, x.sizes[d]))
+            xi.append(s)
+    return xi, bindings
+
+
 @register(aten.index.Tensor)
 def _index(ctx, x, indices):
     if not isinstance(x, TensorValue) or not all(i is None or _int_index(i) for i in indices):
@@ -51,7 +71,6 @@ def _index(ctx, x, indices):
     x = _base(ctx, x)
     val = ctx.node.meta["val"]
     sizes = out_sizes(ctx)
-    n = len(x.sizes)
     pos = [d for d, i in enumerate(indices) if i is not None]
     idx_tensors = [indices[d] for d in pos]
     bnd = max(len(t.sizes) for t in idx_tensors)
@@ -60,19 +79,7 @@ def _index(ctx, x, indices):
     bsizes = sizes[start:start + bnd]
 
     def loader(index):
-        bidx = index[start:start + bnd]
-        rest = index[:start] + index[start + bnd:]
-        it = iter(rest)
-        xi, bindings = [], []
-        for d in range(n):
-            i = indices[d] if d < len(indices) else None
-            if i is None:
-                xi.append(next(it))
-            else:
-                v = cast(broadcast_loader(i, bsizes)(list(bidx)), torch.int64)
-                s = new_indirect_symbol()
-                bindings.append((s, v, x.sizes[d]))
-                xi.append(s)
+        xi, bindings = _indirect_index(x, indices, list(index), start, bnd, bsizes)
         return cast(load_indirect(x, xi, bindings), val.dtype)
 
     return TensorValue(val.dtype, val.device, sizes, loader)
@@ -223,7 +230,6 @@ def _index_put(ctx, x, indices, values, accumulate=False):
     fx_x, fx_idx = ctx.node.args[0], ctx.node.args[1]
     r = aten.index.Tensor(ctx.fake(fx_x), [ctx.fake(i) if i is not None else None for i in fx_idx])
     rsizes = [sympify_size(s) for s in r.shape]
-    n = len(x.sizes)
     pos = [d for d, i in enumerate(indices) if i is not None]
     bnd = max(len(indices[d].sizes) for d in pos)
     adjacent = pos == list(range(pos[0], pos[-1] + 1))
@@ -231,19 +237,7 @@ def _index_put(ctx, x, indices, values, accumulate=False):
     bsizes = rsizes[start:start + bnd]
 
     def target(yv):
-        bidx = yv[start:start + bnd]
-        it = iter(list(yv[:start]) + list(yv[start + bnd:]))
-        xi, bindings = [], []
-        for d in range(n):
-            i = indices[d] if d < len(indices) else None
-            if i is None:
-                xi.append(next(it))
-            else:
-                v = cast(broadcast_loader(i, bsizes)(list(bidx)), torch.int64)
-                s = new_indirect_symbol()
-                bindings.append((s, v, x.sizes[d]))
-                xi.append(s)
-        return xi, bindings
+        return _indirect_index(x, indices, list(yv), start, bnd, bsizes)
 
     return _scatter_buffer(ctx, x, rsizes, target, lambda yv: broadcast_loader(values, rsizes)(list(yv)))
 
