@@ -281,3 +281,27 @@ def test_buffer_viewed_by_an_extern_is_not_reused():
         return b, u * 3
 
     check(f, torch.randn(16))
+
+
+@pytest.mark.parametrize("e", [2, 3, 3.0, 8, -1.0, -2, 0.5, -0.5, 2.5, 9])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.int64, torch.bool])
+def test_pow_by_constant(e, dtype):
+    """Small integral exponents are multiplications (no libm pow in the kernel); the
+    exponent takes part in type promotion (int ** 0.5 is float)."""
+    x = (torch.randn(64) * 3).to(dtype) if dtype != torch.bool else torch.rand(64) > 0.5
+    try:
+        x ** e
+    except RuntimeError:   # NOTE: eager refuses integers to negative integer powers
+        return
+    rec = check(lambda t: t ** e, x)
+    small = float(e).is_integer() and abs(e) <= 8 or abs(e) == 0.5
+    assert _calls_pow(rec.source) is not small
+
+
+def test_gelu_tanh_has_no_pow():
+    rec = check(lambda t: F.gelu(t, approximate="tanh"), torch.randn(32, 8, requires_grad=True), grad=True)
+    assert not _calls_pow(rec.source)
+
+
+def _calls_pow(source: str) -> bool:
+    return "std::pow(" in source or "kiln_pow_int<" in source

@@ -237,15 +237,47 @@ def _floor_divide(ctx, a, b):
     return make_pointwise(ctx, op("floordiv"), [a, b], K.DEFAULT)
 
 
+def _int_power(x: Expr, n: int, dtype: torch.dtype) -> Expr:
+    """``x ** n`` for an integer ``n >= 1`` as multiplications (binary exponentiation)."""
+    result, base = None, x
+    while n:
+        if n & 1:
+            result = base if result is None else Op("mul", (result, base), dtype)
+        n >>= 1
+        if n:
+            base = Op("mul", (base, base), dtype)
+    return result
+
+
+# NOTE: a libm pow per element costs ~20 ns and stops vectorization (GELU's x ** 3 was
+# most of GPT-2's MLP time); small integral exponents become multiplications, as
+# eager's pow kernel does for 2 and 3.
+_MAX_UNROLLED_POWER = 8
+
+
+def _pow_scalar_rule(e: float, floating: bool) -> Callable[..., Expr] | None:
+    """A cheaper expression for ``x ** e`` with a constant ``e``, or None."""
+    if e == 0.5 and floating:
+        return op("sqrt")
+    if e == -0.5 and floating:
+        return op("rsqrt")
+    if float(e).is_integer() and 1 <= abs(e) <= _MAX_UNROLLED_POWER and (e > 0 or floating):
+        n = int(abs(e))
+        if e > 0:
+            return lambda x, dtype: _int_power(x, n, dtype)
+        return lambda x, dtype: Op("truediv", (Const(1.0, dtype), _int_power(x, n, dtype)), dtype)
+    return None
+
+
 @register(aten.pow.Tensor_Scalar)
 def _pow_ts(ctx, a, e):
     if isinstance(e, (int, float)) and not isinstance(e, bool):
-        if e == 2:
-            return make_pointwise(ctx, lambda x, dtype: Op("mul", (x, x), dtype), [a], K.BOOL_TO_LONG)
-        if e == 1:
-            return make_pointwise(ctx, lambda x, dtype: x, [a], K.BOOL_TO_LONG)
-        if e == 0.5 and ctx.fake(a).dtype.is_floating_point:
-            return make_pointwise(ctx, op("sqrt"), [a], K.BOOL_TO_LONG)
+        floating = ctx.fake(a).dtype.is_floating_point or isinstance(e, float)
+        rule = _pow_scalar_rule(e, floating)
+        if rule is not None:
+            # NOTE: the exponent takes part in type promotion (int tensor ** 0.5 is float).
+            compute = elementwise_dtypes(ctx.fake(a), e, type_promotion_kind=K.BOOL_TO_LONG)[0]
+            return make_pointwise(ctx, rule, [a], compute=compute)
     if isinstance(e, int) and e < 0 and not ctx.fake(a).dtype.is_floating_point:
         raise NotLowered("integer to a negative power")
     return make_pointwise(ctx, op("pow"), [a, e], K.BOOL_TO_LONG)
