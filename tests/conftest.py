@@ -45,7 +45,10 @@ _START = pytest.StashKey[int]()
 def _no_profitability_check():
     from kiln.codegen import config
 
-    with config.patch(profitability_check=False):
+    # NOTE: the graph cache is off too: a test that changes how codegen prints a graph
+    # (a broken printer, a patched lowering) must not be answered by an earlier test's
+    # record of the same graph.  tests/codegen/test_graph_cache.py turns it on.
+    with config.patch(profitability_check=False, graph_cache=False):
         yield
 
 

@@ -9,6 +9,9 @@ Layout under ``config.cache_dir`` (env ``KILN_CACHE_DIR``, default ``~/.cache/ki
     cpp/<k[:2]>/<k>.<h[:16]>.so    the library, named by the sha256 ``h`` of its bytes
     cpp/<k[:2]>/<k>.json           metadata: the .so's file name, size and sha256, names, versions
 
+    compilers/, decisions/           small JSON records (the compiler probe, the
+                                     profitability decisions), same keying rules
+
 ``k`` is the sha256 of (source, compiler path and version, flags, kiln and torch
 versions).  Only plain files: nothing is ever unpickled.  Every file is written under a
 temporary name and moved into place with ``os.replace``; the ``.json`` is written last
@@ -51,8 +54,31 @@ def cache_key(source: str, compiler: Any) -> str:
         "flags": list(compiler.flags),
         "kiln": kiln.__version__,
         "torch": torch.__version__,
+        "host": host_id(),
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+
+
+_host: Optional[str] = None
+
+
+def host_id() -> str:
+    """The machine's architecture and CPU model and features (for ``-march=native``
+    libraries and timings: a cache folder shared by two machines keeps their entries apart)."""
+    global _host
+    if _host is None:
+        import platform
+
+        cpu = ""
+        try:
+            with open("/proc/cpuinfo") as f:
+                lines = [ln for ln in f.read(1 << 16).splitlines()
+                         if ln.startswith(("model name", "flags", "Features", "CPU part"))]
+            cpu = "\n".join(dict.fromkeys(lines))   # NOTE: one copy of each (one per core)
+        except OSError:
+            pass
+        _host = hashlib.sha256(f"{platform.machine()}\n{platform.processor()}\n{cpu}".encode()).hexdigest()[:16]
+    return _host
 
 
 def entry_dir(key: str) -> str:
@@ -180,9 +206,51 @@ def load(source: str, *, name: str, compiler: Any, build: Callable[[Any, str, st
     return lib
 
 
+# ----------------------------------------------------------------------------- records
+# NOTE: small JSON records beside the libraries (the compiler probe, profitability
+# decisions): plain files under <cache_dir>/<kind>/<key[:2]>/<key>.json, written atomically.
+# A record that does not parse is treated as absent and overwritten.
+
+
+def record_key(parts: dict) -> str:
+    """sha256 (hex) of ``parts`` (JSON-able) with the cache format and versions added."""
+    import torch
+
+    import kiln
+
+    full = {"format": _FORMAT, "kiln": kiln.__version__, "torch": torch.__version__,
+            "host": host_id(), **parts}
+    return hashlib.sha256(json.dumps(full, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _record_path(kind: str, key: str) -> str:
+    return os.path.join(os.path.expanduser(config.cache_dir), kind, key[:2], f"{key}.json")
+
+
+def read_record(kind: str, key: str) -> Optional[dict]:
+    """The record ``key`` of ``kind`` ("compilers", "decisions"), or None."""
+    try:
+        with open(_record_path(kind, key)) as f:
+            data = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) and data.get("key") == key else None
+
+
+def write_record(kind: str, key: str, data: dict) -> None:
+    """Store ``data`` (JSON-able) as the record ``key``; an unwritable cache is ignored."""
+    path = _record_path(kind, key)
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        _write_atomic(path, json.dumps({**data, "key": key}, indent=1, sort_keys=True))
+    except OSError:
+        pass
+
+
 def clear_memory() -> None:
     """Forget the libraries loaded in this process (the next ``load`` reads the disk)."""
     _loaded.clear()
 
 
-__all__ = ["cache_key", "entry_dir", "paths", "load", "clear_memory"]
+__all__ = ["cache_key", "entry_dir", "paths", "load", "clear_memory", "record_key",
+           "read_record", "write_record"]

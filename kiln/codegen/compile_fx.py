@@ -209,8 +209,8 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list, *, name: str = "grap
                         f"internal error in codegen, the ATen graph runs eagerly: {type(e).__name__}: {e}")
         return nop(gm, example_inputs)
     metrics.graphs_compiled += 1
-    if config.profitability_check:
-        compiled = profitability.choose(gm, example_inputs, compiled)
+    # NOTE: no per-ATen-graph timing here: compile_fx times the whole compiled callable
+    # against the captured graph (profitability.choose_graph), the real eager baseline.
     if mode == "reduce-overhead" and any(isinstance(x, torch.Tensor) and x.is_cuda for x in example_inputs):
         compiled = _cudagraphs_around(compiled, example_inputs)
     return compiled

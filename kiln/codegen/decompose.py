@@ -12,6 +12,7 @@ import functools
 from typing import Callable
 
 import torch
+import torch._decomp
 from torch._decomp import core_aten_decompositions, get_decompositions
 
 aten = torch.ops.aten
@@ -32,9 +33,18 @@ _EXTRA = [
 _KEEP = {aten.native_dropout.default, aten.cumsum.default, aten.cumsum.out}
 
 
+def _core() -> dict:
+    # NOTE: core_aten_decompositions() also lists every CompositeImplicitAutograd op (~500,
+    # found by walking the dispatcher: ~70 ms per process); those decompose by themselves
+    # below autograd, where kiln.aot traces, so the post-autograd core set is the same table
+    # for codegen.  The private name is checked; older torches get the public call.
+    post_autograd = getattr(torch._decomp, "_core_aten_decompositions_post_autograd", None)
+    return dict(post_autograd() if post_autograd is not None else core_aten_decompositions())
+
+
 @functools.lru_cache(maxsize=1)
 def _table() -> dict:
-    table = dict(core_aten_decompositions())
+    table = _core()
     table.update(get_decompositions(_EXTRA))
     for op in _KEEP:
         table.pop(op, None)

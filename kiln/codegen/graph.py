@@ -64,6 +64,7 @@ class GraphLowering:
         self._fakes: dict[int, tuple] = {}
         self._lazy_origins: list = []
         self.constants: dict[str, torch.Tensor] = {}
+        self.constant_targets: dict[str, str] = {}   # constant name -> gm attribute path
         for x in example_inputs:
             se = None
             if isinstance(x, torch.Tensor) and hasattr(x, "fake_mode"):
@@ -190,6 +191,7 @@ class GraphLowering:
                      [sympify_size(s) for s in obj.stride()], InputBuffer(name), [node.name])
         self.buffers[name] = buf
         self.constants[name] = obj
+        self.constant_targets[name] = str(node.target)
         return TensorValue.of_buffer(buf)
 
     def _call(self, node: fx.Node) -> Any:
@@ -350,6 +352,12 @@ def compile_aten_graph(gm: fx.GraphModule, example_inputs: list) -> Callable:
     from kiln.codegen import schedule as sched
     from kiln.codegen import wrapper
 
+    from kiln.codegen import graph_cache
+
+    key = graph_cache.key_for(gm, list(example_inputs))
+    hit = graph_cache.lookup(key, gm)
+    if hit is not None:
+        return hit
     lowered = GraphLowering(gm, list(example_inputs)).run()
     from kiln.codegen.triton.split import split_reductions
 
@@ -360,6 +368,7 @@ def compile_aten_graph(gm: fx.GraphModule, example_inputs: list) -> Callable:
         from kiln.codegen.triton.runtime import eager_on_kernel_error
 
         call = eager_on_kernel_error(call, gm)
+    graph_cache.store(key, getattr(call, "cache_record", None))
     return call
 
 

@@ -7,7 +7,8 @@ The others: graphs compiled to generated code (``graphs_compiled``) and graphs w
 eager ATen run was kept because it timed faster (``graphs_kept_eager``); C++ compiler
 runs (``cpp_compile_count``), libraries loaded from disk (``cache_disk_hits``) or from
 this process (``cache_memory_hits``), corrupt cache entries rebuilt
-(``cache_corrupt_count``); and ``profitability_decisions``, one
+(``cache_corrupt_count``), ATen graphs rebuilt from the graph cache without lowering
+(``graph_cache_hits``); and ``profitability_decisions``, one
 :class:`kiln.codegen.profitability.Decision` per graph timed (what ``KILN_LOGS=codegen``
 prints).
 """
@@ -22,13 +23,14 @@ cpp_compile_count: int = 0
 cache_disk_hits: int = 0
 cache_memory_hits: int = 0
 cache_corrupt_count: int = 0
+graph_cache_hits: int = 0
 profitability_decisions: list[Any] = []
 
 
 def reset() -> None:
     """Set every counter to zero and forget the recorded decisions."""
     global generated_kernel_count, graphs_compiled, graphs_kept_eager, cpp_compile_count
-    global cache_disk_hits, cache_memory_hits, cache_corrupt_count
+    global cache_disk_hits, cache_memory_hits, cache_corrupt_count, graph_cache_hits
     generated_kernel_count = 0
     graphs_compiled = 0
     graphs_kept_eager = 0
@@ -36,6 +38,7 @@ def reset() -> None:
     cache_disk_hits = 0
     cache_memory_hits = 0
     cache_corrupt_count = 0
+    graph_cache_hits = 0
     profitability_decisions.clear()
 
 

@@ -1,21 +1,24 @@
-"""Never slower than eager: time a compiled graph against its ATen graph run eagerly.
+"""Never slower than eager: time what codegen made against eager, keep the faster.
 
-In:  an ATen graph, its example inputs (fake or real), and the callable codegen made for
-     it (kiln.aot's boxed convention).
-Out: the faster of the two callables (the compiled one, or ``kiln.aot.nop(gm)``), and a
-     :class:`Decision` appended to ``kiln.codegen.metrics.profitability_decisions``.
+``choose_graph`` (what ``compile_fx`` calls): the whole compiled callable (AOT runtime +
+generated kernels) against the captured torch-level graph run eagerly, PyTorch's own
+kernels; a training graph is timed forward and backward.  Module state the graph writes
+(BatchNorm's running statistics) and the RNG state are restored afterwards; measured
+decisions are cached on disk (``config.profitability_cache``), so a later process decides
+without timing.  ``choose``: one ATen graph against itself run op by op (a library
+function; the decomposed graph is a weak baseline, see ``choose_graph``).
 
-Both run on the same real inputs (fake inputs become random tensors of their metadata,
-real ones are cloned, so nothing the caller holds is touched), under ``no_grad``, in
-interleaved rounds (one warm-up each, then rounds while ``config.profitability_budget_s``
-lasts, at most ``_MAX_ROUNDS``); the best time of each decides.  A graph kept eager is
-counted in ``metrics.graphs_kept_eager``; ``KILN_LOGS=codegen`` prints every decision.
-A compiled graph that raises where eager does not (a kiln bug) is recorded with
-``kiln.fallbacks.record_fallback`` and warns.  ``config.profitability_check=False``
-turns the check off.
+Both time interleaved rounds (one untimed warm-up each, then rounds while
+``config.profitability_budget_s`` lasts, at most ``_MAX_ROUNDS``); the best time of each
+decides.  Each :class:`Decision` is appended to ``metrics.profitability_decisions``; a
+graph kept eager is counted in ``metrics.graphs_kept_eager``; ``KILN_LOGS=codegen`` prints
+every decision.  A compiled graph that raises where eager does not (a kiln bug) is
+recorded with ``kiln.fallbacks.record_fallback`` and warns.
+``config.profitability_check=False`` turns the check off.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import sys
 import time
@@ -23,6 +26,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 import torch.fx as fx
+import torch.utils._pytree as pytree
 
 from kiln.codegen import config, metrics
 
@@ -160,29 +164,206 @@ def choose(gm: fx.GraphModule, example_inputs: Sequence[Any], compiled: Callable
 _STAT_UPDATING = ("batch_norm", "instance_norm")
 
 
+# NOTE: the operator module's in-place functions; its other names ending in "_" (and_,
+# or_, not_, is_) are pure.
+_OPERATOR_WRITES = frozenset({"setitem", "delitem", "iadd", "iand", "iconcat", "ifloordiv",
+                              "ilshift", "imod", "imul", "imatmul", "ior", "ipow", "irshift",
+                              "isub", "itruediv", "ixor"})
+
+
+def _writes(n: fx.Node) -> bool:
+    if n.op == "call_method":
+        name = n.target
+    elif n.op == "call_function":
+        name = getattr(n.target, "__name__", "")
+        if getattr(n.target, "__module__", None) in ("_operator", "operator"):
+            return name in _OPERATOR_WRITES
+    else:
+        return False
+    return ((name.endswith("_") and not name.startswith("__")) or "out" in n.kwargs
+            or any(k in name for k in _STAT_UPDATING))
+
+
 def _writes_state(gm: fx.GraphModule) -> bool:
-    for n in gm.graph.nodes:
-        if n.op not in ("call_method", "call_function"):
-            continue
-        name = n.target if isinstance(n.target, str) else getattr(n.target, "__name__", "")
-        if (name.endswith("_") and not name.startswith("__")) or any(k in name for k in _STAT_UPDATING):
-            return True
-    return False
+    return any(_writes(n) for n in gm.graph.nodes)
 
 
-def _timing_inputs(example_inputs: Sequence[Any]) -> list[Any]:
-    inputs = _real_inputs(example_inputs)
+def _timing_inputs(example_inputs: Sequence[Any], copy: bool) -> list[Any]:
+    """Real inputs to time with: copies when the graph writes (so the caller's tensors,
+    lifted parameters and buffers among them, never move), else the inputs themselves
+    (fake ones become random tensors either way)."""
+    if copy:
+        inputs = _real_inputs(example_inputs)
+    else:
+        from kiln.backends.common import real_inputs
+
+        inputs = [m.detach() if isinstance(m, torch.Tensor) else m for m in real_inputs(example_inputs)]
     return [m.requires_grad_(x.requires_grad) if isinstance(m, torch.Tensor) and isinstance(x, torch.Tensor)
             and x.requires_grad and m.is_leaf and (m.is_floating_point() or m.is_complex()) else m
             for m, x in zip(inputs, example_inputs)]
 
 
-def _unboxed_timed(fn: Callable, inputs: list) -> float:
-    _sync(inputs)
-    t0 = time.perf_counter()
-    fn(*inputs)
-    _sync(inputs)
-    return time.perf_counter() - t0
+def _state_tensors(gm: fx.GraphModule) -> list[torch.Tensor]:
+    """The tensors ``gm`` holds (parameters, buffers, tensor constants), each once."""
+    seen: dict[int, torch.Tensor] = {}
+    for t in [*gm.parameters(), *gm.buffers(), *(v for v in vars(gm).values() if isinstance(v, torch.Tensor))]:
+        seen.setdefault(id(t), t)
+    return list(seen.values())
+
+
+class _Step:
+    """One timed call of a torch-level callable: the forward, and when the outputs need
+    grads, their backward too (``torch.autograd.grad`` into ``leaves``: no ``.grad`` is
+    written), so a training graph is judged on what a training step runs."""
+
+    def __init__(self, inputs: list, leaves: list[torch.Tensor]):
+        self.inputs, self.leaves = inputs, leaves
+
+    def __call__(self, fn: Callable) -> float:
+        _sync(self.inputs)
+        t0 = time.perf_counter()
+        out = fn(*self.inputs)
+        if self.leaves:
+            outs = [o for o in pytree.tree_leaves(out) if isinstance(o, torch.Tensor) and o.requires_grad]
+            if outs:
+                torch.autograd.grad(outs, self.leaves, [torch.ones_like(o) for o in outs], allow_unused=True)
+        _sync(self.inputs)
+        return time.perf_counter() - t0
+
+
+def _leaves(gm: fx.GraphModule, inputs: list) -> list[torch.Tensor]:
+    if not torch.is_grad_enabled():
+        return []
+    ts = [x for x in inputs if isinstance(x, torch.Tensor)] + list(gm.parameters())
+    return [t for t in ts if t.requires_grad and t.is_leaf]
+
+
+@contextlib.contextmanager
+def _state_kept(gm: fx.GraphModule, writes: bool):
+    """Around timing runs: the RNG state, and (when the graph writes module state, e.g.
+    BatchNorm's running statistics) every tensor ``gm`` holds, restored afterwards."""
+    cpu_rng = torch.random.get_rng_state()
+    cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    state = _state_tensors(gm) if writes else []
+    with torch.no_grad():
+        saved = [t.detach().clone() for t in state]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for t, s in zip(state, saved):
+                t.copy_(s)
+        torch.random.set_rng_state(cpu_rng)
+        if cuda_rng is not None:
+            torch.cuda.set_rng_state_all(cuda_rng)
+
+
+def _state_bytes(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> int:
+    ts = _state_tensors(gm) + [x for x in example_inputs if isinstance(x, torch.Tensor)]
+    return sum(t.numel() * t.element_size() for t in ts)
+
+
+def _measure_graph(gm: fx.GraphModule, example_inputs: Sequence[Any], compiled: Callable,
+                   label: str) -> Decision:
+    writes = _writes_state(gm)
+    if writes and _state_bytes(gm, example_inputs) > config.profitability_snapshot_bytes:
+        return Decision(label, None, None, "compiled", "not measured: the graph writes module state "
+                        "or inputs larger than config.profitability_snapshot_bytes, which timing "
+                        "would have to copy")
+    inputs = _timing_inputs(example_inputs, copy=writes)
+    step = _Step(inputs, _leaves(gm, inputs))
+    what = "forward and backward" if step.leaves else "forward"
+    with _state_kept(gm, writes):
+        try:
+            step(gm.forward)
+        except Exception as e:  # noqa: BLE001 - random inputs may be invalid for this graph
+            return Decision(label, None, None, "compiled", f"not measured: the captured graph raised on "
+                            f"random inputs ({type(e).__name__}: {e})")
+        try:
+            # NOTE: one untimed call each first: the compiled callable's first call may still
+            # compile (the backward graph, Triton's JIT and autotuning).
+            step(compiled)
+        except Exception as e:  # noqa: BLE001 - a codegen bug; eager is right
+            return Decision(label, None, None, "eager", f"the compiled graph raised where eager did not "
+                            f"({type(e).__name__}: {e})")
+        budget, start = config.profitability_budget_s, time.perf_counter()
+        best_e, best_c = step(gm.forward), step(compiled)
+        rounds = 0
+        while rounds < _MAX_ROUNDS and (rounds < 2 or time.perf_counter() - start < budget):
+            # NOTE: interleaved, so a slow spell of the machine hits both.
+            best_e = min(best_e, step(gm.forward))
+            best_c = min(best_c, step(compiled))
+            rounds += 1
+    kept = "compiled" if best_c <= best_e else "eager"
+    return Decision(label, best_e, best_c, kept,
+                    f"{'not slower' if kept == 'compiled' else 'slower'} than the captured graph run "
+                    f"eagerly ({what}, best of {rounds + 1} runs each)")
+
+
+# ----------------------------------------------------------------------------- cached decisions
+
+_fingerprint: Optional[str] = None
+
+
+def _codegen_fingerprint() -> str:
+    """A hash of kiln's codegen sources: a changed code generator decides afresh."""
+    global _fingerprint
+    if _fingerprint is None:
+        import hashlib
+        import os
+
+        root = os.path.dirname(os.path.abspath(__file__))
+        h = hashlib.sha256()
+        for d, _, files in sorted(os.walk(root)):
+            for f in sorted(files):
+                if f.endswith(".py"):
+                    with open(os.path.join(d, f), "rb") as fh:
+                        h.update(f.encode() + b"\0" + fh.read())
+        _fingerprint = h.hexdigest()
+    return _fingerprint
+
+
+def _meta(x: Any) -> Any:
+    if isinstance(x, torch.Tensor):
+        return [str(tuple(x.shape)), str(x.stride()), str(x.dtype), str(x.device), x.requires_grad]
+    return repr(x) if isinstance(x, (int, float, bool, str, type(None))) else type(x).__name__
+
+
+def decision_key(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Optional[str]:
+    """The cache key of the decision for ``gm`` on inputs like ``example_inputs``, or None
+    when the graph cannot be keyed (its code does not print)."""
+    from kiln.codegen import cache
+    from kiln.settings import options_of
+
+    try:
+        code = gm.code
+    except Exception:  # noqa: BLE001 - an unprintable graph is decided every time
+        return None
+    return cache.record_key({
+        "graph": code, "inputs": [_meta(x) for x in example_inputs],
+        "state": [_meta(t) for t in _state_tensors(gm)], "grad": torch.is_grad_enabled(),
+        "threads": torch.get_num_threads(), "codegen": _codegen_fingerprint(),
+        "config": {k: getattr(config, k) for k in sorted(options_of(config.__name__))},
+    })
+
+
+def _cached(key: Optional[str], label: str) -> Optional[Decision]:
+    from kiln.codegen import cache
+
+    rec = cache.read_record("decisions", key) if key and config.profitability_cache else None
+    if rec is None or rec.get("kept") not in ("compiled", "eager"):
+        return None
+    return Decision(label, rec.get("eager_s"), rec.get("compiled_s"), rec["kept"],
+                    f"{rec.get('why', '')}; read from the cache (an earlier run on this machine measured it)")
+
+
+def _store(key: Optional[str], d: Decision) -> None:
+    from kiln.codegen import cache
+
+    # NOTE: only measured decisions are kept; "not measured" ones are cheap to remake.
+    if key and config.profitability_cache and d.eager_s is not None and d.compiled_s is not None:
+        cache.write_record("decisions", key, {"kept": d.kept, "eager_s": d.eager_s,
+                                              "compiled_s": d.compiled_s, "why": d.why})
 
 
 def choose_graph(gm: fx.GraphModule, example_inputs: Sequence[Any], compiled: Callable,
@@ -192,40 +373,26 @@ def choose_graph(gm: fx.GraphModule, example_inputs: Sequence[Any], compiled: Ca
 
     NOTE: the ATen graphs codegen receives are decomposed (softmax into amax, sub, exp, sum,
     div): run op by op they are much slower than eager, so they are no baseline for "never
-    slower than eager".  Timed in the grad mode of the compile (the forward only), with the
-    random-number state restored afterwards; graphs that write module state or inputs are not
-    timed (the compiled callable is kept, and the decision says why).
+    slower than eager".  Timed in the grad mode of the compile; when outputs need grads, a
+    timed run is the forward and its backward.  The random-number state is restored
+    afterwards, and so is module state the graph writes (BatchNorm's running statistics).
+    A compiled callable that raises where eager does not is a kiln bug: eager is kept and
+    the fallback recorded.  A measured decision is cached on disk (keyed by the graph, its
+    inputs' metadata, threads, config and the code generator's sources), so a later process
+    compiling the same graph decides without timing.
     """
-    if _writes_state(gm):
-        decision = Decision(label, None, None, "compiled", "not measured: the graph writes module state or inputs")
-    else:
-        inputs = _timing_inputs(example_inputs)
-        cpu_rng = torch.random.get_rng_state()
-        cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
-        try:
-            # NOTE: one untimed call each first: the compiled callable's first call may still
-            # compile (the backward graph, Triton's JIT and autotuning).
-            _unboxed_timed(gm.forward, inputs)
-            _unboxed_timed(compiled, inputs)
-            budget, start = config.profitability_budget_s, time.perf_counter()
-            best_e = _unboxed_timed(gm.forward, inputs)
-            best_c = _unboxed_timed(compiled, inputs)
-            rounds = 0
-            while rounds < _MAX_ROUNDS and (rounds < 2 or time.perf_counter() - start < budget):
-                best_e = min(best_e, _unboxed_timed(gm.forward, inputs))
-                best_c = min(best_c, _unboxed_timed(compiled, inputs))
-                rounds += 1
-            kept = "compiled" if best_c <= best_e else "eager"
-            decision = Decision(label, best_e, best_c, kept,
-                                f"{'not slower' if kept == 'compiled' else 'slower'} than the captured graph "
-                                f"run eagerly (best of {rounds + 1} runs each)")
-        except Exception as e:  # noqa: BLE001 - random inputs may be invalid for this graph
-            decision = Decision(label, None, None, "compiled", f"not measured: {type(e).__name__}: {e}")
-        finally:
-            torch.random.set_rng_state(cpu_rng)
-            if cuda_rng is not None:
-                torch.cuda.set_rng_state_all(cuda_rng)
-    return compiled if _record(decision) else gm.forward
+    from kiln.fallbacks import record_fallback
+
+    key = decision_key(gm, example_inputs) if config.profitability_cache else None
+    decision = _cached(key, label)
+    if decision is None:
+        decision = _measure_graph(gm, example_inputs, compiled, label)
+        _store(key, decision)
+    if _record(decision):
+        return compiled
+    if decision.compiled_s is None:
+        record_fallback("codegen", label, f"the captured graph runs eagerly: {decision.why}")
+    return gm.forward
 
 
-__all__ = ["Decision", "choose", "choose_graph", "measure", "graph_label"]
+__all__ = ["Decision", "choose", "choose_graph", "measure", "graph_label", "decision_key"]

@@ -81,10 +81,14 @@ class WrapperWriter:
         self.lw = lowered
         self.plan = plan
         self.lines: list[str] = []
-        self.consts: list = []
-        self.ns: dict[str, Any] = {"torch": torch, "empty_strided": torch.empty_strided,
-                                   "as_strided": torch.as_strided, "_restride": _restride,
-                                   "_nt": torch.get_num_threads, "_c": self.consts}
+        self.ns = self.base_namespace()
+        self.consts: list = self.ns["_c"]
+
+    @staticmethod
+    def base_namespace() -> dict[str, Any]:
+        """The names every wrapper reads besides its kernels, externs and constants."""
+        return {"torch": torch, "empty_strided": torch.empty_strided, "as_strided": torch.as_strided,
+                "_restride": _restride, "_nt": torch.get_num_threads, "_c": []}
 
     def const(self, v: Any) -> str:
         if v is None or isinstance(v, (bool, int, str)):
@@ -293,6 +297,20 @@ def build(lowered, plan: Plan) -> Callable:
     missing = _undefined_symbols(kargs, w.defined, plan, lowered)
     if missing:
         raise exc.CodegenError(f"sizes {sorted(map(str, missing))} cannot be read from the inputs")
+    call = finish(py, w.ns, source, len(kernels), uses_triton=bool(triton_source))
+    if not triton_source:
+        from kiln.codegen import graph_cache
+
+        call.cache_record = graph_cache.record_of(
+            py=py, cpp_source=source, cpp_kinds={k: [kind for kind, _ in kargs[k]] for k in fns},
+            consts=w.consts, ops={k: v for k, v in w.ns.items() if k.startswith("op_")},
+            constant_targets=dict(lowered.constant_targets), kernel_count=len(kernels))
+    return call
+
+
+def finish(py: str, ns: dict, source: str, kernel_count: int, *, uses_triton: bool) -> Callable:
+    """Exec the wrapper source ``py`` in ``ns``; the boxed ``call`` with its sources attached
+    (a fresh build, or one rebuilt from :mod:`kiln.codegen.graph_cache`)."""
     if should_log("output_code"):
         print("===== [kiln output_code] wrapper =====", file=sys.stderr)
         print(py, file=sys.stderr)
@@ -300,15 +318,15 @@ def build(lowered, plan: Plan) -> Callable:
             print("===== [kiln output_code] kernels =====", file=sys.stderr)
             print(source, file=sys.stderr)
     code = compile(py, "<kiln wrapper>", "exec")
-    exec(code, w.ns)
-    call = w.ns["call"]
+    exec(code, ns)
+    call = ns["call"]
     call._boxed_call = True
     call._returns_sequence = True
     call.source = py
     call.kernel_source = source
-    call.kernel_count = len(kernels)
-    call.uses_triton = bool(triton_source)
-    metrics.generated_kernel_count += len(kernels)
+    call.kernel_count = kernel_count
+    call.uses_triton = uses_triton
+    metrics.generated_kernel_count += kernel_count
     return call
 
 

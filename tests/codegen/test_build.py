@@ -31,6 +31,17 @@ def test_compiler_found_and_flags():
     assert build.compiler() is cc  # probed once
 
 
+def test_compiler_probe_is_read_back_by_a_new_process(tmp_cache, monkeypatch):
+    """A second process finds the probe's result on disk: no compiler runs to find flags."""
+    first = build.compiler()
+    build._compilers.clear()
+    build.compiler()                       # probes (this cache dir is new) and records it
+    build._compilers.clear()               # as a new process would start
+    monkeypatch.setattr(build, "_run", lambda *a, **k: pytest.fail("the compiler ran again"))
+    again = build.compiler()
+    assert again == first and list((tmp_cache / "compilers").rglob("*.json"))
+
+
 def test_load_library_runs_the_code(tmp_cache):
     lib = build.load_library(_source("runs", "return x * 3 + 1;"), name="runs")
     assert lib.kiln_test_fn(14) == 43
@@ -55,7 +66,7 @@ def test_compile_error_names_the_kept_source_file(tmp_cache):
     path = next(w for w in msg.split() if w.endswith(".cpp"))
     assert os.path.isfile(path) and open(path).read() == src  # kept on disk
     assert "undeclared_name" in msg and "error" in msg.lower()
-    assert not [p for p in tmp_cache.rglob("*.json")]  # no entry for a failed build
+    assert not [p for p in (tmp_cache / "cpp").rglob("*.json")]  # no entry for a failed build
 
 
 def test_missing_compiler_is_a_clear_error():

@@ -1,5 +1,6 @@
 """Never slower than eager: kiln.codegen.profitability keeps the faster of the compiled
-graph and its ATen graph run eagerly, and records the decision."""
+callable and the captured graph run eagerly (``choose_graph``; ``choose`` does the same
+for one ATen graph against itself), records the decision and caches it on disk."""
 from __future__ import annotations
 
 import importlib
@@ -151,22 +152,65 @@ def _compile_with_slowed_core(monkeypatch, **options):
     return calls
 
 
-def test_end_to_end_slow_graph_runs_its_aten_graph(monkeypatch):
+def test_end_to_end_slow_graph_runs_the_captured_graph(monkeypatch, tmp_cache):
     with config.patch(profitability_check=True):
         calls = _compile_with_slowed_core(monkeypatch)
-    # NOTE: two decisions: the ATen graph against itself run eagerly, then the whole compiled
-    # callable against the captured torch-level graph run eagerly (the real eager baseline).
-    assert calls and metrics.graphs_compiled == 1 and metrics.graphs_kept_eager == 2
-    first, whole = metrics.profitability_decisions
-    assert first.kept == "eager" and whole.kept == "eager"
-    assert "captured graph run eagerly" in whole.why and whole.eager_s < whole.compiled_s
+    # NOTE: one decision: the whole compiled callable against the captured torch-level graph
+    # run eagerly (the real eager baseline; the decomposed ATen graph is none).
+    assert calls and metrics.graphs_compiled == 1 and metrics.graphs_kept_eager == 1
+    (whole,) = metrics.profitability_decisions
+    assert whole.kept == "eager" and "captured graph run eagerly" in whole.why
+    assert whole.eager_s < whole.compiled_s and "(forward," in whole.why
 
 
-def test_whole_graph_check_leaves_module_state_alone():
-    """A graph that updates buffers (BatchNorm in training) is not timed: timing would move
-    its running statistics."""
-    import kiln
+def test_training_graph_is_timed_with_its_backward(monkeypatch, tmp_cache):
+    calls = []
 
+    def slowed_core(gm, example_inputs):
+        calls.append(gm)
+        return _slowed(gm)
+
+    monkeypatch.setattr(compile_fx_mod, "_compile_aten_graph", slowed_core)
+    x = torch.randn(8, requires_grad=True)
+    with config.patch(profitability_check=True):
+        out = kiln.compile(lambda t: (t.sin() * 2).sum())(x)
+    out.backward()
+    torch.testing.assert_close(x.grad, 2 * x.detach().cos())
+    (whole,) = metrics.profitability_decisions
+    assert "forward and backward" in whole.why and whole.kept == "eager"
+    assert len(calls) == 2          # forward and backward graphs were both compiled (and timed)
+
+
+def test_decision_is_cached_for_the_next_process(monkeypatch, tmp_cache):
+    with config.patch(profitability_check=True):
+        _compile_with_slowed_core(monkeypatch)
+        kiln.reset()   # NOTE: as a new process: nothing compiled in memory
+        monkeypatch.setattr(profitability, "_measure_graph",
+                            lambda *a: pytest.fail("timed again instead of reading the cache"))
+        _compile_with_slowed_core(monkeypatch)
+    (again,) = metrics.profitability_decisions
+    assert again.kept == "eager" and "read from the cache" in again.why
+    assert list((tmp_cache / "decisions").rglob("*.json"))
+
+
+@pytest.mark.expect_fallback("raised where eager did not")
+def test_compiled_graph_that_raises_keeps_eager_and_says_so(monkeypatch, tmp_cache):
+    def broken_core(gm, example_inputs):
+        def run(args):
+            raise RuntimeError("kernel bug")
+        run._boxed_call = True
+        return run
+
+    monkeypatch.setattr(compile_fx_mod, "_compile_aten_graph", broken_core)
+    x = torch.randn(8)
+    with config.patch(profitability_check=True), pytest.warns(FallbackWarning, match="raised where eager did not"):
+        out = kiln.compile(lambda t: t.sin() * 2)(x)
+    torch.testing.assert_close(out, x.sin() * 2)
+
+
+def test_whole_graph_check_leaves_module_state_alone(tmp_cache):
+    """A graph that updates buffers (BatchNorm in training) is timed with its state copied
+    and restored: timing must not move the running statistics."""
     bn = torch.nn.BatchNorm1d(4).train()
     ref = torch.nn.BatchNorm1d(4).train()
     x = torch.randn(8, 4)
@@ -174,6 +218,16 @@ def test_whole_graph_check_leaves_module_state_alone():
         out = kiln.compile(bn)(x)
     torch.testing.assert_close(out, ref(x))
     torch.testing.assert_close(bn.running_mean, ref.running_mean)
+    torch.testing.assert_close(bn.running_var, ref.running_var)
+    assert bn.num_batches_tracked.item() == 1
+    whole = metrics.profitability_decisions[-1]
+    assert whole.eager_s is not None and whole.compiled_s is not None
+
+
+def test_large_module_state_is_not_copied_for_timing(tmp_cache):
+    bn = torch.nn.BatchNorm1d(4).train()
+    with config.patch(profitability_check=True, profitability_snapshot_bytes=8):
+        kiln.compile(bn)(torch.randn(8, 4))
     whole = metrics.profitability_decisions[-1]
     assert whole.kept == "compiled" and "writes module state" in whole.why
 

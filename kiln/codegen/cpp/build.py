@@ -5,7 +5,7 @@ Out: a ``ctypes.CDLL`` of the compiled library (``load_library``).
 
 The compiler is found once per setting (``config.cpp_compiler``, else ``$CXX``, else
 ``g++`` then ``clang++``) and checked by compiling a three-line file; its flags are
-``config.cpp_opt_flags`` (``-O3``), ``-march=native`` and ``-fopenmp`` where it accepts
+``config.cpp_opt_flags`` (``-O3 -fno-math-errno``), ``-march=native`` and ``-fopenmp`` where it accepts
 them (probed once), ``-shared -fPIC -std=c++17``.  Libraries go through
 :mod:`kiln.codegen.cache`, keyed by the source, the compiler and its flags, so a source
 compiled once (in this process or any earlier one) is loaded, not compiled again.
@@ -81,6 +81,32 @@ def _probe(name: str) -> tuple[Optional[Compiler], str]:
     if exe is None:
         return None, f"{name}: not found"
     exe = os.path.abspath(exe)
+    # NOTE: probing runs the compiler four times (~0.1 s); a process that finds the same
+    # executable (same resolved file, size, mtime) with the same flags reads the result.
+    key = _probe_key(exe)
+    rec = cache.read_record("compilers", key) if key else None
+    if rec is not None:
+        try:
+            return Compiler(rec["path"], rec["version"], tuple(rec["flags"]), bool(rec["openmp"])), ""
+        except (KeyError, TypeError):
+            pass
+    found, why = _run_probe(exe)
+    if found is not None and key:
+        cache.write_record("compilers", key, dataclasses.asdict(found))
+    return found, why
+
+
+def _probe_key(exe: str) -> Optional[str]:
+    try:
+        real = os.path.realpath(exe)
+        st = os.stat(real)
+    except OSError:
+        return None
+    return cache.record_key({"exe": exe, "real": real, "size": st.st_size, "mtime": st.st_mtime_ns,
+                             "opt": config.cpp_opt_flags, "base": list(_BASE_FLAGS)})
+
+
+def _run_probe(exe: str) -> tuple[Optional[Compiler], str]:
     try:
         version = (_run([exe, "--version"], timeout=60).stdout.splitlines() or ["?"])[0].strip()
     except (OSError, subprocess.SubprocessError) as e:
