@@ -32,6 +32,7 @@ class Compiler:
     name: str
     kind: str  # "eager" | "torch" | "kiln"
     backend: str | None = None
+    mode: str | None = None  # e.g. "reduce-overhead" (CUDA graphs), from "name@mode"
 
     def wrap(self, model: Callable[..., Any]) -> Callable[..., Any]:
         """Return the callable for ``model``; raises whatever the compiler raises."""
@@ -43,13 +44,13 @@ def _wrap_eager(c: Compiler, model: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _wrap_torch(c: Compiler, model: Callable[..., Any]) -> Callable[..., Any]:
-    return torch.compile(model, backend=c.backend or "inductor")
+    return torch.compile(model, backend=c.backend or "inductor", mode=c.mode)
 
 
 def _wrap_kiln(c: Compiler, model: Callable[..., Any]) -> Callable[..., Any]:
     kiln = importlib.import_module("kiln")
     compile_fn = getattr(kiln, "compile")  # AttributeError/ImportError while capture/ is missing
-    return compile_fn(model, backend=c.backend)
+    return compile_fn(model, backend=c.backend, mode=c.mode)
 
 
 _WRAP: dict[str, Callable[[Compiler, Callable[..., Any]], Callable[..., Any]]] = {
@@ -78,6 +79,12 @@ def parse(spec: str | None, device: str) -> tuple[list[Compiler], list[str]]:
     tokens = [t.strip() for t in (spec or "eager,torch.compile,kiln").split(",") if t.strip()]
     out: list[Compiler] = []
     for tok in tokens:
+        if "@" in tok and tok.split("@", 1)[0] not in ("", "eager", "kiln"):
+            # NOTE: "kiln:inductor@reduce-overhead", "torch.compile@reduce-overhead": a mode column.
+            base, mode = tok.split("@", 1)
+            (c,) = parse(base, device)[0]
+            out.append(Compiler(tok, c.kind, c.backend, mode))
+            continue
         if tok == "eager":
             out.append(Compiler("eager", "eager"))
         elif tok in ("torch.compile", "inductor", "torch"):

@@ -13,6 +13,7 @@ Out: a callable.  With CUDA inputs, each distinct input signature (shapes, strid
 from __future__ import annotations
 
 import logging
+import weakref
 from typing import Any, Callable, Optional, Sequence
 
 import torch
@@ -37,21 +38,30 @@ def _warn_not_cuda() -> None:
     _warned_not_cuda = True
 
 
-def _signature(args: Sequence[Any]) -> tuple:
+def _signature(args: Sequence[Any], static: frozenset) -> tuple:
+    # NOTE: a static input (a parameter or buffer) is recorded in place, so its address is
+    # part of the signature: a replaced parameter records anew.
     return tuple(
-        (tuple(a.shape), a.stride(), a.dtype, a.device) if isinstance(a, torch.Tensor) else ("py", a)
-        for a in args
+        (tuple(a.shape), a.stride(), a.dtype, a.device, a.data_ptr() if i in static else None)
+        if isinstance(a, torch.Tensor) else ("py", a)
+        for i, a in enumerate(args)
     )
 
 
 class _Recorded:
-    """One captured CUDA graph over static input buffers."""
+    """One captured CUDA graph over static input buffers.
 
-    def __init__(self, fn: Callable, args: Sequence[Any]) -> None:
-        self.static_inputs = [a.detach().clone() if isinstance(a, torch.Tensor) else a for a in args]
+    Inputs listed in ``static`` (parameters, buffers) are recorded in place, never copied;
+    the others are copied into buffers of their own before each replay, unless they already
+    are those buffers.  Memory comes from ``pool``, shared by a function's recordings.
+    """
+
+    def __init__(self, fn: Callable, args: Sequence[Any], static: frozenset, pool: Any) -> None:
+        self.copied = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor) and i not in static]
+        self.static_inputs = [a.detach().clone() if i in self.copied else a for i, a in enumerate(args)]
         self.mutated = self._warm_up(fn)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
+        with torch.cuda.graph(self.graph, pool=pool):
             self.static_outputs = fn(*self.static_inputs)
 
     def _warm_up(self, fn: Callable) -> list[int]:
@@ -67,40 +77,81 @@ class _Recorded:
         return [i for i, a in tensors if a._version != before[i]]
 
     def __call__(self, args: Sequence[Any]) -> Any:
-        for dst, src in zip(self.static_inputs, args):
-            if isinstance(dst, torch.Tensor):
-                dst.copy_(src)
+        static = self.static_inputs
+        for i in self.copied:
+            if args[i].data_ptr() != static[i].data_ptr():
+                static[i].copy_(args[i])
         self.graph.replay()
         for i in self.mutated:
-            args[i].copy_(self.static_inputs[i])
+            if args[i] is not static[i]:
+                args[i].copy_(static[i])
         return pytree.tree_map_only(torch.Tensor, lambda t: t.clone(), self.static_outputs)
 
 
-def cudagraphify(fn: Callable, example_inputs: Sequence[Any]) -> CompiledFn:
+def _symbolic(example_inputs: Sequence[Any]) -> bool:
+    for x in example_inputs:
+        if isinstance(x, torch.SymInt):
+            return True
+        if isinstance(x, torch.Tensor) and any(isinstance(d, torch.SymInt) for d in (*x.shape, *x.stride())):
+            return True
+    return False
+
+
+def cudagraphify(fn: Callable, example_inputs: Sequence[Any], static_input_indices: Sequence[int] = (),
+                 label: str = "cudagraphs") -> CompiledFn:
     """Wrap ``fn`` (taking tensors positionally) so CUDA calls replay recorded graphs.
 
-    A signature whose capture fails (e.g. CPU work inside) runs eagerly from then on,
-    recorded as a fallback naming the reason.
+    ``static_input_indices``: inputs that keep their memory from call to call (parameters
+    and buffers): recorded in place, never copied.  One recording per input signature,
+    all from one private memory pool.  Inputs with symbolic sizes (dynamic shapes) are
+    not recorded: the function runs without CUDA graphs, recorded as a fallback; so does a
+    signature whose capture fails (e.g. CPU work inside).
     """
-    recorded: dict[tuple, Optional[_Recorded]] = {}
+    if _symbolic(example_inputs):
+        record_fallback("backend", label, "the graph has dynamic shapes, and a CUDA graph replays one "
+                        "shape; it runs without CUDA graphs (compile with dynamic=False to record one "
+                        "graph per shape)")
+        return fn
+    static = frozenset(static_input_indices)
+    recorded = _Recordings()
+    pool: list = []
 
     def run(*args: Any) -> Any:
         if device_from_inputs(args).type != "cuda":
             return fn(*args)
-        key = _signature(args)
-        if key not in recorded:
-            recorded[key] = _record_or_none(fn, args)
-        entry = recorded[key]
+        key = _signature(args, static)
+        entry = recorded.get(key, False)
+        if entry is False:
+            if not pool:
+                pool.append(torch.cuda.graph_pool_handle())
+            entry = recorded[key] = _record_or_none(fn, args, static, pool[0], label)
         return fn(*args) if entry is None else entry(list(args))
 
+    run.recordings = recorded  # type: ignore[attr-defined]  # NOTE: for tests and explain
+    _all.add(recorded)
     return run
 
 
-def _record_or_none(fn: Callable, args: Sequence[Any]) -> Optional[_Recorded]:
+class _Recordings(dict):
+    """signature -> recording (None: that signature runs without CUDA graphs)."""
+
+
+# NOTE: every cudagraphify's recordings, weakly: live_recordings() counts them (tests, bench).
+_all: "weakref.WeakSet[_Recordings]" = weakref.WeakSet()
+
+
+def live_recordings() -> int:
+    """How many CUDA graphs the cudagraphified functions of this process hold."""
+    return sum(1 for rec in _all for e in rec.values() if e is not None)
+
+
+def _record_or_none(fn: Callable, args: Sequence[Any], static: frozenset, pool: Any,
+                    label: str) -> Optional[_Recorded]:
     try:
-        return _Recorded(fn, args)
+        return _Recorded(fn, args, static, pool)
     except Exception as e:  # NOTE: capture limits (sync ops, CPU tensors); eager stays right
-        record_fallback("backend", "cudagraphs", f"could not record a CUDA graph ({e}); running eagerly")
+        record_fallback("backend", label, f"could not record a CUDA graph ({type(e).__name__}: {e}); "
+                        "running without CUDA graphs")
         return None
 
 
@@ -112,7 +163,7 @@ def _needs_autograd(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> 
 
 
 def _cudagraph_compiler(gm: torch.fx.GraphModule, example_inputs: list) -> CompiledFn:
-    return cudagraphify(gm, example_inputs)
+    return cudagraphify(gm, example_inputs, gm.meta.get("static_input_indices", ()))
 
 
 @register_backend(name="cudagraphs")

@@ -180,12 +180,15 @@ def _ops_of(gm: fx.GraphModule, limit: int = 12) -> str:
     return ", ".join(ops[:limit]) + more
 
 
-def _cudagraphs_around(compiled: Callable, example_inputs: list) -> Callable:
+def _cudagraphs_around(compiled: Callable, gm: fx.GraphModule, example_inputs: list, name: str) -> Callable:
     from kiln.aot.compilers import call_compiled, make_boxed_func
     from kiln.backends.cudagraphs import cudagraphify
-    from kiln.backends.common import real_inputs
 
-    return make_boxed_func(cudagraphify(lambda *a: call_compiled(compiled, list(a)), real_inputs(example_inputs)))
+    # NOTE: example inputs stay as they are (fake ones keep their symbolic sizes, which
+    # cudagraphify refuses with a recorded reason); recording happens at the first call.
+    return make_boxed_func(cudagraphify(lambda *a: call_compiled(compiled, list(a)), example_inputs,
+                                        gm.meta.get("static_input_indices", ()),
+                                        label=f"{name}: mode='reduce-overhead'"))
 
 
 def compile_graph(gm: fx.GraphModule, example_inputs: list, *, name: str = "graph",
@@ -212,7 +215,7 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list, *, name: str = "grap
     # NOTE: no per-ATen-graph timing here: compile_fx times the whole compiled callable
     # against the captured graph (profitability.choose_graph), the real eager baseline.
     if mode == "reduce-overhead" and any(isinstance(x, torch.Tensor) and x.is_cuda for x in example_inputs):
-        compiled = _cudagraphs_around(compiled, example_inputs)
+        compiled = _cudagraphs_around(compiled, gm, example_inputs, name)
     return compiled
 
 
