@@ -35,5 +35,10 @@ profitability_cache: bool = True
 profitability_snapshot_bytes: int = 1 << 30
 # mode="max-autotune" widens tile searches (Triton).
 max_autotune: bool = False
+# Worker processes that compile a graph's Triton kernels in parallel before their first
+# launch (kiln.codegen.triton.pool); None: min(os.cpu_count(), 8); 1: no pool, each kernel
+# compiles in-process at its first launch.  $KILN_COMPILE_THREADS sets it too.
+compile_threads: int | None = (int(os.environ["KILN_COMPILE_THREADS"])
+                               if os.environ.get("KILN_COMPILE_THREADS", "").strip() else None)
 
 patch = make_patch(__name__)

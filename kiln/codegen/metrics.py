@@ -8,7 +8,11 @@ eager ATen run was kept because it timed faster (``graphs_kept_eager``); C++ com
 runs (``cpp_compile_count``), libraries loaded from disk (``cache_disk_hits``) or from
 this process (``cache_memory_hits``), corrupt cache entries rebuilt
 (``cache_corrupt_count``), ATen graphs rebuilt from the graph cache without lowering
-(``graph_cache_hits``); and ``profitability_decisions``, one
+(``graph_cache_hits``); Triton compile jobs sent to the worker pool
+(``triton_compiles_submitted``, one per distinct kernel specialization), not sent because an
+earlier process's compile is still in Triton's cache (``triton_compiles_skipped``), and
+those that failed or timed out there, so the kernel compiled in-process
+(``triton_pool_failures``); and ``profitability_decisions``, one
 :class:`kiln.codegen.profitability.Decision` per graph timed (what ``KILN_LOGS=codegen``
 prints).
 """
@@ -24,6 +28,9 @@ cache_disk_hits: int = 0
 cache_memory_hits: int = 0
 cache_corrupt_count: int = 0
 graph_cache_hits: int = 0
+triton_compiles_submitted: int = 0
+triton_compiles_skipped: int = 0
+triton_pool_failures: int = 0
 profitability_decisions: list[Any] = []
 
 
@@ -31,6 +38,7 @@ def reset() -> None:
     """Set every counter to zero and forget the recorded decisions."""
     global generated_kernel_count, graphs_compiled, graphs_kept_eager, cpp_compile_count
     global cache_disk_hits, cache_memory_hits, cache_corrupt_count, graph_cache_hits
+    global triton_compiles_submitted, triton_compiles_skipped, triton_pool_failures
     generated_kernel_count = 0
     graphs_compiled = 0
     graphs_kept_eager = 0
@@ -39,6 +47,9 @@ def reset() -> None:
     cache_memory_hits = 0
     cache_corrupt_count = 0
     graph_cache_hits = 0
+    triton_compiles_submitted = 0
+    triton_compiles_skipped = 0
+    triton_pool_failures = 0
     profitability_decisions.clear()
 
 

@@ -346,6 +346,12 @@ def _build_triton(kernels: list, lowered, fns: dict, kargs: dict) -> str:
             raise exc.CodegenError(f"Triton kernels cannot run here: {why}")
         src, infos = ktriton.print_kernels(group, lowered.buffers, interpret=interpret)
         launchers = ktriton.load_kernels(src, infos, interpret)
+        if not interpret:
+            from kiln.codegen.triton import pool
+
+            # NOTE: the kernels compile in worker processes while the wrapper is written;
+            # each launcher waits for its own jobs at its first call
+            pool.precompile(launchers.values(), pool.launch_hints(lowered))
         for k in group:
             fns[k.name] = launchers[k.name]
             kargs[k.name] = infos[k.name].args

@@ -13,7 +13,10 @@ with numpy); CUDA kernels compile for the GPU.  On CUDA, a kernel with enough wo
 a few configs from :mod:`heuristics` on its first call and keeps the winner in
 ``<hash>.tune.json`` beside the source (plain JSON, per kernel and numel); a config that
 runs out of memory or resources is dropped.  A kernel that fails to compile raises
-:class:`kiln.exc.KernelCompileError` naming the file.
+:class:`kiln.exc.KernelCompileError` naming the file.  :meth:`Launcher.launch_plan` says
+what a first call will launch (configs, int arguments) before it runs, so that
+:mod:`.pool` can compile those kernels in worker processes; the first call waits for
+them (``Launcher.pending``) and then finds them in Triton's cache.
 """
 from __future__ import annotations
 
@@ -74,6 +77,12 @@ def _interpreting() -> bool:
         return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def module_name(path: str) -> str:
+    """The import name of the generated module at ``path`` (Triton's kernel names and
+    cache keys include it: the compile workers import it under the same name)."""
+    return "kiln_triton_" + os.path.basename(path)[:-3]
+
+
 def load_module(source: str, interpret: bool) -> tuple[Any, str]:
     """Import ``source`` from its content-hash file (written once); (module, path)."""
     path = cache_path(source, interpret)
@@ -86,7 +95,7 @@ def load_module(source: str, interpret: bool) -> tuple[Any, str]:
             with open(tmp, "w") as f:
                 f.write(source)
             os.replace(tmp, path)   # NOTE: atomic: a racing process sees all or nothing
-        name = "kiln_triton_" + os.path.basename(path)[:-3]
+        name = module_name(path)
         spec = importlib.util.spec_from_file_location(name, path)
         mod = importlib.util.module_from_spec(spec)
         with _interpret_env(interpret):
@@ -133,12 +142,20 @@ class Launcher:
         self._configs: dict = {}
         self._tune_file = path[:-3] + ".tune.json"
         self._compiled = False
+        self.pending: list = []   # futures of this kernel's compile jobs (pool.precompile)
 
     def config_for(self, numels: list, args: tuple) -> dict:
         key = ",".join(map(str, numels))
         cfg = self._configs.get(key)
         if cfg is not None:
             return cfg
+        cfg = self._default_config(numels)
+        if self._tunes(numels):
+            cfg = self._tuned(key, numels, args, cfg)
+        self._configs[key] = cfg
+        return cfg
+
+    def _default_config(self, numels: list) -> dict:
         info = self.info
         xn, rn = numels[0], max(numels[1:], default=0)
         if info.persistent:
@@ -148,10 +165,42 @@ class Launcher:
         cfg = heuristics.default_config(info.kind, xn, rn, info.persistent, self.interpret)
         if info.persistent:
             cfg["RBLOCK"] = info.rblock
-        if not self.interpret and xn * max(rn, 1) >= heuristics.AUTOTUNE_MIN_WORK:
-            cfg = self._tuned(key, numels, args, cfg)
-        self._configs[key] = cfg
         return cfg
+
+    def _tunes(self, numels: list) -> bool:
+        """Whether the first call with these numels times configs (GPU, enough work)."""
+        xn, rn = numels[0], max(numels[1:], default=0)
+        if self.info.persistent:
+            rn = self.info.rblock
+        return (self.info.kind != "scatter" and not self.interpret
+                and xn * max(rn, 1) >= heuristics.AUTOTUNE_MIN_WORK)
+
+    def _candidates(self, numels: list) -> list:
+        info = self.info
+        xn, rn = numels[0], max(numels[1:], default=0)
+        cands = heuristics.autotune_configs(info.kind, xn, info.rblock if info.persistent else rn,
+                                            info.persistent, config.max_autotune)
+        return [dict(c, RBLOCK=info.rblock) if info.persistent else c for c in cands]
+
+    def launch_plan(self, sizes: list) -> list:
+        """What the first call with size values ``sizes`` launches, before running:
+        ``[(function name, int args, launch kwargs)]``, the config it keeps first (the
+        tuned one when the tune file has it, else the default), then the autotune
+        candidates it would time.  A launch passes the tensors, then the int args."""
+        numels = [int(v) for v in self._numels(*sizes)]
+        if numels[0] == 0 and self.info.kind != "scatter":
+            return []
+        cfgs = [self._default_config(numels)]
+        if self._tunes(numels):
+            saved = _read_json(self._tune_file).get(self.info.name, {}).get(",".join(map(str, numels)))
+            cfgs = [saved] if saved is not None else self._candidates(numels)
+        out: list = []
+        for cfg in cfgs:
+            for fn, _grid, ints, kw in self._calls(cfg, numels):
+                job = (fn.__name__, [int(v) for v in sizes] + ints, kw)
+                if job not in out:
+                    out.append(job)
+        return out
 
     def _tuned(self, key: str, numels: list, args: tuple, default: dict) -> dict:
         saved = _read_json(self._tune_file).get(self.info.name, {})
@@ -160,13 +209,8 @@ class Launcher:
         import triton.testing
 
         info = self.info
-        xn, rn = numels[0], max(numels[1:], default=0)
-        cands = heuristics.autotune_configs(info.kind, xn, info.rblock if info.persistent else rn,
-                                            info.persistent, config.max_autotune)
         best, best_t = default, float("inf")
-        for c in cands:
-            if info.persistent:
-                c = dict(c, RBLOCK=info.rblock)
+        for c in self._candidates(numels):
             try:
                 t = triton.testing.do_bench(lambda c=c: self._launch(c, numels, args), warmup=5, rep=20)
             except Exception as e:  # noqa: BLE001
@@ -180,23 +224,37 @@ class Launcher:
         _write_json(self._tune_file, allj)
         return best
 
-    def _launch(self, cfg: dict, numels: list, args: tuple) -> None:
+    def _calls(self, cfg: dict, numels: list) -> list:
+        """The launches of one call with config ``cfg``: ``[(jit function, grid, trailing
+        int args, kwargs)]`` (the launch args are the call's args, then the ints)."""
         if self.info.kind == "scatter":
-            base, scatter = self.fn
-            for fn, n in ((base, numels[0]), (scatter, numels[1])):
+            out = []
+            for fn, n in zip(self.fn, numels[:2]):
                 if n:
                     xb = min(heuristics.next_pow2(n), cfg["XBLOCK"])
-                    kw = {} if self.interpret else {"num_warps": heuristics._warps(xb)}
-                    fn[((n + xb - 1) // xb,)](*args, n, XBLOCK=xb, **kw)
-            return
+                    kw = {"XBLOCK": xb} if self.interpret else {"XBLOCK": xb, "num_warps": heuristics._warps(xb)}
+                    out.append((fn, ((n + xb - 1) // xb,), [n], kw))
+            return out
         xb = cfg["XBLOCK"]
-        grid = ((numels[0] + xb - 1) // xb,)
         kw = {"XBLOCK": xb}
         if self.info.kind != "pointwise":
             kw["RBLOCK"] = cfg["RBLOCK"]
         if not self.interpret:
             kw["num_warps"] = cfg["num_warps"]
-        self.fn[grid](*args, *numels, **kw)
+        return [(self.fn, ((numels[0] + xb - 1) // xb,), list(numels), kw)]
+
+    def _warm_up(self, job) -> None:
+        """Compile a :class:`~kiln.codegen.triton.pool.Job` of this kernel here, without
+        launching (Triton's ``warmup``; the launch then finds it in the JIT's cache)."""
+        from kiln.codegen.triton.worker import stand_in_args
+
+        fns = self.fn if isinstance(self.fn, tuple) else (self.fn,)
+        fn = next(f for f in fns if f.__name__ == job.fn)
+        fn.warmup(*stand_in_args(job.args), grid=(1,), **dict(job.kwargs))
+
+    def _launch(self, cfg: dict, numels: list, args: tuple) -> None:
+        for fn, grid, ints, kw in self._calls(cfg, numels):
+            fn[grid](*args, *ints, **kw)
 
     def __call__(self, *args: Any) -> None:
         sizes = args[self.n_tensors:]
@@ -206,6 +264,13 @@ class Launcher:
         if self._compiled:
             self._launch(self.config_for(numels, args), numels, args)
             return
+        if self.pending:
+            from kiln.codegen.triton import pool
+
+            # NOTE: this kernel's configs compile in the pool; its Triton cache entries
+            # are then there for the JIT below (a job that failed compiles here instead)
+            pool.wait(self.pending, self._warm_up)
+            self.pending = []
         try:
             # NOTE: the first launch (or autotuning) compiles the kernel
             self._launch(self.config_for(numels, args), numels, args)
