@@ -133,7 +133,13 @@ def cudagraphify(fn: Callable, example_inputs: Sequence[Any], static_input_indic
 
 
 class _Recordings(dict):
-    """signature -> recording (None: that signature runs without CUDA graphs)."""
+    """signature -> recording (None: that signature runs without CUDA graphs).  Hashed by
+    identity, so a WeakSet can hold it."""
+
+    __hash__ = object.__hash__
+
+    def __eq__(self, other: object) -> bool:
+        return self is other
 
 
 # NOTE: every cudagraphify's recordings, weakly: live_recordings() counts them (tests, bench).
