@@ -56,10 +56,15 @@ class _Recorded:
     are those buffers.  Memory comes from ``pool``, shared by a function's recordings.
     """
 
-    def __init__(self, fn: Callable, args: Sequence[Any], static: frozenset, pool: Any) -> None:
+    def __init__(self, fn: Callable, args: Sequence[Any], static: frozenset, pool: Any,
+                 mutated: frozenset = frozenset()) -> None:
+        global recordings_made
         self.copied = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor) and i not in static]
         self.static_inputs = [a.detach().clone() if i in self.copied else a for i, a in enumerate(args)]
-        self.mutated = self._warm_up(fn)
+        # NOTE: generated kernels write inputs without moving version counters: the caller
+        # names the inputs its graph mutates; the warm-up finds those ATen ops mutate.
+        self.mutated = sorted(set(self._warm_up(fn)) | {i for i in mutated if i in self.copied})
+        recordings_made += 1
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph, pool=pool):
             self.static_outputs = fn(*self.static_inputs)
@@ -97,12 +102,17 @@ def _symbolic(example_inputs: Sequence[Any]) -> bool:
     return False
 
 
+# NOTE: how many CUDA graphs were recorded in this process (tests and benchmarks read deltas).
+recordings_made = 0
+
+
 def cudagraphify(fn: Callable, example_inputs: Sequence[Any], static_input_indices: Sequence[int] = (),
-                 label: str = "cudagraphs") -> CompiledFn:
+                 label: str = "cudagraphs", mutated_input_indices: Sequence[int] = ()) -> CompiledFn:
     """Wrap ``fn`` (taking tensors positionally) so CUDA calls replay recorded graphs.
 
     ``static_input_indices``: inputs that keep their memory from call to call (parameters
-    and buffers): recorded in place, never copied.  One recording per input signature,
+    and buffers): recorded in place, never copied.  ``mutated_input_indices``: inputs
+    the function writes (copied back after each replay).  One recording per input signature,
     all from one private memory pool.  Inputs with symbolic sizes (dynamic shapes) are
     not recorded: the function runs without CUDA graphs, recorded as a fallback; so does a
     signature whose capture fails (e.g. CPU work inside).
@@ -113,6 +123,7 @@ def cudagraphify(fn: Callable, example_inputs: Sequence[Any], static_input_indic
                         "graph per shape)")
         return fn
     static = frozenset(static_input_indices)
+    mutated = frozenset(mutated_input_indices)
     recorded = _Recordings()
     pool: list = []
 
@@ -124,7 +135,7 @@ def cudagraphify(fn: Callable, example_inputs: Sequence[Any], static_input_indic
         if entry is False:
             if not pool:
                 pool.append(torch.cuda.graph_pool_handle())
-            entry = recorded[key] = _record_or_none(fn, args, static, pool[0], label)
+            entry = recorded[key] = _record_or_none(fn, args, static, pool[0], label, mutated)
         return fn(*args) if entry is None else entry(list(args))
 
     run.recordings = recorded  # type: ignore[attr-defined]  # NOTE: for tests and explain
@@ -152,9 +163,9 @@ def live_recordings() -> int:
 
 
 def _record_or_none(fn: Callable, args: Sequence[Any], static: frozenset, pool: Any,
-                    label: str) -> Optional[_Recorded]:
+                    label: str, mutated: frozenset) -> Optional[_Recorded]:
     try:
-        return _Recorded(fn, args, static, pool)
+        return _Recorded(fn, args, static, pool, mutated)
     except Exception as e:  # NOTE: capture limits (sync ops, CPU tensors); eager stays right
         record_fallback("backend", label, f"could not record a CUDA graph ({type(e).__name__}: {e}); "
                         "running without CUDA graphs")
@@ -191,4 +202,23 @@ def cudagraphs(gm: torch.fx.GraphModule, example_inputs: list, **kwargs: Any) ->
     return cudagraphify(gm.forward, real_inputs(example_inputs))
 
 
-__all__ = ["cudagraphs", "cudagraphify"]
+def mutated_inputs(gm: torch.fx.GraphModule) -> list[int]:
+    """Positions of ``gm``'s placeholders that an ATen op in it writes (``copy_`` of an
+    input mutation kept in the graph, any op whose schema marks the argument written)."""
+    out = []
+    for i, p in enumerate(n for n in gm.graph.nodes if n.op == "placeholder"):
+        for u in p.users:
+            schema = getattr(u.target, "_schema", None)
+            if schema is None:
+                continue
+            for arg, a in zip(schema.arguments, u.args):
+                if a is p and arg.alias_info is not None and arg.alias_info.is_write:
+                    out.append(i)
+                    break
+            else:
+                continue
+            break
+    return out
+
+
+__all__ = ["cudagraphs", "cudagraphify", "mutated_inputs", "live_recordings"]

@@ -182,13 +182,14 @@ def _ops_of(gm: fx.GraphModule, limit: int = 12) -> str:
 
 def _cudagraphs_around(compiled: Callable, gm: fx.GraphModule, example_inputs: list, name: str) -> Callable:
     from kiln.aot.compilers import call_compiled, make_boxed_func
-    from kiln.backends.cudagraphs import cudagraphify
+    from kiln.backends.cudagraphs import cudagraphify, mutated_inputs
 
     # NOTE: example inputs stay as they are (fake ones keep their symbolic sizes, which
     # cudagraphify refuses with a recorded reason); recording happens at the first call.
     return make_boxed_func(cudagraphify(lambda *a: call_compiled(compiled, list(a)), example_inputs,
                                         gm.meta.get("static_input_indices", ()),
-                                        label=f"{name}: mode='reduce-overhead'"))
+                                        label=f"{name}: mode='reduce-overhead'",
+                                        mutated_input_indices=mutated_inputs(gm)))
 
 
 def compile_graph(gm: fx.GraphModule, example_inputs: list, *, name: str = "graph",
