@@ -2,7 +2,7 @@
 
 Out: :data:`MATH_PRELUDE`, C++ source (``static inline`` functions, always inlined) that
 the printer puts after its own prelude, and :data:`FLOAT32_FUNCS`, the ops it covers
-(op name -> C++ function name).
+(op name -> C++ function name): exp, expm1, log, log1p, tanh, erf, sigmoid, sin, cos.
 
 Why: ``std::exp`` and friends are calls into libm, and GCC/clang do not vectorize a loop
 that calls them (without ``-ffast-math``, which kiln does not use), so one ``exp`` in a
@@ -11,18 +11,47 @@ no branches, no calls besides ``fma``/``fabs``/``copysign``, which compile to si
 instructions), so ``#pragma omp simd`` loops using them vectorize.
 
 Method (the usual one of vector math libraries): reduce the argument exactly (``fma``
-with a two-part constant), approximate on the small interval with a polynomial
-(near-minimax fits, coefficients rounded to float; each is named with what it
-approximates and on which interval), rebuild the result with integer bit operations,
-and settle the special inputs (NaN, +-inf, +-0, overflow, underflow, subnormals) with
-ternaries.  Accuracy against a float64 reference, checked over every float32 input:
-exp, expm1, log, log1p, sigmoid within 2 ulp, tanh and erf within 3 ulp (see the tests in
-``tests/codegen/test_cpp_math.py``).
+with a two-part constant; for sin/cos a table of 2/pi by exponent, see kiln_trig_reduce),
+approximate on the small interval with a polynomial (near-minimax fits, coefficients
+rounded to float; each is named with what it approximates and on which interval),
+rebuild the result with integer bit operations, and settle the special inputs (NaN,
++-inf, +-0, overflow, underflow, subnormals) with ternaries.  Error against a float64
+reference, measured over all 2^32 float32 inputs: exp 1.01 ulp, expm1 1.19, log 0.88,
+log1p 0.88, tanh 1.40, erf 1.15, sigmoid 2.48 (above -87.3; below, e^-x overflows and the
+result is 0 where it should be subnormal, as eager's), sin 0.94, cos 0.94.  Tests:
+``tests/codegen/test_cpp_math.py``.
+
+NOTE: what stops GCC from vectorizing is easy to reintroduce: a libm call (floor, fmin,
+nearbyint without -fno-math-errno), a branch, a conversion (int to float, double to
+float) that ends up inside one arm of a select (GCC counts it as a possible trap and gives
+up if-converting), an unsigned table index (no gather).  The vectorization test compiles
+kernels with GCC's report and fails on a scalar loop.
 
 NOTE: float64 keeps ``std::`` calls (scalar): kiln's models run in float32, and a float64
 implementation of each function would need its own polynomials.
 """
 from __future__ import annotations
+
+import mpmath
+
+
+def _trig_tables() -> str:
+    """C++ arrays kiln_trig_ghi/glo[e] = (2^(max(e,1)-150) * 2/pi mod 4) as hi + lo doubles,
+    for the 256 biased float32 exponents e (hex literals, exact)."""
+    with mpmath.workprec(400):   # NOTE: 2^104 * 2/pi mod 4 to 106 bits needs ~210
+        two_over_pi = 2 / mpmath.pi
+        hi, lo = [], []
+        for e in range(256):
+            g = mpmath.fmod(mpmath.ldexp(two_over_pi, max(e, 1) - 150), 4)
+            hi.append(float(g))
+            lo.append(float(g - hi[-1]))
+
+    def arr(name: str, vals: list) -> str:
+        rows = [", ".join(v.hex() for v in vals[i:i + 4]) for i in range(0, 256, 4)]
+        return f"static const double {name}[256] = {{\n    " + ",\n    ".join(rows) + "};\n"
+
+    return arr("kiln_trig_ghi", hi) + arr("kiln_trig_glo", lo)
+
 
 MATH_PRELUDE = r"""
 #define KILN_MATH static inline __attribute__((always_inline))
@@ -200,6 +229,69 @@ KILN_MATH float kiln_erff(float x) {
     float big = std::copysign(1.0f - kiln_exp_normal(q), x);   // q in [-18, -1.8]
     return a < 1.0f ? small : big;
 }
+""" + _trig_tables() + r"""
+// sin and cos: |x| = (k + f) * pi/2 with k an integer and |f| <= 1/2, found for every
+// float x (no separate large-argument path) in float64: |x| = m * 2^(e-150) (m the 24-bit
+// significand, e the biased exponent), so |x| * 2/pi mod 4 = m * G[e] mod 4 with
+// G[e] = 2^(e-150) * 2/pi mod 4, tabulated as two doubles (106 bits; kiln_trig_g*).
+// NOTE: a Cody-Waite reduction with constants only, the usual fast path, loses the
+// result for |x| beyond 2^20 or so; libraries branch to a table-based reduction there,
+// which a vectorized loop cannot do per lane.  The two table loads (gathers) cost about
+// as much as the rest.
+KILN_MATH uint64_t kiln_d2u(double f) { uint64_t u; std::memcpy(&u, &f, 8); return u; }
+KILN_MATH double kiln_u2d(uint64_t u) { double f; std::memcpy(&f, &u, 8); return f; }
+
+// f * pi/2 (|f| <= 1/2, absolute error below 2^-75) and k mod 2^32 in *q; NaN for +-inf, NaN.
+KILN_MATH double kiln_trig_reduce(float x, uint32_t* q) {
+    uint32_t u = kiln_f2u(x) & 0x7fffffffu;
+    uint32_t e = u >> 23;
+    uint32_t m = (u & 0x7fffffu) | (e != 0 ? 0x800000u : 0u);   // subnormals: G[0] = G[1]
+    double md = kiln_u2d(0x4330000000000000ull | (uint64_t)m) - 4503599627370496.0;   // exact
+    // NOTE: a signed index: GCC does not gather with an unsigned one.
+    int32_t i = (int32_t)e;
+    double gh = kiln_trig_ghi[i], gl = kiln_trig_glo[i];
+    double ph = md * gh;
+    double pl = std::fma(md, gh, -ph);                  // ph + pl = m * gh exactly
+    double t = ph + 6755399441055744.0;                 // 1.5*2^52: rounds ph (< 2^26)
+    double kd = t - 6755399441055744.0;
+    *q = (uint32_t)kiln_d2u(t);
+    double f = (ph - kd) + std::fma(md, gl, pl);
+    // NOTE: + (x - x) makes +-inf and NaN give NaN without a select on the result (a
+    // select there lets GCC sink the conversions into a branch, which stops if-conversion).
+    return std::fma(f, 1.5707963267948966, (double)(x - x));
+}
+
+// sin(r + k*pi/2) for |r| <= pi/4 (double r, evaluated in float on r = rf + rl).
+KILN_MATH float kiln_trig_eval(double r, uint32_t k) {
+    float rf = (float)r;
+    float rl = (float)(r - (double)rf);
+    float z = rf * rf;
+    // sin r = r + r*z*S(z), S(z) = (sin(r)/r - 1)/z (relative error below 4e-9)
+    float s = std::fma(-0.000195152184f, z, 0.0083321603f);
+    s = std::fma(s, z, -0.166666552f);
+    s = rf + std::fma(rf * z, s, rl);
+    // cos r = 1 - z/2 + z^2*C(z), C(z) = (cos(r) - 1 + z/2)/z^2 (error below 2e-10); 1 - z/2
+    // as w plus its rounding error; the rl term is -sin(r)*rl.
+    float hz = 0.5f * z;
+    float w = 1.0f - hz;
+    float c = std::fma(2.44330822e-05f, z, -0.00138873153f);
+    c = std::fma(c, z, 0.0416666456f);
+    c = w + (((1.0f - w) - hz) + std::fma(z * z, c, -rf * rl));
+    float v = (k & 1) ? c : s;
+    return kiln_u2f(kiln_f2u(v) ^ ((k & 2u) << 30));    // k = 2, 3: negated
+}
+
+KILN_MATH float kiln_sinf(float x) {
+    uint32_t k;
+    double r = kiln_trig_reduce(x, &k);
+    return kiln_u2f(kiln_f2u(kiln_trig_eval(r, k)) ^ (kiln_f2u(x) & 0x80000000u));   // odd
+}
+
+KILN_MATH float kiln_cosf(float x) {
+    uint32_t k;
+    double r = kiln_trig_reduce(x, &k);
+    return kiln_trig_eval(r, k + 1);   // cos y = sin(y + pi/2)
+}
 #else
 KILN_MATH float kiln_expf(float x) { return std::exp(x); }
 KILN_MATH float kiln_expm1f(float x) { return std::expm1(x); }
@@ -208,12 +300,14 @@ KILN_MATH float kiln_log1pf(float x) { return std::log1p(x); }
 KILN_MATH float kiln_tanhf(float x) { return std::tanh(x); }
 KILN_MATH float kiln_erff(float x) { return std::erf(x); }
 KILN_MATH float kiln_sigmoidf(float x) { return 1.0f / (1.0f + std::exp(-x)); }
+KILN_MATH float kiln_sinf(float x) { return std::sin(x); }
+KILN_MATH float kiln_cosf(float x) { return std::cos(x); }
 #endif
 """
 
 # NOTE: ops whose float32 form calls the functions above (the printer's op names).
 FLOAT32_FUNCS = {"exp": "kiln_expf", "expm1": "kiln_expm1f", "log": "kiln_logf",
                  "log1p": "kiln_log1pf", "tanh": "kiln_tanhf", "erf": "kiln_erff",
-                 "sigmoid": "kiln_sigmoidf"}
+                 "sigmoid": "kiln_sigmoidf", "sin": "kiln_sinf", "cos": "kiln_cosf"}
 
 __all__ = ["MATH_PRELUDE", "FLOAT32_FUNCS"]

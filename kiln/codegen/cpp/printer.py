@@ -222,8 +222,13 @@ def op_str(name: str, a: list, args: tuple, dt: torch.dtype) -> str:
     if name == "sign":
         if dt == torch.bool:
             return a[0]
-        return f"static_cast<{t}>(({const_str(0, dt)} < {a[0]}) - ({a[0]} < {const_str(0, dt)}))" \
-            if not f else f"(({a[0]} != {a[0]}) ? {a[0]} : static_cast<{t}>((0 < {a[0]}) - ({a[0]} < 0)))"
+        if not f:
+            return f"static_cast<{t}>(({const_str(0, dt)} < {a[0]}) - ({a[0]} < {const_str(0, dt)}))"
+        # NOTE: selects only (NaN stays NaN, +-0 gives +0): converting (0 < x) - (x < 0) to
+        # float counts for GCC as a possible trap inside a select, and stops the loop from
+        # vectorizing.
+        x, z = a[0], const_str(0, dt)
+        return f"(({x} > {z}) ? {const_str(1, dt)} : (({x} < {z}) ? {const_str(-1, dt)} : (({x} != {x}) ? {x} : {z})))"
     if name in ("floor", "ceil", "trunc", "round", "frac") and not f:
         return a[0] if name != "frac" else const_str(0, dt)
     if name == "round":
