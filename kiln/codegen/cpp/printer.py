@@ -377,9 +377,9 @@ class KernelPrinter:
             for r in rr:
                 self._note(r)
             inner_sizes.append(ir.product(rr))
-        work = ir.product(k.outer) * (sympy.Max(*inner_sizes) if len(inner_sizes) > 1 else inner_sizes[0])
-        par = f"if({index_str(sympy.expand(work))} > {PARALLEL_MIN_WORK}) num_threads(nthreads)"
-        work = sympy.expand(work)
+        work = sympy.expand(ir.product(k.outer) * (sympy.Max(*inner_sizes) if len(inner_sizes) > 1
+                                                   else inner_sizes[0]))
+        par = f"if({index_str(work)} > {PARALLEL_MIN_WORK}) num_threads(nthreads)"
         # NOTE: GCC (12) does not vectorize a `parallel for simd` loop whose if clause is
         # constant false; such loops are printed as plain `simd` loops (serial anyway).
         self.small = bool(work.is_Integer) and int(work) <= PARALLEL_MIN_WORK
