@@ -269,7 +269,10 @@ def compile_fx(gm: fx.GraphModule, example_inputs: Sequence[Any], *, mode: Optio
             inference_compiler=_graph_compiler("inference", graph_id, patches, mode),
             decompositions=_decomposition_table,
             partition_fn=partition_fn(),
-            keep_inference_input_mutations=True,
+            # NOTE: codegen takes functional graphs: an input an inference graph mutates
+            # is returned and copied back by kiln.aot's runtime, as for training graphs
+            # (kept in the graph, the copy_ made the whole graph run eagerly).
+            keep_inference_input_mutations=False,
         )
         compiled = backend(gm, list(example_inputs))
         if config.profitability_check:

@@ -5,8 +5,8 @@ Out: a ``ctypes.CDLL`` of the compiled library (``load_library``).
 
 The compiler is found once per setting (``config.cpp_compiler``, else ``$CXX``, else
 ``g++`` then ``clang++``) and checked by compiling a three-line file; its flags are
-``config.cpp_opt_flags`` (``-O3 -fno-math-errno``), ``-march=native`` and ``-fopenmp`` where it accepts
-them (probed once), ``-shared -fPIC -std=c++17``.  Libraries go through
+``config.cpp_opt_flags`` (``-O3``), ``-march=native`` and ``-fopenmp`` where it accepts
+them (probed once), ``-shared -fPIC -std=c++17 -fno-math-errno``.  Libraries go through
 :mod:`kiln.codegen.cache`, keyed by the source, the compiler and its flags, so a source
 compiled once (in this process or any earlier one) is loaded, not compiled again.
 
@@ -31,7 +31,10 @@ from kiln.exc import CompilerNotFound, KernelCompileError
 _PROBE_SOURCE = "extern \"C\" int kiln_probe(int x) {\n  return x + 1;\n}\n"
 _OPENMP_PROBE = ("#include <omp.h>\nextern \"C\" int kiln_probe(void) {\n"
                  "  int n = 0;\n#pragma omp parallel reduction(+:n)\n  n += 1;\n  return n + omp_get_max_threads();\n}\n")
-_BASE_FLAGS = ("-shared", "-fPIC", "-std=c++17")
+# NOTE: -fno-math-errno: kernels never read errno, and with errno set by sqrt & co. GCC
+# guards each std::sqrt with a branch to the library call, which stops the loop from
+# vectorizing (LayerNorm's rsqrt).  It changes no result (unlike -ffast-math).
+_BASE_FLAGS = ("-shared", "-fPIC", "-std=c++17", "-fno-math-errno")
 # NOTE: seconds; a compiler that hangs must not hang the user's program.
 _COMPILE_TIMEOUT_S = 600
 

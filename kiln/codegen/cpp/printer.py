@@ -8,7 +8,9 @@ The outer loops run under ``#pragma omp parallel for`` when the work is large en
 (:data:`PARALLEL_MIN_WORK` elements; otherwise serially: thread start-up costs more);
 innermost loops are ``#pragma omp simd`` (with ``reduction(+:acc)`` clauses for sums).
 float16/bfloat16 are stored as 16-bit integers and computed in float (bit-level
-conversion helpers below).  Expressions are printed once per loop body (CSE).
+conversion helpers below).  Expressions are printed once per loop body (CSE).  float32
+exp/log/tanh/erf/sigmoid/... call the inline, vectorizable functions of
+:mod:`kiln.codegen.cpp.mathlib` (a libm call would keep the loop scalar).
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ import sympy
 import torch
 
 from kiln.codegen import ir
+from kiln.codegen.cpp.mathlib import FLOAT32_FUNCS, MATH_PRELUDE
 from kiln.codegen.ir import Const, FloorDiv, IndexValue, Load, ModIndex, Op
 
 # NOTE: below this many elements of work a kernel runs on one thread: waking OpenMP
@@ -98,7 +101,7 @@ template <typename T> static inline T kiln_pow_int(T a, T b) {
     T r = 1; while (b) { if (b & 1) r *= a; a *= a; b >>= 1; } return r;
 }
 static inline int64_t kiln_wrap(int64_t i, int64_t n) { return i < 0 ? i + n : i; }
-"""
+""" + MATH_PRELUDE
 
 
 def cpp_type(dt: torch.dtype) -> str:
@@ -202,6 +205,10 @@ def op_str(name: str, a: list, args: tuple, dt: torch.dtype) -> str:
         return f"{fn}<{t}>({a[0]}, {a[1]})"
     if name == "relu":
         return f"kiln_max<{t}>({a[0]}, {const_str(0, dt)})" if f else f"std::max<{t}>({a[0]}, 0)"
+    if name in FLOAT32_FUNCS and dt == torch.float32 and ad == torch.float32:
+        # NOTE: inline, vectorizable versions (kiln.codegen.cpp.mathlib): a libm call
+        # keeps the whole loop scalar.
+        return f"{FLOAT32_FUNCS[name]}({a[0]})"
     if name == "sigmoid":
         one = const_str(1, dt)
         return f"({one} / ({one} + std::exp(-{a[0]})))"
@@ -215,8 +222,13 @@ def op_str(name: str, a: list, args: tuple, dt: torch.dtype) -> str:
     if name == "sign":
         if dt == torch.bool:
             return a[0]
-        return f"static_cast<{t}>(({const_str(0, dt)} < {a[0]}) - ({a[0]} < {const_str(0, dt)}))" \
-            if not f else f"(({a[0]} != {a[0]}) ? {a[0]} : static_cast<{t}>((0 < {a[0]}) - ({a[0]} < 0)))"
+        if not f:
+            return f"static_cast<{t}>(({const_str(0, dt)} < {a[0]}) - ({a[0]} < {const_str(0, dt)}))"
+        # NOTE: selects only (NaN stays NaN, +-0 gives +0): converting (0 < x) - (x < 0) to
+        # float counts for GCC as a possible trap inside a select, and stops the loop from
+        # vectorizing.
+        x, z = a[0], const_str(0, dt)
+        return f"(({x} > {z}) ? {const_str(1, dt)} : (({x} < {z}) ? {const_str(-1, dt)} : (({x} != {x}) ? {x} : {z})))"
     if name in ("floor", "ceil", "trunc", "round", "frac") and not f:
         return a[0] if name != "frac" else const_str(0, dt)
     if name == "round":
@@ -305,6 +317,7 @@ class KernelPrinter:
         self.local: dict[str, str] = {}
         self.args: list = []     # ("ptr", buffer name) | ("size", symbol)
         self.sizes: set = set()
+        self.small = False     # the work is known to be below PARALLEL_MIN_WORK
 
     def tmp(self) -> str:
         self._tmp += 1
@@ -364,8 +377,12 @@ class KernelPrinter:
             for r in rr:
                 self._note(r)
             inner_sizes.append(ir.product(rr))
-        work = ir.product(k.outer) * (sympy.Max(*inner_sizes) if len(inner_sizes) > 1 else inner_sizes[0])
-        par = f"if({index_str(sympy.expand(work))} > {PARALLEL_MIN_WORK}) num_threads(nthreads)"
+        work = sympy.expand(ir.product(k.outer) * (sympy.Max(*inner_sizes) if len(inner_sizes) > 1
+                                                   else inner_sizes[0]))
+        par = f"if({index_str(work)} > {PARALLEL_MIN_WORK}) num_threads(nthreads)"
+        # NOTE: GCC (12) does not vectorize a `parallel for simd` loop whose if clause is
+        # constant false; such loops are printed as plain `simd` loops (serial anyway).
+        self.small = bool(work.is_Integer) and int(work) <= PARALLEL_MIN_WORK
         body_lines: list[str] = []
         top = Body(self)
         pure = not k.has_reduction and all(not i for i in k.inner)
@@ -382,7 +399,7 @@ class KernelPrinter:
                 body.lines.append(self.store_or_local(n, v))
             loops = []
             if kk == 1:
-                loops.append(f"#pragma omp parallel for simd {par}")
+                loops.append("#pragma omp simd" if self.small else f"#pragma omp parallel for simd {par}")
             else:
                 loops.append(f"#pragma omp parallel for collapse({kk - 1}) {par}" if kk > 2
                              else f"#pragma omp parallel for {par}")
@@ -601,12 +618,13 @@ class KernelPrinter:
             body.lines.append(f"{t} {acc} = {init};")
             if acc_t.is_floating_point:
                 # NOTE: a vectorizable max/min (OpenMP max reduction) plus a NaN flag:
-                # eager propagates NaN, so a NaN seen anywhere makes the result NaN.
+                # eager propagates NaN, so a NaN seen anywhere makes the result NaN.  The
+                # flag is an int: GCC does not vectorize a bool || reduction next to floats.
                 nanf = self.tmp()
-                body.lines.append(f"bool {nanf} = false;")
-                b.lines.append(f"{nanf} = {nanf} || ({v} != {v});")
+                body.lines.append(f"int {nanf} = 0;")
+                b.lines.append(f"{nanf} |= ({v} != {v});")
                 b.lines.append(f"{acc} = ({acc} {'>' if lo else '<'} {v}) ? {acc} : {v};")
-                clause = f"reduction({'max' if lo else 'min'}:{acc}) reduction(||:{nanf})"
+                clause = f"reduction({'max' if lo else 'min'}:{acc}) reduction(|:{nanf})"
                 nan_fix = f"if ({nanf}) {acc} = {const_str(math.nan, acc_t)};"
             elif acc_t == torch.bool:
                 b.lines.append(f"{acc} = {acc} {'||' if lo else '&&'} {v};")
@@ -637,7 +655,8 @@ class KernelPrinter:
         nr = len(n.rranges)
         if serial_outer and clause and nr:
             # NOTE: a reduction to one value: the reduction loop itself runs in parallel.
-            loops.append(f"#pragma omp parallel for simd {clause} {par}" if nr == 1 else
+            loops.append(f"#pragma omp simd {clause}" if nr == 1 and self.small else
+                         f"#pragma omp parallel for simd {clause} {par}" if nr == 1 else
                          f"#pragma omp parallel for collapse({nr}) {clause} {par}")
         elif clause and nr:
             loops.append(f"#pragma omp simd {clause}" if nr == 1 else
