@@ -94,8 +94,56 @@ def canonical(buf: Buffer) -> Node:
     mapping = {k: v for k, v in mapping.items() if k != v}
     expr = ir.substitute(body.expr, mapping)
     store = sympy.expand(buf.store_index(xv).xreplace(mapping))
+    if isinstance(body, Reduction):
+        expr, keep_r = merge_reduction_dims(expr, keep_r)
     reads = {ld.buf for ld in ir.loads(expr)}
     return Node(buf, keep_x, keep_r, expr, store, reads, isinstance(body, Reduction))
+
+
+def _expr_indices(e: ir.Expr) -> list:
+    out = []
+    for n in ir.walk(e):
+        if isinstance(n, ir.Load):
+            out.append(n.index)
+        elif isinstance(n, ir.IndexValue):
+            out.append(n.expr)
+    return out
+
+
+def _mergeable(indices: list, outer: sympy.Symbol, inner: sympy.Symbol, inner_size) -> bool:
+    """Whether every index is linear in ``outer`` and ``inner`` with the coefficient of
+    ``outer`` equal to ``inner_size`` times that of ``inner`` (so the two walk one range)."""
+    for ix in indices:
+        if not ({outer, inner} & ix.free_symbols):
+            continue
+        a, b = sympy.diff(ix, outer), sympy.diff(ix, inner)
+        if {outer, inner} & (a.free_symbols | b.free_symbols) or a.has(sympy.Derivative) or b.has(sympy.Derivative):
+            return False
+        if sympy.expand(a - inner_size * b) != 0:
+            return False
+    return True
+
+
+def merge_reduction_dims(expr: ir.Expr, rranges: list) -> tuple[ir.Expr, list]:
+    """Adjacent reduction dims that every index walks as one range become one dim.
+
+    NOTE: a reduction over (N, H, W) of an NCHW tensor reads ``W``-long rows: short inner
+    loops (and collapsed loop nests) the compiler vectorizes badly; ``H*W`` is one
+    contiguous run.  An index that is not linear in the two (floor division, modulo, an
+    index used as a value) keeps them apart.
+    """
+    rranges = list(rranges)
+    i = len(rranges) - 2
+    while i >= 0:
+        indices = _expr_indices(expr)
+        outer, inner = ir.var("r", i), ir.var("r", i + 1)
+        if _mergeable(indices, outer, inner, rranges[i + 1]):
+            m = {outer: sympy.Integer(0), inner: outer}
+            m.update({ir.var("r", j): ir.var("r", j - 1) for j in range(i + 2, len(rranges))})
+            expr = ir.map_index(expr, lambda ix, m=m: sympy.expand(ix.xreplace(m)) if ix.free_symbols & m.keys() else ix)
+            rranges[i:i + 2] = [rranges[i] * rranges[i + 1]]
+        i -= 1
+    return expr, rranges
 
 
 def _rename_inner(e: sympy.Expr, k: int, prefix_from: str, n: int, to: list) -> sympy.Expr:

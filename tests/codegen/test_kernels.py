@@ -305,3 +305,18 @@ def test_gelu_tanh_has_no_pow():
 
 def _calls_pow(source: str) -> bool:
     return "std::pow(" in source or "kiln_pow_int<" in source
+
+
+def test_reduction_dims_walked_as_one_range_merge():
+    """A per-channel sum over (N, H, W) of an NCHW tensor reads H*W contiguous elements:
+    the two inner reduction dims become one loop (vectorized), N stays apart."""
+    x = torch.randn(2, 3, 8, 8)
+    rec = check(lambda t: t.sum(dim=(0, 2, 3)), x)
+    assert "collapse" not in rec.source
+    assert "r1 < 64" in rec.source and "r2" not in rec.source
+
+
+def test_reduction_dims_not_merged_through_a_permute():
+    x = torch.randn(4, 6, 5)
+    rec = check(lambda t: t.permute(0, 2, 1).sum(dim=(1, 2)), x)
+    assert "r1" in rec.source

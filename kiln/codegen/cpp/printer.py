@@ -658,10 +658,12 @@ class KernelPrinter:
             loops.append(f"#pragma omp simd {clause}" if nr == 1 and self.small else
                          f"#pragma omp parallel for simd {clause} {par}" if nr == 1 else
                          f"#pragma omp parallel for collapse({nr}) {clause} {par}")
-        elif clause and nr:
-            loops.append(f"#pragma omp simd {clause}" if nr == 1 else
-                         f"#pragma omp simd collapse({nr}) {clause}")
-        for x, r in zip(rvars, n.rranges):
+        inner_simd = bool(clause and nr and not (serial_outer and clause))
+        for j, (x, r) in enumerate(zip(rvars, n.rranges)):
+            if inner_simd and j == nr - 1:
+                # NOTE: simd on the innermost (contiguous) loop only: a collapsed nest
+                # indexes with div/mod and GCC vectorizes it poorly (4-6x slower).
+                loops.append(f"#pragma omp simd {clause}")
             loops.append(f"for (int64_t {x} = 0; {x} < {index_str(r)}; {x}++)")
         body.lines += self._nest(loops, b.lines) if loops else b.lines
         if nan_fix:
