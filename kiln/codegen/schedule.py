@@ -50,6 +50,10 @@ class Kernel:
     locals: set = dataclasses.field(default_factory=set)    # buffers kept in registers
     stores: set = dataclasses.field(default_factory=set)    # buffers written to memory
     reads: list = dataclasses.field(default_factory=list)   # buffers read from memory
+    # buffers read only inside this kernel, one row (the inner range) per outer iteration:
+    # name -> (row base index over the outer vars, row size); a C++ kernel keeps each in
+    # a scratch array (no allocation, no memory traffic beyond the cache)
+    rows: dict = dataclasses.field(default_factory=dict)
 
     @property
     def is_scatter(self) -> bool:
@@ -98,6 +102,41 @@ def canonical(buf: Buffer) -> Node:
         expr, keep_r = merge_reduction_dims(expr, keep_r)
     reads = {ld.buf for ld in ir.loads(expr)}
     return Node(buf, keep_x, keep_r, expr, store, reads, isinstance(body, Reduction))
+
+
+# NOTE: a row scratch array lives on the stack of each thread: at most this many elements.
+ROW_SCRATCH_MAX = 16384
+
+
+def _row_of(k: Kernel, n: Node, kk: int, inner: list) -> Optional[tuple]:
+    """(row base, row size) when ``n``'s buffer can live in a per-row scratch array of a
+    C++ kernel: every read of it in ``k`` is at the stored row (its index minus the row
+    base uses only the reading loop's own inner vars); else None."""
+    from kiln.codegen import config
+
+    if n.buf.device.type != "cpu" or config.cpu_backend != "cpp" or isinstance(n.buf.body, ir.Scatter):
+        return None
+    size = ir.product(inner)
+    if not size.is_Integer or int(size) > ROW_SCRATCH_MAX:
+        return None
+    outer_vars = {ir.var("x", j) for j in range(kk)}
+    inner_vars = {ir.var("x", kk + j) for j in range(len(inner))}
+    store = sympy.expand(n.store)
+    base = sympy.expand(store.xreplace({v: 0 for v in inner_vars}))
+    local = sympy.expand(store - base)
+    if local.free_symbols - inner_vars or local != sympy.expand(
+            ir.strided_index([ir.var("x", kk + j) for j in range(len(inner))], ir.contiguous_strides(inner))):
+        return None   # NOTE: only rows stored contiguously (local index = flat inner index)
+    for m in k.nodes:
+        own = ({ir.var("r", j) for j in range(len(m.rranges))} if m.is_reduction
+               else {ir.var("x", kk + j) for j in range(len(m.ranges) - kk)})
+        for ld in ir.loads(m.expr):
+            if ld.buf != n.buf.name:
+                continue
+            rel = sympy.expand(ld.index - base)
+            if ld.indirect or rel.free_symbols - own or rel.has(ir.FloorDiv, ir.ModIndex) and rel.free_symbols & outer_vars:
+                return None
+    return base, int(size)
 
 
 def _expr_indices(e: ir.Expr) -> list:
@@ -336,6 +375,8 @@ class Scheduler:
                 outer_only = n.is_reduction or not inner
                 if outer_only and name not in outside and not isinstance(n.buf.body, ir.Scatter):
                     s.locals.add(name)
+                elif name not in outside and (row := _row_of(s, n, kk, inner)) is not None:
+                    s.rows[name] = row
                 else:
                     s.stores.add(name)
             reads = []

@@ -320,3 +320,15 @@ def test_reduction_dims_not_merged_through_a_permute():
     x = torch.randn(4, 6, 5)
     rec = check(lambda t: t.permute(0, 2, 1).sum(dim=(1, 2)), x)
     assert "r1" in rec.source
+
+
+def test_row_values_read_only_in_their_kernel_stay_in_scratch_rows():
+    """Softmax recomputed in LayerNorm's backward: values read only inside the row kernel
+    live in a per-thread scratch row (no buffer allocated, no memory traffic)."""
+    x = torch.randn(8, 16, 64, requires_grad=True)
+    rec = check(lambda t: F.layer_norm(torch.softmax(t * 0.5, -1), (64,)), x, grad=True)
+    assert "alignas(64) float row_" in rec.source
+    for call in rec.calls:
+        allocated = {ln.split("=")[0].strip() for ln in call.source.splitlines() if "empty_strided" in ln}
+        rows = {w.split("[")[0].removeprefix("row_") for w in call.kernel_source.split() if w.startswith("row_buf")}
+        assert not rows & allocated

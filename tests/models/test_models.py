@@ -252,7 +252,8 @@ def break_sites(e: Any) -> list[str]:
     for r in e.break_reasons:
         stack = getattr(r, "user_stack", None) or []
         frame = stack[-1] if stack else None
-        where = f"{getattr(frame, 'filename', '?')}:{getattr(frame, 'name', '?')}"
+        # NOTE: normalized: a module imported through "tests/codegen/../models" names its file so
+        where = f"{os.path.normpath(getattr(frame, 'filename', '?'))}:{getattr(frame, 'name', '?')}"
         sites.append(where.replace(os.sep, "/"))
     return sites
 

@@ -343,7 +343,7 @@ class KernelPrinter:
             self._note(bound)
         self._note(index)
         dt = self.buffers[e.buf].dtype
-        s = f"{self.pointer(e.buf)}[{index_str(index)}]"
+        s = self._element(e.buf, index)
         if dt == torch.float16:
             return f"kiln_h2f({s})"
         if dt == torch.bfloat16:
@@ -362,7 +362,20 @@ class KernelPrinter:
             value = f"kiln_f2h({value})"
         elif dt == torch.bfloat16:
             value = f"kiln_f2bf({value})"
-        return f"{self.pointer(name)}[{index_str(index)}] = {value};"
+        return f"{self._element(name, index)} = {value};"
+
+    def _element(self, name: str, index) -> str:
+        """``buf[index]`` in memory, or in the kernel's row scratch array of ``name``."""
+        row = self.k.rows.get(name)
+        if row is not None:
+            return f"row_{name}[{index_str(sympy.expand(index - row[0]))}]"
+        return f"{self.pointer(name)}[{index_str(index)}]"
+
+    def row_declarations(self) -> list[str]:
+        """One scratch array per row buffer, declared inside the outer loops (per thread)."""
+        return [f"alignas(64) {cpp_type(self.buffers[name].dtype)} row_{name}[{size}];  "
+                f"// {name}: one row, read only in this kernel"
+                for name, (_, size) in self.k.rows.items()]
 
     def print(self) -> str:
         k = self.k
@@ -411,6 +424,7 @@ class KernelPrinter:
         else:
             xs = ir.make_vars("x", kk)
             body = Body(self)
+            body.lines += self.row_declarations()
             for n, inner in zip(k.nodes, k.inner):
                 self._node(body, n, inner, kk, serial_outer=(kk == 0), par=par)
             if kk:
