@@ -86,3 +86,16 @@ def test_fuzz_sees_a_wrong_compiler(monkeypatch, which):
 def test_fuzz_many():
     results = fuzz_lib.run(_count(10_000), seed=int(os.environ.get("KILN_FUZZ_SEED", 0)))
     assert all(r.status == "match" for r in results), _report(results)
+
+
+# NOTE: mismatches the fuzzer found, kept as regression tests (seed: what it was).
+REGRESSIONS = {
+    5039: "var over one element: GCC's FMA contraction made x - mean nonzero in one loop "
+          "(inf instead of eager's NaN); kernels now compile with -ffp-contract=off",
+}
+
+
+@pytest.mark.parametrize("seed", sorted(REGRESSIONS))
+def test_fuzz_regression(seed):
+    r = fuzz_lib.check(fuzz_lib.generate(seed))
+    assert r.status == "match", _report([r])

@@ -6,7 +6,7 @@ Out: a ``ctypes.CDLL`` of the compiled library (``load_library``).
 The compiler is found once per setting (``config.cpp_compiler``, else ``$CXX``, else
 ``g++`` then ``clang++``) and checked by compiling a three-line file; its flags are
 ``config.cpp_opt_flags`` (``-O3``), ``-march=native`` and ``-fopenmp`` where it accepts
-them (probed once), ``-shared -fPIC -std=c++17 -fno-math-errno``.  Libraries go through
+them (probed once), ``-shared -fPIC -std=c++17 -fno-math-errno -ffp-contract=off``.  Libraries go through
 :mod:`kiln.codegen.cache`, keyed by the source, the compiler and its flags, so a source
 compiled once (in this process or any earlier one) is loaded, not compiled again.
 
@@ -34,7 +34,11 @@ _OPENMP_PROBE = ("#include <omp.h>\nextern \"C\" int kiln_probe(void) {\n"
 # NOTE: -fno-math-errno: kernels never read errno, and with errno set by sqrt & co. GCC
 # guards each std::sqrt with a branch to the library call, which stops the loop from
 # vectorizing (LayerNorm's rsqrt).  It changes no result (unlike -ffast-math).
-_BASE_FLAGS = ("-shared", "-fPIC", "-std=c++17", "-fno-math-errno")
+# NOTE: -ffp-contract=off: GCC fuses a*b+c into one FMA where it likes (the vector loop
+# body but not its scalar tail, say), so one value computed in two loops could differ in
+# its last bit: var of one element then gave inf ((x - mean)**2 / 0 with x - mean != 0)
+# where eager gives NaN.  The math library calls fma() explicitly, which this leaves alone.
+_BASE_FLAGS = ("-shared", "-fPIC", "-std=c++17", "-fno-math-errno", "-ffp-contract=off")
 # NOTE: seconds; a compiler that hangs must not hang the user's program.
 _COMPILE_TIMEOUT_S = 600
 

@@ -14,8 +14,10 @@ exp/log/tanh/erf/sigmoid/... call the inline, vectorizable functions of
 """
 from __future__ import annotations
 
+import dataclasses
+
 import math
-from typing import Optional
+from typing import Callable, Optional
 
 import sympy
 import torch
@@ -171,89 +173,124 @@ def _is_float(dt):
     return dt.is_floating_point
 
 
+@dataclasses.dataclass(frozen=True)
+class _Operands:
+    """What an op's C++ template sees: printed operands ``a``, the result's C++ type ``t``
+    and dtype ``dt``, the first operand's dtype ``ad`` and whether it is floating (``f``)."""
+
+    a: list
+    t: str
+    dt: torch.dtype
+    ad: torch.dtype
+    f: bool
+
+
+_BINARY = {"add": "+", "sub": "-", "mul": "*", "eq": "==", "ne": "!=", "lt": "<", "le": "<=",
+           "gt": ">", "ge": ">=", "logical_and": "&&", "logical_or": "||", "bitwise_and": "&",
+           "bitwise_or": "|", "bitwise_xor": "^", "lshift": "<<", "rshift": ">>"}
+# NOTE: C++ promotes narrow integers to int: these results are cast back to their dtype.
+_NARROW = (torch.int8, torch.int16, torch.uint8, torch.int32)
+
+
+def _binary(o: _Operands, name: str) -> str:
+    a = o.a
+    if o.dt == torch.bool and name in ("add", "mul"):
+        return f"({a[0]} {'||' if name == 'add' else '&&'} {a[1]})"
+    if o.dt in _NARROW and name in ("add", "sub", "mul", "lshift"):
+        return f"static_cast<{o.t}>({a[0]} {_BINARY[name]} {a[1]})"
+    return f"({a[0]} {_BINARY[name]} {a[1]})"
+
+
+def _extremum(name: str) -> Callable[[_Operands], str]:
+    def f(o: _Operands) -> str:
+        fn = ("kiln_max" if name == "maximum" else "kiln_min") if o.f else \
+            ("std::max" if name == "maximum" else "std::min")
+        return f"{fn}<{o.t}>({o.a[0]}, {o.a[1]})"
+    return f
+
+
+def _abs(o: _Operands) -> str:
+    x = o.a[0]
+    if o.f or o.dt in (torch.int64, torch.int32):
+        return f"std::abs({x})"
+    return x if o.dt in (torch.bool, torch.uint8) else f"static_cast<{o.t}>(std::abs({x}))"
+
+
+def _sign(o: _Operands) -> str:
+    x, dt = o.a[0], o.dt
+    if dt == torch.bool:
+        return x
+    z = const_str(0, dt)
+    if not o.f:
+        return f"static_cast<{o.t}>(({z} < {x}) - ({x} < {z}))"
+    # NOTE: selects only (NaN stays NaN, +-0 gives +0): converting (0 < x) - (x < 0) to
+    # float counts for GCC as a possible trap inside a select, and stops the loop from
+    # vectorizing.
+    return f"(({x} > {z}) ? {const_str(1, dt)} : (({x} < {z}) ? {const_str(-1, dt)} : (({x} != {x}) ? {x} : {z})))"
+
+
+def _rounding(name: str) -> Callable[[_Operands], str]:
+    def f(o: _Operands) -> str:
+        x = o.a[0]
+        if not o.f:   # NOTE: integers are already whole
+            return x if name != "frac" else const_str(0, o.dt)
+        if name == "round":
+            return f"std::nearbyint({x})"
+        if name == "frac":
+            return f"({x} - std::trunc({x}))"
+        return f"std::{name}({x})"
+    return f
+
+
+def _float_or_int(float_tpl: str, int_tpl: str) -> Callable[[_Operands], str]:
+    """A template per operand kind; ``{0}``/``{1}`` are the operands, ``{t}`` the C++ type."""
+    return lambda o: (float_tpl if o.f else int_tpl).format(*o.a, t=o.t)
+
+
+def _classify(name: str) -> Callable[[_Operands], str]:
+    ints = {"isnan": "false", "isinf": "false", "isfinite": "true", "signbit": "({0} < 0)"}
+    return lambda o: f"std::{name}({o.a[0]})" if o.f else ints[name].format(*o.a)
+
+
+# NOTE: one template per op name (the Triton printer has its own table over the same names).
+CPP_OPS: dict[str, Callable[[_Operands], str]] = {
+    **{name: (lambda o, name=name: _binary(o, name)) for name in _BINARY},
+    "logical_xor": lambda o: f"({o.a[0]} != {o.a[1]})",
+    "neg": lambda o: f"static_cast<{o.t}>(-{o.a[0]})",
+    "truediv": lambda o: f"({o.a[0]} / {o.a[1]})",
+    "cast": lambda o: f"({o.a[0]} != 0)" if o.dt == torch.bool else f"static_cast<{o.t}>({o.a[0]})",
+    "where": lambda o: f"({o.a[0]} ? {o.a[1]} : {o.a[2]})",
+    "maximum": _extremum("maximum"),
+    "minimum": _extremum("minimum"),
+    "relu": lambda o: (f"kiln_max<{o.t}>({o.a[0]}, {const_str(0, o.dt)})" if o.f
+                       else f"std::max<{o.t}>({o.a[0]}, 0)"),
+    "sigmoid": lambda o: f"({const_str(1, o.dt)} / ({const_str(1, o.dt)} + std::exp(-{o.a[0]})))",
+    "rsqrt": lambda o: f"({const_str(1, o.dt)} / std::sqrt({o.a[0]}))",
+    "reciprocal": lambda o: f"({const_str(1, o.dt)} / {o.a[0]})",
+    "abs": _abs,
+    "sign": _sign,
+    **{name: _rounding(name) for name in ("floor", "ceil", "trunc", "round", "frac")},
+    "bitwise_not": lambda o: f"static_cast<{o.t}>(~{o.a[0]})",
+    "logical_not": lambda o: f"(!{o.a[0]})",
+    "floordiv": _float_or_int("kiln_floordiv_float<{t}>({0}, {1})", "kiln_floordiv_int<{t}>({0}, {1})"),
+    "truncdiv": _float_or_int("std::trunc({0} / {1})", "kiln_truncdiv_int<{t}>({0}, {1})"),
+    "mod": _float_or_int("kiln_mod_float<{t}>({0}, {1})", "kiln_mod_int<{t}>({0}, {1})"),
+    "fmod": _float_or_int("std::fmod({0}, {1})", "({1} == 0 ? 0 : {0} % {1})"),
+    "pow": _float_or_int("std::pow({0}, {1})", "kiln_pow_int<{t}>({0}, {1})"),
+    **{name: _classify(name) for name in ("isnan", "isinf", "isfinite", "signbit")},
+}
+
+
 def op_str(name: str, a: list, args: tuple, dt: torch.dtype) -> str:
     """C++ for Op ``name`` with printed operands ``a`` (exprs ``args``), result dtype dt."""
-    t = cpp_type(dt)
     ad = args[0].dtype if args else dt
-    f = _is_float(ad)
-    simple = {"add": "+", "sub": "-", "mul": "*", "eq": "==", "ne": "!=", "lt": "<",
-              "le": "<=", "gt": ">", "ge": ">=", "logical_and": "&&", "logical_or": "||",
-              "bitwise_and": "&", "bitwise_or": "|", "bitwise_xor": "^", "lshift": "<<",
-              "rshift": ">>"}
-    if name in simple:
-        if dt == torch.bool and name in ("add", "mul"):
-            return f"({a[0]} {'||' if name == 'add' else '&&'} {a[1]})"
-        if dt in (torch.int8, torch.int16, torch.uint8, torch.int32) and name in ("add", "sub", "mul", "lshift"):
-            return f"static_cast<{t}>({a[0]} {simple[name]} {a[1]})"
-        return f"({a[0]} {simple[name]} {a[1]})"
-    if name == "logical_xor":
-        return f"({a[0]} != {a[1]})"
-    if name == "neg":
-        return f"static_cast<{t}>(-{a[0]})"
-    if name == "truediv":
-        return f"({a[0]} / {a[1]})"
-    if name == "cast":
-        if dt == torch.bool:
-            return f"({a[0]} != 0)"
-        return f"static_cast<{t}>({a[0]})"
-    if name == "where":
-        return f"({a[0]} ? {a[1]} : {a[2]})"
-    if name in ("maximum", "minimum"):
-        fn = "kiln_max" if name == "maximum" else "kiln_min"
-        if not f:
-            fn = "std::max" if name == "maximum" else "std::min"
-        return f"{fn}<{t}>({a[0]}, {a[1]})"
-    if name == "relu":
-        return f"kiln_max<{t}>({a[0]}, {const_str(0, dt)})" if f else f"std::max<{t}>({a[0]}, 0)"
     if name in FLOAT32_FUNCS and dt == torch.float32 and ad == torch.float32:
         # NOTE: inline, vectorizable versions (kiln.codegen.cpp.mathlib): a libm call
         # keeps the whole loop scalar.
         return f"{FLOAT32_FUNCS[name]}({a[0]})"
-    if name == "sigmoid":
-        one = const_str(1, dt)
-        return f"({one} / ({one} + std::exp(-{a[0]})))"
-    if name == "rsqrt":
-        return f"({const_str(1, dt)} / std::sqrt({a[0]}))"
-    if name == "reciprocal":
-        return f"({const_str(1, dt)} / {a[0]})"
-    if name == "abs":
-        return f"std::abs({a[0]})" if f or dt == torch.int64 or dt == torch.int32 else \
-            (a[0] if dt in (torch.bool, torch.uint8) else f"static_cast<{t}>(std::abs({a[0]}))")
-    if name == "sign":
-        if dt == torch.bool:
-            return a[0]
-        if not f:
-            return f"static_cast<{t}>(({const_str(0, dt)} < {a[0]}) - ({a[0]} < {const_str(0, dt)}))"
-        # NOTE: selects only (NaN stays NaN, +-0 gives +0): converting (0 < x) - (x < 0) to
-        # float counts for GCC as a possible trap inside a select, and stops the loop from
-        # vectorizing.
-        x, z = a[0], const_str(0, dt)
-        return f"(({x} > {z}) ? {const_str(1, dt)} : (({x} < {z}) ? {const_str(-1, dt)} : (({x} != {x}) ? {x} : {z})))"
-    if name in ("floor", "ceil", "trunc", "round", "frac") and not f:
-        return a[0] if name != "frac" else const_str(0, dt)
-    if name == "round":
-        return f"std::nearbyint({a[0]})"
-    if name == "frac":
-        return f"({a[0]} - std::trunc({a[0]}))"
-    if name == "bitwise_not":
-        return f"static_cast<{t}>(~{a[0]})"
-    if name == "logical_not":
-        return f"(!{a[0]})"
-    if name == "floordiv":
-        return f"kiln_floordiv_float<{t}>({a[0]}, {a[1]})" if f else f"kiln_floordiv_int<{t}>({a[0]}, {a[1]})"
-    if name == "truncdiv":
-        return f"std::trunc({a[0]} / {a[1]})" if f else f"kiln_truncdiv_int<{t}>({a[0]}, {a[1]})"
-    if name == "mod":
-        return f"kiln_mod_float<{t}>({a[0]}, {a[1]})" if f else f"kiln_mod_int<{t}>({a[0]}, {a[1]})"
-    if name == "fmod":
-        return f"std::fmod({a[0]}, {a[1]})" if f else f"({a[1]} == 0 ? 0 : {a[0]} % {a[1]})"
-    if name == "pow":
-        return f"std::pow({a[0]}, {a[1]})" if f else f"kiln_pow_int<{t}>({a[0]}, {a[1]})"
-    if name in ("isnan", "isinf", "isfinite", "signbit"):
-        if not f:
-            return {"isnan": "false", "isinf": "false", "isfinite": "true",
-                    "signbit": f"({a[0]} < 0)"}[name]
-        return f"std::{name}({a[0]})"
+    rule = CPP_OPS.get(name)
+    if rule is not None:
+        return rule(_Operands(a, cpp_type(dt), dt, ad, _is_float(ad)))
     if name in _STD:
         return f"std::{name}({', '.join(a)})"
     raise ValueError(f"no C++ for op {name}")
