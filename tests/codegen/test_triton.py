@@ -209,7 +209,6 @@ def test_kernel_compile_error_names_file_and_falls_back(monkeypatch):
         return f"tl.no_such_function({s})" if name == "sin" else s
 
     monkeypatch.setattr(printer.KernelPrinter, "op", bad)
-    monkeypatch.setattr(printer.KernelPrinter, "_math", lambda self, n, a: f"tl.no_such_function({a[0]})")
     mark = fallbacks.mark()
     x = torch.randn(4)
     with pytest.warns(Warning, match="kernel0"):

@@ -452,7 +452,7 @@ class Hints:
 
 def _spec(launcher, fn: str, ints: list, kwargs: dict, target: tuple, env: tuple,
           hints: Hints) -> Job:
-    from kiln.codegen.triton.printer import TL_TYPES
+    from kiln.codegen.triton.ops import TL_TYPES
     from kiln.codegen.triton.runtime import module_name
 
     args: list = []

@@ -30,28 +30,10 @@ import torch
 from kiln import exc
 from kiln.codegen import ir
 from kiln.codegen.ir import Const, FloorDiv, IndexValue, Load, ModIndex, Op
-from kiln.codegen.triton import compat
+from kiln.codegen.triton import compat, ops
+from kiln.codegen.triton.ops import tl_type
 from kiln.codegen.triton import heuristics
 from kiln.codegen.triton.heuristics import next_pow2
-
-TL_TYPES = {
-    torch.float32: "tl.float32", torch.float64: "tl.float64", torch.float16: "tl.float16",
-    torch.bfloat16: "tl.bfloat16", torch.int64: "tl.int64", torch.int32: "tl.int32",
-    torch.int16: "tl.int16", torch.int8: "tl.int8", torch.uint8: "tl.uint8", torch.bool: "tl.int1",
-}
-
-_BINOPS = {"add": "+", "sub": "-", "mul": "*", "eq": "==", "ne": "!=", "lt": "<", "le": "<=",
-           "gt": ">", "ge": ">=", "bitwise_and": "&", "bitwise_or": "|", "bitwise_xor": "^",
-           "lshift": "<<", "rshift": ">>", "logical_and": "&", "logical_or": "|",
-           "logical_xor": "^"}
-
-
-def tl_type(dt: torch.dtype) -> str:
-    try:
-        return TL_TYPES[dt]
-    except KeyError:
-        raise exc.CodegenError(f"no Triton type for {dt}") from None
-
 
 @dataclasses.dataclass
 class KernelInfo:
@@ -263,89 +245,7 @@ class KernelPrinter:
                            + (f", mask={mask})" if mask else ")"))
 
     def op(self, name: str, a: list, args: tuple, dt: torch.dtype) -> str:
-        ad = args[0].dtype if args else dt
-        f = ad.is_floating_point
-        t = tl_type(dt)
-        if name in _BINOPS:
-            if dt == torch.bool and name in ("add", "mul"):
-                return f"({a[0]} {'|' if name == 'add' else '&'} {a[1]})"
-            return f"({a[0]} {_BINOPS[name]} {a[1]})"
-        if name == "neg":
-            return f"(-{a[0]})"
-        if name == "truediv":
-            return f"({a[0]} / {a[1]})"
-        if name == "cast":
-            if dt == torch.bool:
-                return f"({a[0]} != 0)"
-            return f"{a[0]}.to({t})"
-        if name == "where":
-            return f"tl.where({a[0]}, {a[1]}, {a[2]})"
-        if name in ("maximum", "minimum"):
-            if f:
-                return f"kiln_{'max' if name == 'maximum' else 'min'}({a[0]}, {a[1]})"
-            return f"tl.{name}({a[0]}, {a[1]})"
-        if name in ("fmax", "fmin"):   # NaN-ignoring
-            m = "tl.maximum" if name == "fmax" else "tl.minimum"
-            return (f"tl.where({a[0]} != {a[0]}, {a[1]}, tl.where({a[1]} != {a[1]}, {a[0]}, "
-                    f"{m}({a[0]}, {a[1]})))")
-        if name == "relu":
-            return f"tl.where({a[0]} < 0, 0, {a[0]}).to({t})"
-        if name == "sigmoid":
-            return f"(1.0 / (1.0 + {self._math('exp', [f'(-{a[0]})'])}))"
-        if name == "reciprocal":
-            return f"(1.0 / {a[0]})"
-        if name == "rsqrt":
-            return self._math("rsqrt", a)
-        if name == "abs":
-            if dt in (torch.bool, torch.uint8):
-                return a[0]
-            return f"tl.abs({a[0]})"
-        if name == "sign":
-            if dt == torch.bool:
-                return a[0]
-            s = f"(({a[0]} > 0).to({t}) - ({a[0]} < 0).to({t}))"
-            return f"tl.where({a[0]} != {a[0]}, {a[0]}, {s})" if f else s
-        if name in ("floor", "ceil", "trunc", "round", "frac") and not f:
-            return a[0] if name != "frac" else f"({a[0]} * 0)"
-        if name == "frac":
-            return f"({a[0]} - {self._math('trunc', a)})"
-        if name == "bitwise_not":
-            return f"(~{a[0]})"
-        if name == "logical_not":
-            return f"({a[0]} == 0)"
-        if name == "floordiv":
-            return f"kiln_floordiv_float({a[0]}, {a[1]})" if f else f"kiln_floordiv_int({a[0]}, {a[1]})"
-        if name == "truncdiv":
-            return f"{self._math('trunc', [f'({a[0]} / {a[1]})'])}" if f else \
-                f"kiln_truncdiv_int({a[0]}, {a[1]})"
-        if name == "mod":
-            return f"kiln_mod_float({a[0]}, {a[1]})" if f else f"kiln_mod_int({a[0]}, {a[1]})"
-        if name == "fmod":
-            return f"kiln_fmod({a[0]}, {a[1]})" if f else f"({a[0]} % tl.where({a[1]} == 0, 1, {a[1]}))"
-        if name == "pow":
-            return self._math("pow", a) if f else f"kiln_pow_int({a[0]}, {a[1]})"
-        if name == "isnan":
-            return f"({a[0]} != {a[0]})" if f else f"({a[0]} != {a[0]})"
-        if name == "isinf":
-            return f"(tl.abs({a[0]}) == float('inf'))" if f else f"({a[0]} != {a[0]})"
-        if name == "isfinite":
-            return f"(({a[0]} == {a[0]}) & (tl.abs({a[0]}) != float('inf')))" if f else f"({a[0]} == {a[0]})"
-        if name == "signbit":
-            if not f:
-                return f"({a[0]} < 0)"
-            bits = {torch.float32: "tl.int32", torch.float64: "tl.int64"}[ad]
-            return f"({a[0]}.to({bits}, bitcast=True) < 0)"
-        if name == "copysign":
-            return f"tl.where({a[1]}.to({'tl.int64' if ad == torch.float64 else 'tl.int32'}, bitcast=True) < 0, " \
-                   f"-tl.abs({a[0]}), tl.abs({a[0]}))"
-        return self._math(name, a)
-
-    def _math(self, name: str, a: list) -> str:
-        s = compat.math_call(name, a, self.interpret)
-        if s is None:
-            raise exc.CodegenError(f"no Triton math for {name}"
-                                   + (" under the interpreter" if self.interpret else ""))
-        return s
+        return ops.op_str(name, a, args, dt, self.interpret)
 
     # ------------------------------------------------------------------ kernels
     def _decompose(self, scope: Scope, flat: str, vars_: list, ranges: list, dims: frozenset) -> None:
