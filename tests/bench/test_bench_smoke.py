@@ -65,3 +65,16 @@ def test_resume_keeps_finished_rows_and_runs_the_rest(tmp_path: Path) -> None:
     assert data["rows"][0] == kept
     assert data["meta"]["resumed_from"] == [first["meta"]["date"]]
     assert "resumed (`--resume`)" in (tmp_path / "results.md").read_text()
+
+
+def test_mode_columns_parse() -> None:
+    """``<column>@<mode>``: the same compiler with a mode, as a column of its own."""
+    sys.path.insert(0, str(ROOT))
+    from bench.compilers import by_name, parse
+
+    cols, _ = parse("eager,kiln:inductor,kiln:inductor@reduce-overhead,torch.compile@max-autotune", "cuda")
+    assert [(c.name, c.kind, c.backend, c.mode) for c in cols] == [
+        ("eager", "eager", None, None), ("kiln:inductor", "kiln", "inductor", None),
+        ("kiln:inductor@reduce-overhead", "kiln", "inductor", "reduce-overhead"),
+        ("torch.compile@max-autotune", "torch", "inductor", "max-autotune")]
+    assert by_name("kiln:inductor@reduce-overhead", "cuda").mode == "reduce-overhead"
