@@ -92,6 +92,9 @@ def key_for(gm: fx.GraphModule, example_inputs: list) -> Optional[str]:
     except Exception:  # noqa: BLE001 - an unprintable graph is compiled every time
         return None
     attrs = {}
+    # NOTE: each node's value metadata too: codegen lays buffers out from it, and the code
+    # alone does not fix it (a tracing change can give the same code other shapes).
+    metas = [_node_meta(n.meta.get("val")) for n in gm.graph.nodes]
     for n in gm.graph.nodes:
         if n.op == "get_attr":
             obj = gm
@@ -99,10 +102,18 @@ def key_for(gm: fx.GraphModule, example_inputs: list) -> Optional[str]:
                 obj = getattr(obj, part, None)
             attrs[str(n.target)] = _meta(obj)
     return cache.record_key({
-        "graph": code, "inputs": [_meta(x) for x in example_inputs], "attrs": attrs,
+        "graph": code, "metas": metas, "inputs": [_meta(x) for x in example_inputs], "attrs": attrs,
         "codegen": _codegen_fingerprint(), "threads_api": True,
         "config": {k: getattr(config, k) for k in sorted(options_of(config.__name__))},
     })
+
+
+def _node_meta(v: Any) -> Any:
+    if isinstance(v, torch.Tensor):
+        return [str(tuple(v.shape)), str(v.stride()), str(v.dtype), str(v.device)]
+    if isinstance(v, (list, tuple)):
+        return [_node_meta(x) for x in v]
+    return str(v) if isinstance(v, (torch.SymInt, torch.SymFloat, torch.SymBool, int, float, bool)) else None
 
 
 # ----------------------------------------------------------------------------- store / lookup

@@ -306,13 +306,14 @@ _fingerprint: Optional[str] = None
 
 
 def _codegen_fingerprint() -> str:
-    """A hash of kiln's codegen sources: a changed code generator decides afresh."""
+    """A hash of kiln's sources (every stage: a changed tracer or AOT makes other graphs
+    with the same code): a changed kiln decides and compiles afresh."""
     global _fingerprint
     if _fingerprint is None:
         import hashlib
         import os
 
-        root = os.path.dirname(os.path.abspath(__file__))
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         h = hashlib.sha256()
         for d, _, files in sorted(os.walk(root)):
             for f in sorted(files):

@@ -34,6 +34,7 @@ from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_mod
 
 from kiln import exc
 from kiln.functionalize.metadata import InputInfo
+from kiln.tracing.tracer import current_tracer
 from kiln.functionalize.mutations import is_mutating, plan_for
 from kiln.functionalize.views import INPLACE_VIEWS, ViewStep, is_view_op, replay, scatter_chain
 from kiln.ops.effects import with_effects
@@ -231,6 +232,9 @@ class FunctionalizeMode(TorchDispatchMode):
         step = ViewStep(INPLACE_VIEWS[func], tuple(args[1:]), dict(kwargs))
         new_value = step.apply(self.current(r))
         self._detach_value(r.base, h)
+        tracer = current_tracer()
+        if tracer is not None:
+            tracer.freeze_meta(h)
         with _disable_current_modes():
             func(h, *args[1:], **kwargs)  # the handle's own sizes/strides follow
         r.chain = r.chain + (step,)

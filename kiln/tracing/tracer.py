@@ -59,6 +59,18 @@ class Tracer:
             except Exception:  # NOTE: sparse / opaque tensors have no metadata
                 pass
 
+    def freeze_meta(self, t: torch.Tensor) -> None:
+        """Before ``t``'s own sizes/strides change in place (``squeeze_``, ``t_``): the node
+        that produced ``t`` keeps, as its ``meta['val']``, an alias with ``t``'s metadata now
+        (the meta of a node must describe its value when it ran, not ``t``'s later shape)."""
+        node = self.node_of_tensor(t)
+        if node is None or node.meta.get("val") is not t:
+            return
+        from torch.utils._python_dispatch import _disable_current_modes
+
+        with _disable_current_modes():
+            node.meta["val"] = t.as_strided(t.shape, t.stride(), t.storage_offset())
+
     def node_of_tensor(self, t: torch.Tensor) -> Optional[fx.Node]:
         entry = self._tensor_nodes.get(id(t))
         if entry is not None and entry[0] is t:

@@ -249,3 +249,4 @@ def test_inference_graph_mutating_an_input_is_compiled():
             torch.testing.assert_close(c(x, y), x * 2)
             torch.testing.assert_close(y, torch.full((8,), float(i + 1)))
     assert metrics.generated_kernel_count > 0
+

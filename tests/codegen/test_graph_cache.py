@@ -90,3 +90,16 @@ def test_cache_off_writes_nothing(tmp_cache):
     with config.patch(graph_cache=False):
         kiln.compile(_f)(torch.randn(8, 4), torch.randn(4, 4))
     assert not list((tmp_cache / "graphs").rglob("*.json"))
+
+
+def test_key_covers_node_metadata(cache_on):
+    """Two graphs with the same code but other traced shapes (a tracing change) are two
+    entries: the wrapper lays buffers out from the metadata."""
+    from kiln.codegen import graph_cache
+    from kiln.tracing import make_fx
+
+    gm = make_fx(lambda x: (x.sin() * 2,), tracing_mode="fake")(torch.randn(4))
+    k1 = graph_cache.key_for(gm, [torch.randn(4)])
+    node = next(n for n in gm.graph.nodes if n.op == "call_function")
+    node.meta["val"] = node.meta["val"].as_strided((2, 2), (2, 1))
+    assert graph_cache.key_for(gm, [torch.randn(4)]) != k1

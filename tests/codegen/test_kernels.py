@@ -332,3 +332,11 @@ def test_row_values_read_only_in_their_kernel_stay_in_scratch_rows():
         allocated = {ln.split("=")[0].strip() for ln in call.source.splitlines() if "empty_strided" in ln}
         rows = {w.split("[")[0].removeprefix("row_") for w in call.kernel_source.split() if w.startswith("row_buf")}
         assert not rows & allocated
+
+
+def test_gather_with_an_index_of_another_rank_runs_as_extern():
+    """quantile of a 0-d tensor gathers a 1-d tensor with a 0-d index (eager allows it)."""
+    x = torch.randn((), requires_grad=True)
+    check(lambda t: torch.quantile(t, 0.5), x, grad=True)
+    check(lambda t, i: torch.gather(t, 0, i), torch.randn(5), torch.tensor(3))
+

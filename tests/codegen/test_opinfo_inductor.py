@@ -126,6 +126,20 @@ def test_sampled_op_matches_eager_through_codegen(name):
     assert metrics.graphs_compiled > 0 or run.intended or aot_eager_only  # codegen ran
 
 
+# NOTE: ops a change once broke that the every-40th sample does not reach (quantile: the
+# decomposition table must map CompositeImplicitAutograd ops, or its 0-d backward fails).
+REGRESSION_OPS = ["quantile", "nanquantile"]
+
+
+@pytest.mark.parametrize("name", REGRESSION_OPS)
+def test_regression_op_matches_eager_through_codegen(name):
+    op = next(o for o in _ops() if op_name(o) == name)
+    report, fell = run([op])
+    bad = [r for r in report.results if r.status in ("mismatch", "error")]
+    assert not bad, "; ".join(f"[{r.index}] {r.status}: {r.reason}" for r in bad)
+    assert not fell, fell
+
+
 def _print_report(report, fell) -> None:
     print(f"\n{len(report.results)} samples, eager ran {len(report.eager_ran)}, matched "
           f"{len(report.matched)} = {report.rate():.1%}; codegen ran {len(fell)} ops eagerly")

@@ -101,6 +101,9 @@ def _gather(ctx, x, dim, index, *, sparse_grad=False):
     dim = dim + n if dim < 0 else dim
     if n == 0:
         raise NotLowered("gather of a 0-d tensor")
+    if len(sizes) != n or len(index.sizes) != n:
+        # NOTE: eager accepts a 0-d index into a 1-d tensor (quantile of a 0-d input)
+        raise NotLowered("gather with an index of another rank")
 
     def loader(out_index):
         v = cast(index.load(out_index), torch.int64)
