@@ -310,3 +310,18 @@ def test_indirect_stores_atomic_adds():
     assert "tl.atomic_add" in rec.source and "aten.index_put" not in rec.wrapper
     w = torch.randn(10, 3, requires_grad=True)     # embedding backward: scatter-add of grads
     check(lambda w: F.embedding(torch.tensor([[1, 3, 3], [0, 9, 1]]), w).tanh(), w, grad=True)
+
+
+def test_cat_loads_only_inside_each_part():
+    """rotate_half (LLaMA's rotary embedding): cat(-x[..., 4:], x[..., :4]).  Each part's
+    load runs under its own range: the last part unmasked read 4 elements before its
+    buffer for the first part's lanes (an illegal address on a GPU at a page start)."""
+    import re
+
+    rec = check(lambda x: torch.cat([-x[..., 4:], x[..., :4]], -1) * 2, torch.randn(3, 8))
+    loads = [ln for ln in rec.source.splitlines() if "tl.load(" in ln]
+    shifted = [ln for ln in loads if re.search(r"\+ -4\)", ln)]
+    assert shifted, loads
+    for ln in shifted:
+        mask = ln.split("mask=")[1]
+        assert "&" in mask, ln   # xmask & the part's range

@@ -107,6 +107,11 @@ def _lt(a, b):
               torch.bool)
 
 
+def _ge(a, b):
+    return Op("ge", (IndexValue(sympy.sympify(a), torch.int64), IndexValue(sympy.sympify(b), torch.int64)),
+              torch.bool)
+
+
 @register(aten.cat.default)
 def _cat(ctx, tensors, dim=0):
     val = ctx.node.meta["val"]
@@ -130,7 +135,10 @@ def _cat(ctx, tensors, dim=0):
             idx[dim] = idx[dim] - off
             v = cast(t.load(idx), val.dtype)
             if out is None:
-                out = v
+                # NOTE: the last part is masked too: unmasked, its loads ran at
+                # index - offset < 0 for the other parts' elements, before the start of
+                # its buffer (an illegal address on a GPU when the buffer starts a page).
+                out = v if off == 0 else masked(_ge(index[dim], off), v, Const(0, v.dtype))
             else:
                 out = masked(_lt(index[dim], off + t.sizes[dim]), v, out)
         return out
