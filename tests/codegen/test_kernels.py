@@ -263,8 +263,25 @@ def test_indirect_stores_are_generated():
     rec = check(lambda x, v, src: (torch.index_put(x, (idx,), v, accumulate=True),
                                    torch.scatter_add(x, 0, sidx, src),
                                    x.index_put((idx, idx.abs() % 4), v[:, 0], accumulate=True)), x, v, src)
-    assert "#pragma omp atomic" in rec.source
+    # NOTE: small scatters run on one thread: plain adds, no atomics
+    assert "#pragma omp atomic" not in rec.source and "+=" in rec.source
     assert "aten.index_put" not in rec.wrapper and "scatter_add" not in rec.wrapper
+
+
+def test_large_indirect_adds_are_atomic_only_on_several_threads():
+    """An embedding backward over 40k source elements: atomic adds in the parallel branch,
+    plain adds when the kernel runs on one thread; both give eager's sums."""
+    prev = torch.get_num_threads()
+    w = torch.randn(50, 64, requires_grad=True)
+    ids = torch.randint(0, 50, (640,))
+    try:
+        for threads in (2, 1):
+            torch.set_num_threads(threads)
+            w.grad = None
+            rec = check(lambda w: F.embedding(ids, w) * 3, w, grad=True)
+            assert "#pragma omp atomic" in rec.source and "if (nthreads > 1 &&" in rec.source
+    finally:
+        torch.set_num_threads(prev)
 
 
 def test_reductions_of_0d_tensors():

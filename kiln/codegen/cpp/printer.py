@@ -509,14 +509,23 @@ class KernelPrinter:
             b2.lines.append(f"int64_t {sym.name} = kiln_wrap(static_cast<int64_t>({e}), {index_str(bound)});")
             self._note(bound)
         self._note(sc.target)
-        b2.lines.append("#pragma omp atomic")
-        b2.lines.append(f"{self.pointer(name)}[{index_str(sc.target)}] += {val};")
-        src_numel = index_str(sympy.expand(ir.product(sc.src_ranges)))
-        loops = [f"#pragma omp parallel for collapse({len(ys)}) if({src_numel} > {PARALLEL_MIN_WORK}) num_threads(nthreads)"
-                 if len(ys) > 1 else f"#pragma omp parallel for if({src_numel} > {PARALLEL_MIN_WORK}) num_threads(nthreads)"]
-        loops += [f"for (int64_t {y} = 0; {y} < {index_str(r)}; {y}++)" for y, r in zip(ys, sc.src_ranges)]
-        out += self._nest(loops, b2.lines) if ys else ["{"] + b2.lines + ["}"]
-        return out
+        add = f"{self.pointer(name)}[{index_str(sc.target)}] += {val};"
+        work = sympy.expand(ir.product(sc.src_ranges))
+        src_numel = index_str(work)
+        serial = [f"for (int64_t {y} = 0; {y} < {index_str(r)}; {y}++)" for y, r in zip(ys, sc.src_ranges)]
+        if not ys:
+            return out + ["{"] + b2.lines + [add, "}"]
+        # NOTE: an atomic add costs a locked instruction even on one thread (the embedding
+        # backward's scatter ran 10x slower for it): the adds are atomic only when the loop
+        # runs on several threads; a loop known to be small is printed serial only.
+        plain = self._nest(serial, b2.lines + [add])
+        if work.is_Integer and int(work) <= PARALLEL_MIN_WORK:
+            return out + plain
+        par = [f"#pragma omp parallel for collapse({len(ys)}) num_threads(nthreads)" if len(ys) > 1
+               else "#pragma omp parallel for num_threads(nthreads)"] + serial
+        atomic = self._nest(par, b2.lines + ["#pragma omp atomic", add])
+        return (out + [f"if (nthreads > 1 && {src_numel} > {PARALLEL_MIN_WORK}) {{"]
+                + ["    " + ln for ln in atomic] + ["} else {"] + ["    " + ln for ln in plain] + ["}"])
 
     def _column_reduction(self) -> bool:
         """True for kernels of only sum/prod/max/min reductions whose loads are contiguous
