@@ -357,3 +357,10 @@ def test_gather_with_an_index_of_another_rank_runs_as_extern():
     check(lambda t: torch.quantile(t, 0.5), x, grad=True)
     check(lambda t, i: torch.gather(t, 0, i), torch.randn(5), torch.tensor(3))
 
+
+
+def test_var_over_an_empty_range_is_nan():
+    """Eager divides by max(0, n - correction): 0/0 = NaN (fuzzer seed 9179)."""
+    x = torch.randn(2, 3, 0)
+    check(lambda t: (t.var(dim=2), torch.var(t, dim=2, correction=0), torch.var_mean(t, dim=2)[0]), x)
+    check(lambda t: t.var(dim=1, correction=2), torch.randn(4, 1))

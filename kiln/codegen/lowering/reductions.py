@@ -108,14 +108,17 @@ def _scale(s: TensorValue, count, out_dtype, acc, offset=0) -> TensorValue:
     ld = s.loader
 
     def loader(index):
+        # NOTE: eager divides by max(0, count - correction): var over an empty (or too
+        # short) range is 0/0 = NaN, not 0/-1 = -0.
         denom = count - offset
         dd = sympy.sympify(denom)
         if dd.is_number:
-            d = Const(float(dd), acc)
+            d = Const(max(float(dd), 0.0) if offset else float(dd), acc)
         else:
             d = cast(_index_value(dd), acc)
             if offset:
                 d = Op("sub", (cast(_index_value(count), acc), Const(float(offset), acc)), acc)
+                d = Op("maximum", (d, Const(0.0, acc)), acc)
         return cast(Op("truediv", (ld(index), d), acc), out_dtype)
 
     return TensorValue(out_dtype, s.device, s.sizes, loader)
