@@ -39,11 +39,12 @@ def _warn_not_cuda() -> None:
 
 
 def _signature(args: Sequence[Any], static: frozenset) -> tuple:
-    # NOTE: a static input (a parameter or buffer) is recorded in place, so its address is
-    # part of the signature: a replaced parameter records anew.
+    # NOTE: a static input (a parameter or buffer) is recorded in place: its address is its
+    # signature (a replaced parameter records anew), and the per-call path, which this is,
+    # skips building its shape and strides (a model passes hundreds of parameters).
     return tuple(
-        (tuple(a.shape), a.stride(), a.dtype, a.device, a.data_ptr() if i in static else None)
-        if isinstance(a, torch.Tensor) else ("py", a)
+        ("py", a) if not isinstance(a, torch.Tensor) else
+        a.data_ptr() if i in static else (tuple(a.shape), a.stride(), a.dtype, a.device)
         for i, a in enumerate(args)
     )
 

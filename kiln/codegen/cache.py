@@ -223,6 +223,40 @@ def record_key(parts: dict) -> str:
     return hashlib.sha256(json.dumps(full, sort_keys=True, default=str).encode()).hexdigest()
 
 
+_fingerprint: Optional[str] = None
+
+
+def kiln_fingerprint() -> str:
+    """A hash of kiln's sources, every stage (a changed tracer or AOT gives other graphs the
+    same code): records keyed with it are remade after any change to kiln (once per process)."""
+    global _fingerprint
+    if _fingerprint is None:
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        h = hashlib.sha256()
+        for d, _, files in sorted(os.walk(root)):
+            for f in sorted(files):
+                if f.endswith(".py"):
+                    path = os.path.join(d, f)
+                    with open(path, "rb") as fh:
+                        h.update(os.path.relpath(path, root).encode() + b"\0" + fh.read())
+        _fingerprint = h.hexdigest()
+    return _fingerprint
+
+
+def value_meta(x: Any) -> Any:
+    """What a key records of a value: a tensor's sizes, strides, dtype, device and
+    requires_grad; sequences item by item; scalars (SymInts as text) by value; else the type."""
+    import torch
+
+    if isinstance(x, torch.Tensor):
+        return [str(tuple(x.shape)), str(x.stride()), str(x.dtype), str(x.device), x.requires_grad]
+    if isinstance(x, (list, tuple)):
+        return [value_meta(v) for v in x]
+    if isinstance(x, (torch.SymInt, torch.SymFloat, torch.SymBool)):
+        return str(x)
+    return repr(x) if isinstance(x, (int, float, bool, str, type(None))) else type(x).__name__
+
+
 def _record_path(kind: str, key: str) -> str:
     return os.path.join(os.path.expanduser(config.cache_dir), kind, key[:2], f"{key}.json")
 
@@ -253,4 +287,4 @@ def clear_memory() -> None:
 
 
 __all__ = ["cache_key", "entry_dir", "paths", "load", "clear_memory", "record_key",
-           "read_record", "write_record"]
+           "read_record", "write_record", "kiln_fingerprint", "value_meta"]

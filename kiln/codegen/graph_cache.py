@@ -11,8 +11,8 @@ the same model should not pay it again (the C++ library itself is already cached
 wrapper's Python source, the C++ source and each kernel's argument kinds, the wrapper's
 constants written as names (dtypes, devices, ATen ops, layouts, memory formats) and the
 graph attributes it reads.  A graph whose wrapper needs anything else (an opaque callable,
-a Triton kernel) is not cached.  Keyed by the graph's code, its inputs' and attributes'
-metadata, the codegen config, the code generator's sources and the machine
+a Triton kernel) is not cached.  Keyed by the graph's code, every node's traced
+metadata, its inputs' and attributes' metadata, the codegen config, kiln's sources and the machine
 (:func:`kiln.codegen.cache.record_key`); ``config.graph_cache=False`` turns it off.
 """
 from __future__ import annotations
@@ -82,7 +82,7 @@ def _decode(e: list) -> Any:
 
 def key_for(gm: fx.GraphModule, example_inputs: list) -> Optional[str]:
     """The record key of ``gm`` compiled for inputs like ``example_inputs`` (None: uncacheable)."""
-    from kiln.codegen.profitability import _codegen_fingerprint, _meta
+    from kiln.codegen.cache import kiln_fingerprint, value_meta
     from kiln.settings import options_of
 
     if not config.graph_cache:
@@ -94,26 +94,18 @@ def key_for(gm: fx.GraphModule, example_inputs: list) -> Optional[str]:
     attrs = {}
     # NOTE: each node's value metadata too: codegen lays buffers out from it, and the code
     # alone does not fix it (a tracing change can give the same code other shapes).
-    metas = [_node_meta(n.meta.get("val")) for n in gm.graph.nodes]
+    metas = [value_meta(n.meta.get("val")) for n in gm.graph.nodes]
     for n in gm.graph.nodes:
         if n.op == "get_attr":
             obj = gm
             for part in str(n.target).split("."):
                 obj = getattr(obj, part, None)
-            attrs[str(n.target)] = _meta(obj)
+            attrs[str(n.target)] = value_meta(obj)
     return cache.record_key({
-        "graph": code, "metas": metas, "inputs": [_meta(x) for x in example_inputs], "attrs": attrs,
-        "codegen": _codegen_fingerprint(), "threads_api": True,
+        "graph": code, "metas": metas, "inputs": [value_meta(x) for x in example_inputs], "attrs": attrs,
+        "kiln_sources": kiln_fingerprint(),
         "config": {k: getattr(config, k) for k in sorted(options_of(config.__name__))},
     })
-
-
-def _node_meta(v: Any) -> Any:
-    if isinstance(v, torch.Tensor):
-        return [str(tuple(v.shape)), str(v.stride()), str(v.dtype), str(v.device)]
-    if isinstance(v, (list, tuple)):
-        return [_node_meta(x) for x in v]
-    return str(v) if isinstance(v, (torch.SymInt, torch.SymFloat, torch.SymBool, int, float, bool)) else None
 
 
 # ----------------------------------------------------------------------------- store / lookup

@@ -302,38 +302,11 @@ def _measure_graph(gm: fx.GraphModule, example_inputs: Sequence[Any], compiled: 
 
 # ----------------------------------------------------------------------------- cached decisions
 
-_fingerprint: Optional[str] = None
-
-
-def _codegen_fingerprint() -> str:
-    """A hash of kiln's sources (every stage: a changed tracer or AOT makes other graphs
-    with the same code): a changed kiln decides and compiles afresh."""
-    global _fingerprint
-    if _fingerprint is None:
-        import hashlib
-        import os
-
-        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        h = hashlib.sha256()
-        for d, _, files in sorted(os.walk(root)):
-            for f in sorted(files):
-                if f.endswith(".py"):
-                    with open(os.path.join(d, f), "rb") as fh:
-                        h.update(f.encode() + b"\0" + fh.read())
-        _fingerprint = h.hexdigest()
-    return _fingerprint
-
-
-def _meta(x: Any) -> Any:
-    if isinstance(x, torch.Tensor):
-        return [str(tuple(x.shape)), str(x.stride()), str(x.dtype), str(x.device), x.requires_grad]
-    return repr(x) if isinstance(x, (int, float, bool, str, type(None))) else type(x).__name__
-
-
 def decision_key(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Optional[str]:
     """The cache key of the decision for ``gm`` on inputs like ``example_inputs``, or None
     when the graph cannot be keyed (its code does not print)."""
     from kiln.codegen import cache
+    from kiln.codegen.cache import kiln_fingerprint, value_meta
     from kiln.settings import options_of
 
     try:
@@ -341,9 +314,9 @@ def decision_key(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Optional[
     except Exception:  # noqa: BLE001 - an unprintable graph is decided every time
         return None
     return cache.record_key({
-        "graph": code, "inputs": [_meta(x) for x in example_inputs],
-        "state": [_meta(t) for t in _state_tensors(gm)], "grad": torch.is_grad_enabled(),
-        "threads": torch.get_num_threads(), "codegen": _codegen_fingerprint(),
+        "graph": code, "inputs": [value_meta(x) for x in example_inputs],
+        "state": [value_meta(t) for t in _state_tensors(gm)], "grad": torch.is_grad_enabled(),
+        "threads": torch.get_num_threads(), "kiln_sources": kiln_fingerprint(),
         "config": {k: getattr(config, k) for k in sorted(options_of(config.__name__))},
     })
 
@@ -379,7 +352,7 @@ def choose_graph(gm: fx.GraphModule, example_inputs: Sequence[Any], compiled: Ca
     afterwards, and so is module state the graph writes (BatchNorm's running statistics).
     A compiled callable that raises where eager does not is a kiln bug: eager is kept and
     the fallback recorded.  A measured decision is cached on disk (keyed by the graph, its
-    inputs' metadata, threads, config and the code generator's sources), so a later process
+    inputs' metadata, threads, config and kiln's sources), so a later process
     compiling the same graph decides without timing.
     """
     from kiln.fallbacks import record_fallback

@@ -183,7 +183,8 @@ def _simd_loops(lines: list[str]) -> list[tuple[int, int]]:
 def test_loops_with_math_vectorize(tmp_path):
     cc = build.compiler()
     if not _has_fma(cc):
-        pytest.skip("needs a CPU with FMA instructions (the helpers fall back to libm without)")
+        pytest.skip("needs a CPU with FMA instructions (a device feature; without it the helpers are "
+                    "libm calls, which test_libm_fallback_without_fma covers)")
     clang = "clang" in cc.version.lower()
     report = ["-Rpass=loop-vectorize"] if clang else ["-fopt-info-vec-optimized"]
     fns = [lambda t: torch.sigmoid(torch.tanh(t.exp()) + torch.erf(t) + torch.log1p(t.abs()) + t.abs().log() + t.expm1()
