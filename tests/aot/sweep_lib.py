@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import time
 import warnings
@@ -21,6 +22,9 @@ from kiln import fallbacks
 from kiln.aot import aot_function, nop
 
 SAMPLES_PER_OP = 2
+# NOTE: ``KILN_SWEEP_DEVICE=cuda`` runs the samples on the GPU (same tolerances); the
+# GPU machine's OpInfo figure comes from that.
+DEVICE = os.environ.get("KILN_SWEEP_DEVICE", "cpu")
 # NOTE: these ops draw random numbers (or read uninitialised memory); only
 # shapes and dtypes can be compared with eager.
 RANDOM_WORDS = ("rand", "dropout", "normal", "bernoulli", "multinomial", "uniform", "empty",
@@ -76,7 +80,7 @@ def op_name(op) -> str:
 def float32_ops() -> list:
     from torch.testing._internal.common_methods_invocations import op_db
 
-    return [op for op in op_db if op.supports_dtype(torch.float32, "cpu")]
+    return [op for op in op_db if op.supports_dtype(torch.float32, DEVICE)]
 
 
 def _clone(tree: Any) -> Any:
@@ -206,7 +210,7 @@ def sweep(ops: list, samples_per_op: int = SAMPLES_PER_OP, verbose: bool = False
     report = SweepReport()
     for op in ops:
         try:
-            samples = op.sample_inputs("cpu", torch.float32, requires_grad=op.supports_autograd)
+            samples = op.sample_inputs(DEVICE, torch.float32, requires_grad=op.supports_autograd)
             samples = [s for _, s in zip(range(samples_per_op), samples)]
         except Exception as e:  # noqa: BLE001
             report.results.append(SampleResult(op_name(op), 0, "eager_error", f"samples: {e}"[:200]))

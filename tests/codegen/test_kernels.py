@@ -351,6 +351,9 @@ def test_row_values_read_only_in_their_kernel_stay_in_scratch_rows():
         assert not rows & allocated
 
 
+# NOTE: torch 2.11's quantile decomposition calls aten.equal on a 0-d input, a
+# data-dependent op: AOT runs that graph eagerly there (torch 2.13 does not call it).
+@pytest.mark.expect_fallback("DataDependentOutputException: aten.equal", required=False)
 def test_gather_with_an_index_of_another_rank_runs_as_extern():
     """quantile of a 0-d tensor gathers a 1-d tensor with a 0-d index (eager allows it)."""
     x = torch.randn((), requires_grad=True)

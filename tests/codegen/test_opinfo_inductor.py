@@ -1,6 +1,7 @@
-"""PyTorch's OpInfo samples through kiln's code generator (fp32 CPU, forward and
-backward), against eager: the sweep of tests/aot/sweep_lib.py with codegen's compilers,
-decompositions and partitioner (profitability check off).
+"""PyTorch's OpInfo samples through kiln's code generator (fp32, forward and backward),
+against eager: the sweep of tests/aot/sweep_lib.py with codegen's compilers,
+decompositions and partitioner (profitability check off).  CPU tensors by default;
+``KILN_SWEEP_DEVICE=cuda`` runs the samples on the GPU (Triton kernels).
 
 Default suite: every 40th float32 op, one test per op.  ``pytest -m slow
 tests/codegen/test_opinfo_inductor.py`` runs every op and prints the failing ops with
