@@ -177,6 +177,25 @@ class FallbackWarning(UserWarning):
     """
 
 
+class ExportError(KilnError, RuntimeError):
+    """kiln.export could not export the program as asked (a RuntimeError, as PyTorch's)."""
+
+
+class ConstraintViolationError(ExportError):
+    """The program does not allow the dynamic shapes it was exported with; the hint
+    lists suggested fixes."""
+
+
+class ExportInputError(ExportError, ValueError):
+    """An exported program's module() was called with inputs outside its signature
+    (structure, dtype, rank, a static size, a Dim's range)."""
+
+
+class SerializationError(ExportError):
+    """kiln.export.load refused a file: not an exported program, truncated, corrupt,
+    tampered with, or of another schema version."""
+
+
 class RecompileLimitExceeded(KilnError):
     """A code object was recompiled more often than the cache limit allows."""
 
@@ -210,6 +229,10 @@ __all__ = [
     "GraphInvariantError",
     "Unsupported",
     "RecompileLimitExceeded",
+    "ExportError",
+    "ConstraintViolationError",
+    "ExportInputError",
+    "SerializationError",
     "FallbackWarning",
     "CodegenError",
     "CompilerNotFound",

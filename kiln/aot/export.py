@@ -48,13 +48,19 @@ class GraphSignature:
     backward_signature: Optional[BackwardSignature] = None
     input_tokens: list = field(default_factory=list)
     output_tokens: list = field(default_factory=list)
+    # flat output index -> value, for outputs that are not tensors (not graph outputs)
+    out_constants: dict = field(default_factory=dict)
 
 
 def aot_export_module(mod: torch.nn.Module, args: Any, *, trace_joint: bool,
                       output_loss_index: Optional[int] = None, pre_dispatch: bool = False,
                       decompositions: Optional[dict] = None, kwargs: Optional[dict] = None,
+                      fake_inputs: Optional[Callable[[list], tuple]] = None,
                       ) -> tuple[fx.GraphModule, GraphSignature]:
-    """Export ``mod(*args)`` as one functional ATen graph and its GraphSignature."""
+    """Export ``mod(*args)`` as one functional ATen graph and its GraphSignature.
+
+    ``fake_inputs(state + flat user inputs) -> (fake mode, fakes)`` makes the traced
+    inputs (kiln.export: symbolic dims); by default every input is a static fake."""
     kwargs = kwargs or {}
     names, values, param_names = _module_state(mod)
     flat_user, in_spec = pytree.tree_flatten((tuple(args), kwargs))
@@ -67,6 +73,7 @@ def aot_export_module(mod: torch.nn.Module, args: Any, *, trace_joint: bool,
         flat_out, spec = pytree.tree_flatten(out)
         if not out_spec_box:
             out_spec_box.append(spec)
+            out_spec_box.append({i: v for i, v in enumerate(flat_out) if not isinstance(v, torch.Tensor)})
         return flat_out
 
     all_inputs = values + flat_user
@@ -76,7 +83,7 @@ def aot_export_module(mod: torch.nn.Module, args: Any, *, trace_joint: bool,
                                where=exc.user_location())
     grad_ctx = torch.enable_grad() if trace_joint else torch.no_grad()
     with grad_ctx:
-        fake_mode, fakes = fake_mode_for(all_inputs)
+        fake_mode, fakes = (fake_inputs or fake_mode_for)(all_inputs)
         meta = collect_metadata(flat_fn, fakes, fake_mode, decompositions,
                                 [True] * len(fakes), export=True)
         gm, n_grads = _trace_export(flat_fn, meta, fakes, fake_mode, decompositions,
@@ -84,6 +91,7 @@ def aot_export_module(mod: torch.nn.Module, args: Any, *, trace_joint: bool,
     sig = _signature(gm, meta, names, param_names, n_state, len(flat_user), n_grads, trace_joint,
                      output_loss_index)
     sig.in_spec, sig.out_spec = in_spec, out_spec_box[0] if out_spec_box else None
+    sig.out_constants = out_spec_box[1] if out_spec_box else {}
     if config.unlift_effect_tokens and meta.num_tokens:
         unlift_tokens(gm, meta.num_tokens)
         sig.input_tokens, sig.output_tokens = [], []

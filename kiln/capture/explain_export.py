@@ -71,29 +71,35 @@ def export(fn: Callable, *extra_args: Any, **extra_kwargs: Any) -> Callable:
     when the function cannot be captured whole."""
 
     def inner(*args: Any, **kwargs: Any):
-        from .cache import CompileContext
-
-        captured: list = []
-
-        def backend(gm, example_inputs):
-            captured.append(gm)
-            return gm.forward
-
-        target = fn
-        self_obj = None
-        if isinstance(fn, torch.nn.Module):
-            self_obj, target = fn, type(fn).forward
-            args = (fn,) + tuple(args)
-        ctx = CompileContext(backend, "export", fullgraph=True)
-        w = ctx.wrapper_for(target)
-        w(*args, **kwargs)
-        entry = w._kiln_cache.entries[0]
-        gm = _rebuild(target, self_obj, captured[0] if captured else None, entry, args, kwargs)
-        return gm, list(getattr(entry, "__kiln_guards__", []))
+        return capture_whole(fn, args, kwargs)
 
     if extra_args or extra_kwargs:
         return inner(*extra_args, **extra_kwargs)
     return inner
+
+
+def capture_whole(fn: Callable, args: tuple, kwargs: dict, *, dynamic: Any = None) -> tuple:
+    """(GraphModule, guards) of ``fn(*args, **kwargs)`` captured as one graph
+    (``dynamic``: as ``kiln.compile``'s); raises Unsupported at a graph break."""
+    from .cache import CompileContext
+
+    captured: list = []
+
+    def backend(gm, example_inputs):
+        captured.append(gm)
+        return gm.forward
+
+    target = fn
+    self_obj = None
+    if isinstance(fn, torch.nn.Module):
+        self_obj, target = fn, type(fn).forward
+        args = (fn,) + tuple(args)
+    ctx = CompileContext(backend, "export", fullgraph=True, dynamic=dynamic)
+    w = ctx.wrapper_for(target)
+    w(*args, **kwargs)
+    entry = w._kiln_cache.entries[0]
+    gm = _rebuild(target, self_obj, captured[0] if captured else None, entry, args, kwargs)
+    return gm, list(getattr(entry, "__kiln_guards__", []))
 
 
 def _source_node(g: fx.Graph, src: Source, value: Any, ph: dict, has_self: bool, consts: dict) -> fx.Node:
@@ -141,9 +147,16 @@ def _rebuild(fn, self_obj, gm, entry, args, kwargs) -> fx.GraphModule:
     if info is None:
         raise Unsupported("export needs a single graph ending in a return", where=user_location())
     sources, ret, nodes = info
-    params = list(inspect.signature(fn, follow_wrapped=False).parameters)[1 if self_obj is not None else 0:]
+    sig_params = list(inspect.signature(fn, follow_wrapped=False).parameters.values())
+    sig_params = sig_params[1 if self_obj is not None else 0:]
     g = fx.Graph()
-    ph = {p: g.placeholder(p) for p in params}
+    # NOTE: defaults stay defaults, so the graph is callable as fn is
+    defaults = {inspect.Parameter.VAR_POSITIONAL: (), inspect.Parameter.VAR_KEYWORD: {}}
+    ph = {}
+    for p in sig_params:
+        default = defaults.get(p.kind, p.default)
+        ph[p.name] = (g.placeholder(p.name) if default is inspect.Parameter.empty
+                      else g.placeholder(p.name, default_value=default))
     consts: dict = {}
     src_nodes = {s: _source_node(g, s, v, ph, self_obj is not None, consts) for s, v in sources}
     outs: tuple = ()
@@ -154,7 +167,9 @@ def _rebuild(fn, self_obj, gm, entry, args, kwargs) -> fx.GraphModule:
     index = {n: i for i, n in enumerate(nodes)}
 
     def conv(vt):
+        from .variables.base import VT
         from .variables.containers import ListVT, TupleVT
+        from .variables.objects import DataclassVT
         from .variables.tensor import TensorVT
 
         if isinstance(vt, TensorVT):
@@ -162,6 +177,10 @@ def _rebuild(fn, self_obj, gm, entry, args, kwargs) -> fx.GraphModule:
         if isinstance(vt, (TupleVT, ListVT)):
             vals = [conv(v) for v in vt.items]
             return vals if isinstance(vt, ListVT) else tuple(vals)
+        if isinstance(vt, DataclassVT):
+            # NOTE: a model output (a dataclass) is built by the graph from its fields
+            fields = {k: conv(v) if isinstance(v, VT) else v for k, v in vt.fields.items()}
+            return g.call_function(vt.cls, (), fields)
         if vt.is_const():
             return vt.const()
         raise Unsupported(f"export of a function returning {vt}", where=user_location())

@@ -7,8 +7,9 @@ mapped to that node, or to ``getitem`` nodes for tuple outputs.
 """
 from __future__ import annotations
 
+import contextlib
 import operator
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 import torch.fx as fx
@@ -32,6 +33,21 @@ def _is_sym(x: Any) -> bool:
     return isinstance(x, (torch.SymInt, torch.SymFloat, torch.SymBool))
 
 
+_LIFT_FROM: list = []
+
+
+@contextlib.contextmanager
+def lifting_from(outer: "Tracer") -> Iterator[list]:
+    """Traces started inside take the tensors of ``outer``'s trace they read as new
+    inputs (placeholders after their own); yields the list of those tensors, in order."""
+    lifted: list = []
+    _LIFT_FROM.append((outer, lifted))
+    try:
+        yield lifted
+    finally:
+        _LIFT_FROM.pop()
+
+
 class Tracer:
     """Holds the graph being built and the value -> node maps."""
 
@@ -46,6 +62,9 @@ class Tracer:
         self.syms = SymNodeBuilder(self.graph)
         self._meta_mode: Optional[FakeTensorMode] = None
         self.mode = TracingMode(self)
+        # NOTE: a trace nested in another (a strict_mode body) takes the outer trace's
+        # tensors it reads as extra inputs, not as constants (see lifting_from)
+        self._lift_from = _LIFT_FROM[-1] if _LIFT_FROM else None
 
     # ---- value <-> node -------------------------------------------------
     def bind(self, value: Any, node: fx.Node) -> None:
@@ -91,8 +110,22 @@ class Tracer:
     def proxy_tree(self, tree: Any) -> Any:
         return pytree.tree_map(self.proxy_of, tree)
 
+    def _lift_input(self, value: torch.Tensor) -> fx.Node:
+        first = next((n for n in self.graph.nodes if n.op != "placeholder"), None)
+        n_ph = sum(1 for n in self.graph.nodes if n.op == "placeholder")
+        ctx = self.graph.inserting_before(first) if first is not None else contextlib.nullcontext()
+        with ctx:
+            node = self.graph.placeholder(f"arg{n_ph}_1")
+        self.bind(value, node)
+        self._lift_from[1].append(value)
+        return node
+
     def lift_constant(self, value: Any, prefix: str = "_tensor_constant") -> fx.Node:
-        """Register a value created outside the trace as a graph attribute."""
+        """Register a value created outside the trace as a graph attribute (a tensor of
+        the enclosing trace, inside :func:`lifting_from`: a new input)."""
+        if (isinstance(value, torch.Tensor) and self._lift_from is not None
+                and self._lift_from[0].node_of_tensor(value) is not None):
+            return self._lift_input(value)
         name = f"{prefix}{sum(1 for k in self.constants if k.startswith(prefix))}"
         stored = value
         if isinstance(value, torch.Tensor) and isinstance(value, FakeTensor):

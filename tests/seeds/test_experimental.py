@@ -1,9 +1,4 @@
-"""Seed 004 (export's test_experimental), ported to kiln's API.
-
-The export stage (kiln/export) has no issue yet: every test here waits for it
-as a strict xfail, so each starts failing loudly the day export lands and must
-then be unmarked.
-"""
+"""Seed 004 (export's test_experimental), ported to kiln's API (kiln.export)."""
 from typing import Dict, List, Tuple
 
 import pytest
@@ -11,10 +6,9 @@ import torch
 
 import kiln
 
-needs_export = pytest.mark.xfail(strict=True, reason="needs the export stage, not built yet")
 
 
-@needs_export
+
 def test_with_buffer_as_submodule():
     from kiln.export import export, mark_strict
 
@@ -53,7 +47,6 @@ def test_with_buffer_as_submodule():
         assert torch.allclose(g2, e2) and torch.allclose(g1, e1)
 
 
-@needs_export
 def test_mark_strict_with_container_type():
     from kiln.export import export, mark_strict
 
@@ -81,7 +74,6 @@ class _CosSin(torch.nn.Module):
         return x.cos() + x.sin()
 
 
-@needs_export
 def test_torchscript_module_export():
     from kiln.export import from_torchscript
 
@@ -91,7 +83,6 @@ def test_torchscript_module_export():
     assert torch.allclose(exported(*inps), _CosSin()(*inps))
 
 
-@needs_export
 def test_torchscript_module_export_single_input():
     from kiln.export import from_torchscript
 
@@ -101,7 +92,6 @@ def test_torchscript_module_export_single_input():
     assert torch.allclose(exported(inps), _CosSin()(inps))
 
 
-@needs_export
 def test_torchscript_module_export_various_inputs_with_annotated_input_names():
     from kiln.export import export, from_torchscript
 
@@ -131,7 +121,6 @@ def test_torchscript_module_export_various_inputs_with_annotated_input_names():
     check(MDict, ({"0": torch.randn(4), "1": torch.randn(4)},))
 
 
-@needs_export
 def test_joint_dynamic():
     from kiln.export import Dim, export, export_forward_backward
 
