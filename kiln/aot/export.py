@@ -9,6 +9,7 @@ grad, computed from the output at ``output_loss_index``).  With
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
@@ -56,19 +57,29 @@ def aot_export_module(mod: torch.nn.Module, args: Any, *, trace_joint: bool,
                       output_loss_index: Optional[int] = None, pre_dispatch: bool = False,
                       decompositions: Optional[dict] = None, kwargs: Optional[dict] = None,
                       fake_inputs: Optional[Callable[[list], tuple]] = None,
+                      keep_grad_mode: bool = False,
                       ) -> tuple[fx.GraphModule, GraphSignature]:
-    """Export ``mod(*args)`` as one functional ATen graph and its GraphSignature.
+    """Export ``mod(*args)`` as one functional ATen graph and its GraphSignature (inputs
+    that are not tensors are specialised: the graph takes the tensors only).
 
     ``fake_inputs(state + flat user inputs) -> (fake mode, fakes)`` makes the traced
-    inputs (kiln.export: symbolic dims); by default every input is a static fake."""
+    inputs (kiln.export: symbolic dims); by default every input is a static fake.
+    ``keep_grad_mode``: trace an inference graph in the caller's grad mode instead of
+    under no_grad (kiln.export: kernels picked by grad mode, such as attention's, are then
+    those the program runs with when called with gradients on)."""
     kwargs = kwargs or {}
     names, values, param_names = _module_state(mod)
-    flat_user, in_spec = pytree.tree_flatten((tuple(args), kwargs))
+    flat_all, in_spec = pytree.tree_flatten((tuple(args), kwargs))
+    # NOTE: inputs that are not tensors are constants of the graph (specialised)
+    consts = {i: v for i, v in enumerate(flat_all) if not isinstance(v, torch.Tensor)}
+    flat_user = [v for v in flat_all if isinstance(v, torch.Tensor)]
     n_state = len(values)
     out_spec_box: list = []
 
     def flat_fn(*tensors):
-        a, kw = pytree.tree_unflatten(list(tensors[n_state:]), in_spec)
+        given = iter(tensors[n_state:])
+        leaves = [consts[i] if i in consts else next(given) for i in range(len(flat_all))]
+        a, kw = pytree.tree_unflatten(leaves, in_spec)
         out = functional_call(mod, names, list(tensors[:n_state]), a, kw)
         flat_out, spec = pytree.tree_flatten(out)
         if not out_spec_box:
@@ -81,7 +92,8 @@ def aot_export_module(mod: torch.nn.Module, args: Any, *, trace_joint: bool,
         raise exc.TracingError("aot_export_module(trace_joint=True) needs output_loss_index",
                                why="the backward is computed from one scalar loss output",
                                where=exc.user_location())
-    grad_ctx = torch.enable_grad() if trace_joint else torch.no_grad()
+    grad_ctx = (torch.enable_grad() if trace_joint else
+                contextlib.nullcontext() if keep_grad_mode else torch.no_grad())
     with grad_ctx:
         fake_mode, fakes = (fake_inputs or fake_mode_for)(all_inputs)
         meta = collect_metadata(flat_fn, fakes, fake_mode, decompositions,

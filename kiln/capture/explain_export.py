@@ -151,12 +151,18 @@ def _rebuild(fn, self_obj, gm, entry, args, kwargs) -> fx.GraphModule:
     sig_params = sig_params[1 if self_obj is not None else 0:]
     g = fx.Graph()
     # NOTE: defaults stay defaults, so the graph is callable as fn is
-    defaults = {inspect.Parameter.VAR_POSITIONAL: (), inspect.Parameter.VAR_KEYWORD: {}}
+    # NOTE: ``*args`` stays a star placeholder (the call's remaining positional
+    # arguments); ``**kwargs`` a keyword placeholder defaulting to {}
     ph = {}
     for p in sig_params:
-        default = defaults.get(p.kind, p.default)
-        ph[p.name] = (g.placeholder(p.name) if default is inspect.Parameter.empty
-                      else g.placeholder(p.name, default_value=default))
+        if p.kind is inspect.Parameter.VAR_POSITIONAL:
+            ph[p.name] = g.placeholder(f"*{p.name}")
+        elif p.kind is inspect.Parameter.VAR_KEYWORD:
+            ph[p.name] = g.placeholder(p.name, default_value={})
+        elif p.default is inspect.Parameter.empty:
+            ph[p.name] = g.placeholder(p.name)
+        else:
+            ph[p.name] = g.placeholder(p.name, default_value=p.default)
     consts: dict = {}
     src_nodes = {s: _source_node(g, s, v, ph, self_obj is not None, consts) for s, v in sources}
     outs: tuple = ()

@@ -78,14 +78,59 @@ def _check_args(args: Any, kwargs: Any) -> tuple[tuple, dict]:
     return args, dict(kwargs or {})
 
 
-def _capture(mod: torch.nn.Module, args: tuple, kwargs: dict, dynamic: bool) -> torch.nn.Module:
+def _source_names(fn: Callable, args: tuple, kwargs: dict) -> list:
+    """Capture's source text of each flat input leaf (``L['x']``, ``L['pair'][0]``)."""
+    pos, kw = D.input_names(fn, args, kwargs)
+    out = []
+    for name, v in zip(pos + kw, list(args) + [kwargs[k] for k in kw]):
+        for path, _ in pytree.tree_flatten_with_path(v)[0]:
+            out.append(f"L[{name!r}]" + "".join(f"[{getattr(k, 'key', getattr(k, 'idx', k))!r}]"
+                                                 for k in path))
+    return out
+
+
+def _check_capture_guards(guards: list, specs: list, sources: list, names: list) -> None:
+    """Strict capture specialises a size the program computes with in Python (a
+    ``math.sqrt(x.shape[1])`` becomes a constant) and guards on it: a declared Dim with
+    such a guard is an error, as a specialisation found while tracing is."""
+    texts = [str(g) for g in guards if "SHAPE_ENV" in str(g)]
+    why, fixes = [], []
+    for spec, src, leaf in zip(specs, sources, names):
+        for i, d in enumerate(spec or []):
+            if not isinstance(d, (D.Dim, D.DerivedDim)):
+                continue
+            name = d.__name__ if isinstance(d, D.Dim) else d.root.__name__
+            pat = re.escape(f"({src}.size()[{i}])") + r" (==|>=|<=) (\d+)"
+            found = {m.group(1): int(m.group(2)) for t in texts for m in [re.search(pat, t)] if m}
+            where = f"{leaf}.size({i}) (Dim {name!r})"
+            if "==" in found:
+                why.append(f"{where} was specialised to {found['==']} by the program")
+                fixes.append(f"{name} = {found['==']}  # or Dim.STATIC for {leaf}.size({i})")
+                continue
+            lo, hi = found.get(">="), found.get("<=")
+            if isinstance(d, D.Dim) and ((lo is not None and lo > max(d.min, 2))
+                                         or (hi is not None and hi < d.max)):
+                lo, hi = max(lo or 2, d.min, 2), min(hi if hi is not None else d.max, d.max)
+                why.append(f"{where} only works in [{lo}, {hi if hi < D.INT_MAX else 'inf'}] in the program")
+                fixes.append(f"{name} = Dim({name!r}, min={lo}" + (f", max={hi})" if hi < D.INT_MAX else ")"))
+    if why:
+        raise exc.ConstraintViolationError(
+            "kiln.export: the program does not allow the dynamic shapes it was given",
+            why="; ".join(why), where=exc.user_location(),
+            hint="Suggested fixes:\n  " + "\n  ".join(fixes))
+
+
+def _capture(mod: torch.nn.Module, args: tuple, kwargs: dict, dynamic: bool,
+             specs: list, names: list) -> torch.nn.Module:
     from kiln.capture.explain_export import capture_whole
 
     # NOTE: capture runs the forward on the real inputs; what it writes to the module's
     # buffers (BatchNorm's statistics, counters) is put back, as export must not run it
     saved = [(b, b.detach().clone()) for b in mod.buffers()]
     try:
-        gm, _guards = capture_whole(mod, args, kwargs, dynamic=True if dynamic else None)
+        gm, guards = capture_whole(mod, args, kwargs, dynamic=True if dynamic else None)
+        if dynamic:
+            _check_capture_guards(guards, specs, _source_names(mod.forward, args, kwargs), names)
     finally:
         with torch.no_grad():
             for b, c in saved:
@@ -117,6 +162,19 @@ def _fakes_for(flat_user: list, specs: list, names: list, box: list) -> Callable
     return make
 
 
+def _export_decompositions() -> dict:
+    """Ops decomposed while exporting.
+
+    NOTE: ``native_batch_norm``'s schema does not say it writes the running statistics;
+    its decomposition reaches ``_native_batch_norm_legit``, whose schema does, so the
+    functional program returns them as BUFFER_MUTATION outputs (the Python dispatcher
+    takes that path by itself when sizes are symbolic)."""
+    from torch._decomp import decomposition_table
+
+    ops = [torch.ops.aten.native_batch_norm.default]
+    return {op: decomposition_table[op] for op in ops if op in decomposition_table}
+
+
 def export(mod: Any, args: tuple, kwargs: Optional[dict] = None, *, dynamic_shapes: Any = None,
            strict: bool = True, pre_dispatch: bool = False) -> ExportedProgram:
     """Export ``mod(*args, **kwargs)`` (see the module docstring)."""
@@ -130,12 +188,14 @@ def export(mod: Any, args: tuple, kwargs: Optional[dict] = None, *, dynamic_shap
     names = leaf_names(mod.forward, args, kwargs)
     box: list = []
     fakes = _fakes_for(flat_user, specs, names, box)
-    target = _capture(mod, args, kwargs, fakes.dynamic) if strict else mod
+    target = _capture(mod, args, kwargs, fakes.dynamic, specs, names) if strict else mod
     with aot_config.patch(unlift_effect_tokens=True):
         gm, sig = _traced(lambda: aot_export_module(target, args, trace_joint=False, kwargs=kwargs,
-                                                    pre_dispatch=pre_dispatch, fake_inputs=fakes))
+                                                    pre_dispatch=pre_dispatch, fake_inputs=fakes,
+                                                    decompositions=_export_decompositions(),
+                                                    keep_grad_mode=True))
     rc, dim_names = D.range_constraints(box[0]) if box and box[0] is not None else ({}, {})
-    return _program(mod, gm, sig, args, kwargs, in_spec, names, rc, dim_names)
+    return _program(mod, target, gm, sig, args, kwargs, in_spec, names, rc, dim_names)
 
 
 def _state_kind(mod: torch.nn.Module, name: str, sig) -> tuple[InputKind, bool]:
@@ -234,41 +294,79 @@ def _traced(fn: Callable) -> Any:
                  "strict=True names the line too") from e
 
 
-def _program(mod, gm, sig, args, kwargs, in_spec, names, rc, dim_names) -> ExportedProgram:
+def _program(mod, target, gm, sig, args, kwargs, in_spec, names, rc, dim_names) -> ExportedProgram:
     phs = [n for n in gm.graph.nodes if n.op == "placeholder"]
     n_state = len(sig.parameters) + len(sig.buffers)
     state_phs, user_phs = phs[:n_state], phs[n_state:]
     out_constants = _check_outputs(sig)
     consts = _lift_constants(gm, user_phs[0] if user_phs else None)
     input_specs, state_dict = [], {}
-    state_names = [sig.inputs_to_parameters.get(p.name) or sig.inputs_to_buffers[p.name] for p in state_phs]
+    traced_names = [sig.inputs_to_parameters.get(p.name) or sig.inputs_to_buffers[p.name] for p in state_phs]
     all_state = dict(mod.named_parameters(remove_duplicate=False))
     all_state.update(mod.named_buffers(remove_duplicate=False))
+    # NOTE: strict capture may hold module state under its own names (``_const_3`` for a
+    # weight read through a path it does not follow): the module's name is found by identity
+    by_id = {}
+    for k, t in all_state.items():
+        by_id.setdefault(id(t), k)
+    target_state = dict(target.named_parameters(remove_duplicate=False))
+    target_state.update(target.named_buffers(remove_duplicate=False))
+    state_names = [n if n in all_state else by_id.get(id(target_state.get(n)), n) for n in traced_names]
+    sig = _renamed_state(sig, dict(zip(traced_names, state_names)))
     user_old = [p.name for p in user_phs]
-    for ph, name in zip(state_phs, state_names):
+    constants: dict = {}
+
+    def constant(ph: fx.Node, t: torch.Tensor) -> None:
+        target = f"lifted_tensor_{len(constants)}"
+        _rename(ph, f"c_{target}")
+        input_specs.append(InputSpec(InputKind.CONSTANT_TENSOR, ph.name, target))
+        constants[target] = t.detach()
+
+    for ph, name, traced in zip(state_phs, state_names, traced_names):
+        if name not in all_state:
+            # NOTE: a tensor strict capture read from a plain attribute or a global
+            constant(ph, target_state[traced])
+            continue
         kind, persistent = _state_kind(mod, name, sig)
         _rename(ph, ("p_" if kind is InputKind.PARAMETER else "b_") + _sanitize(name))
         input_specs.append(InputSpec(kind, ph.name, name, None if kind is InputKind.PARAMETER else persistent))
-        state_dict[name] = all_state.get(name, getattr(gm, name, None))
-    constants = {}
-    for i, (ph, attr, t) in enumerate(consts):
-        target = f"lifted_tensor_{i}"
-        _rename(ph, f"c_{target}")
-        input_specs.append(InputSpec(InputKind.CONSTANT_TENSOR, ph.name, target))
-        constants[target] = t
-    for ph, name in zip(user_phs, names):
+        state_dict[name] = all_state[name]
+    for ph, _attr, t in consts:
+        constant(ph, t)
+    flat_user = pytree.tree_leaves((tuple(args), kwargs))
+    tensor_names = [n for n, v in zip(names, flat_user) if isinstance(v, torch.Tensor)]
+    for ph, name in zip(user_phs, tensor_names):
         _rename(ph, name)
         input_specs.append(InputSpec(InputKind.USER_INPUT, ph.name))
     renamed = dict(zip(user_old, [p.name for p in user_phs]))
     output_specs = _output_specs(gm, sig, renamed)
     gm.recompile()
-    meta = [LeafMeta(n.name, v.dtype, [_size(s) for s in v.shape]) if isinstance(v, torch.Tensor)
-            else LeafMeta(n.name, value=v)
-            for n, v in zip(user_phs, (p.meta.get("val") for p in user_phs))]
+    vals = iter(p.meta.get("val") for p in user_phs)
+    meta = []
+    for name, leaf in zip(names, flat_user):
+        if isinstance(leaf, torch.Tensor):
+            v = next(vals)
+            meta.append(LeafMeta(name, v.dtype, [_size(s) for s in v.shape]))
+        else:
+            meta.append(LeafMeta(name, value=leaf))
     return ExportedProgram(gm, ExportGraphSignature(input_specs, output_specs), state_dict, rc,
                            constants=constants, example_inputs=(args, kwargs), in_spec=in_spec,
                            out_spec=sig.out_spec, input_meta=meta, dim_names=dim_names,
                            out_constants=out_constants)
+
+
+def _renamed_state(sig, new_names: dict):
+    """``sig`` with its state names mapped through ``new_names``."""
+    import dataclasses
+
+    def m(d: dict) -> dict:
+        return {k: new_names.get(v, v) for k, v in d.items()}
+
+    return dataclasses.replace(sig, parameters=[new_names.get(n, n) for n in sig.parameters],
+                               buffers=[new_names.get(n, n) for n in sig.buffers],
+                               inputs_to_parameters=m(sig.inputs_to_parameters),
+                               inputs_to_buffers=m(sig.inputs_to_buffers),
+                               buffers_to_mutate=m(sig.buffers_to_mutate))
 
 
 def _size(s: Any) -> Any:

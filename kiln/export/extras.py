@@ -10,7 +10,7 @@ conversion, ahead-of-time compilation.
 * :func:`from_torchscript`: a ``torch.jit.trace``-d module to an exported program (its
   placeholders named as direct export names them).
 * :func:`compile`: an exported program (possibly loaded from disk) through kiln's code
-  generator; a module with the program's input checks.
+  generator, for inference (no autograd); a module with the program's input checks.
 """
 from __future__ import annotations
 
@@ -150,7 +150,8 @@ class CompiledProgram(ExportedModule):
         if fn is None:
             # NOTE: one compile per input shape (a program with Dims compiles per shape,
             # from a copy of its graph without the symbolic metadata)
-            fn = compile_fx(self._static_graph(), list(ins), options=self._options)
+            with torch.no_grad():
+                fn = compile_fx(self._static_graph(), list(ins), options=self._options)
             self._compiled[key] = fn
         return fn
 
@@ -166,7 +167,10 @@ class CompiledProgram(ExportedModule):
         return fx.GraphModule(gm, g)
 
     def _run_graph(self, ins: list) -> Any:
-        return self.compiled_for(ins)(*ins)
+        # NOTE: a compiled program serves inference, as ahead-of-time compiled programs
+        # do: it runs without autograd (export_forward_backward gives a training program)
+        with torch.no_grad():
+            return self.compiled_for(ins)(*ins)
 
 
 def compile(ep: ExportedProgram, options: Any = None) -> torch.nn.Module:

@@ -222,6 +222,31 @@ def _get_state(root: torch.nn.Module, name: str) -> torch.Tensor:
     return mod
 
 
+def _tensor_inputs(ep: ExportedProgram, flat: list) -> list:
+    """The flat user inputs that are graph inputs (others were specialised at export)."""
+    if not ep.input_meta:
+        return flat
+    return [v for v, m in zip(flat, ep.input_meta) if m.dtype is not None]
+
+
+def _size_expr(ep: ExportedProgram, text: str) -> sympy.Expr:
+    """The sympy expression of a symbolic size of ``ep``'s inputs (``"2*s3"``).
+
+    NOTE: parsed by the archive's checked expression grammar, never ``sympify``: a loaded
+    program's text must not be evaluated as Python."""
+    cache = ep.__dict__.setdefault("_size_exprs", {})
+    if text not in cache:
+        from kiln.export.archive import _BadExpr, _eval_expr
+
+        env = {n: sympy.Symbol(n, integer=True, positive=True) for n in ep.range_constraints}
+        try:
+            cache[text] = sympy.sympify(_eval_expr(text, env)) if env else sympy.Integer(int(text))
+        except (_BadExpr, ValueError, TypeError) as e:
+            raise exc.ExportError(f"kiln.export: the program's input size {text!r} is not an "
+                                  f"expression of its symbols ({e})") from None
+    return cache[text]
+
+
 def _fail(what: str, why: str = "", hint: str = "") -> exc.ExportInputError:
     return exc.ExportInputError(what, why=why, where=exc.user_location(), hint=hint)
 
@@ -256,7 +281,7 @@ class ExportedModule(torch.nn.Module):
                     _get_state(self, s.target).copy_(o)
             elif s.kind is OutputKind.USER_INPUT_MUTATION:
                 with torch.no_grad():
-                    flat[user_names.index(s.target)].copy_(o)
+                    _tensor_inputs(ep, flat)[user_names.index(s.target)].copy_(o)
             elif s.kind in (OutputKind.USER_OUTPUT, OutputKind.LOSS_OUTPUT,
                             OutputKind.GRADIENT_TO_PARAMETER, OutputKind.GRADIENT_TO_USER_INPUT):
                 result.append(o)
@@ -269,7 +294,7 @@ class ExportedModule(torch.nn.Module):
     def _graph_inputs(self, flat: list) -> list:
         """The graph's inputs for the flat user inputs ``flat`` (state, constants, inputs)."""
         ep = self._ep
-        ins, user = [], iter(flat)
+        ins, user = [], iter(_tensor_inputs(ep, flat))
         for s in ep.graph_signature.input_specs:
             if s.kind is InputKind.USER_INPUT:
                 ins.append(next(user))
@@ -313,7 +338,7 @@ class ExportedModule(torch.nn.Module):
                             f"a static {want} there", hint="declare the dim dynamic with a Dim in "
                             "dynamic_shapes to take other sizes")
             return
-        expr = sympy.sympify(want)
+        expr = _size_expr(ep, want)
         free = sorted(expr.free_symbols, key=str)
         if len(free) == 1 and str(free[0]) not in bound:
             sym = free[0]
@@ -328,7 +353,7 @@ class ExportedModule(torch.nn.Module):
                 raise _fail(f"kiln.export: input {where} is {got}, outside the range of Dim {dim!r}: "
                             f"{rng}", hint="pass an input inside the range, or export with a wider Dim")
             return
-        value = expr.subs({sympy.Symbol(k): v for k, (v, _) in bound.items()})
+        value = expr.subs({s: bound[str(s)][0] for s in expr.free_symbols if str(s) in bound})
         if value.free_symbols or int(value) != got:
             firsts = ", ".join(f"{w} = {v}" for _, (v, w) in bound.items())
             raise _fail(f"kiln.export: input {where} is {got}, but the program needs {want} = {value} "

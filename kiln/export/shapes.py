@@ -356,7 +356,7 @@ class Range:
         return f"VR[{self.min}, {'int_oo' if self.max is None else self.max}]"
 
 
-def _bound(v: Any) -> Optional[int]:
+def size_bound(v: Any) -> Optional[int]:
     try:
         f = float(v)
     except (TypeError, ValueError):
@@ -386,7 +386,7 @@ def range_constraints(syms: Symbols) -> tuple[dict, dict]:
                 fixes.append(f"{key} = <the Dim of the other size> (or a derived dim: {expr})")
             continue
         vr = env.var_to_range.get(expr)
-        lo, hi = (_bound(vr.lower), _bound(vr.upper)) if vr is not None else (2, None)
+        lo, hi = (size_bound(vr.lower), size_bound(vr.upper)) if vr is not None else (2, None)
         lo = 2 if lo is None else lo
         if isinstance(d, Dim) and (lo > max(d.min, 2) or (hi is not None and hi < d.max)):
             why.append(f"{where} (Dim {key!r}) only works in [{lo}, {hi if hi is not None else 'inf'}] "

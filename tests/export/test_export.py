@@ -266,3 +266,63 @@ def test_kiln_export_compile_runs_generated_code(dynamic):
     assert metrics.generated_kernel_count > 0
     with pytest.raises(exc.ExportInputError):
         fast(torch.randn(8, 15))
+
+
+@pytest.mark.parametrize("strict", [True, False])
+def test_a_size_read_in_python_is_a_specialisation_in_both_modes(strict):
+    import math
+
+    class Scaled(torch.nn.Module):
+        def forward(self, x):
+            return x * (1.0 / math.sqrt(x.shape[1]))
+
+    with pytest.raises(exc.ConstraintViolationError, match=r"x\.size\(1\) \(Dim 'k'\) was specialised to 4"):
+        export(Scaled(), (torch.randn(2, 4),), dynamic_shapes={"x": {1: Dim("k")}}, strict=strict)
+    ep = export(Scaled(), (torch.randn(2, 4),), dynamic_shapes={"x": {0: Dim("b")}}, strict=strict)
+    torch.testing.assert_close(ep.module()(torch.ones(3, 4)), torch.full((3, 4), 0.5))
+
+
+@pytest.mark.parametrize("strict", [True, False])
+def test_inputs_that_are_not_tensors_are_specialised(strict):
+    class Scale(torch.nn.Module):
+        def forward(self, x, n, flag=True):
+            return x * n if flag else x
+
+    ep = export(Scale(), (torch.randn(3), 4), strict=strict)
+    assert [n.name for n in ep.graph.nodes if n.op == "placeholder"] == ["x"]
+    torch.testing.assert_close(ep.module()(torch.ones(3), 4), torch.full((3,), 4.0))
+    with pytest.raises(exc.ExportInputError, match="input n is 5, but the program was exported with 4"):
+        ep.module()(torch.ones(3), 5)
+
+
+def test_batch_norm_statistics_are_buffer_mutations():
+    m = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4)).train()
+    ref = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4)).train()
+    ref.load_state_dict(m.state_dict())
+    ep = export(m, (torch.randn(2, 3, 8, 8),), strict=False)
+    assert sorted(ep.graph_signature.buffers_to_mutate.values()) == [
+        "1.num_batches_tracked", "1.running_mean", "1.running_var"]
+    assert "native_batch_norm.default" not in ep.graph_module.code   # the op that writes unannounced
+    x = torch.randn(2, 3, 8, 8)
+    mod = ep.module()
+    torch.testing.assert_close(mod(x), ref(x))
+    torch.testing.assert_close(mod.get_buffer("1.running_mean"), ref[1].running_mean)
+
+
+def test_program_traced_in_grad_mode_takes_gradients():
+    """Attention over a mask that requires grad (T5's position bias): the kernel picked at
+    export must be one autograd can run (eager picks the math kernel there)."""
+    class Biased(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bias = torch.nn.Parameter(torch.zeros(1, 2, 4, 4))
+
+        def forward(self, q):
+            return torch.nn.functional.scaled_dot_product_attention(q, q, q, attn_mask=self.bias)
+
+    m = Biased()
+    q = torch.randn(1, 2, 4, 8)
+    ep = export(m, (q,), strict=False)
+    out = ep.module()(q)
+    torch.testing.assert_close(out, m(q))
+    out.sum().backward()
