@@ -183,6 +183,14 @@ def export(mod: Any, args: tuple, kwargs: Optional[dict] = None, *, dynamic_shap
 
     mod = _as_module(mod)
     args, kwargs = _check_args(args, kwargs)
+    if pre_dispatch:
+        from kiln.fallbacks import record_fallback
+
+        # NOTE: PyTorch's pre-dispatch graph keeps composite ops (aten.linear) and grad-mode
+        # switches; kiln's tracer sits below autograd and sees them decomposed
+        record_fallback("export", "pre_dispatch=True",
+                        "kiln exports the post-dispatch ATen program (composite ops such as "
+                        "aten.linear come decomposed); a pre-dispatch graph is not built yet")
     specs = D.leaf_specs(mod.forward, args, kwargs, dynamic_shapes)
     flat_user, in_spec = pytree.tree_flatten((args, kwargs))
     names = leaf_names(mod.forward, args, kwargs)

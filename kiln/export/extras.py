@@ -57,7 +57,13 @@ def export_forward_backward(ep: ExportedProgram) -> ExportedProgram:
                               f"{len(user_outs)}", where=exc.user_location(),
                               hint="return the loss only")
     phs = [n for n in ep.graph.nodes if n.op == "placeholder"]
-    wrt = [i for i, s in enumerate(sig.input_specs) if s.kind is InputKind.PARAMETER]
+    # NOTE: gradients of the parameters, and of the user inputs whose example input
+    # required grad (as PyTorch's joint export)
+    example = pytree.tree_leaves(ep.example_inputs) if ep.example_inputs is not None else []
+    wants_grad = iter([isinstance(v, torch.Tensor) and v.requires_grad for v in example
+                       if isinstance(v, torch.Tensor)])
+    wrt = [i for i, s in enumerate(sig.input_specs)
+           if s.kind is InputKind.PARAMETER or (s.kind is InputKind.USER_INPUT and next(wants_grad, False))]
     loss_at = sig.output_specs.index(user_outs[0])
 
     def joint(*xs):
@@ -85,7 +91,11 @@ def export_forward_backward(ep: ExportedProgram) -> ExportedProgram:
         kind = OutputKind.LOSS_OUTPUT if s is user_outs[0] else s.kind
         specs.append(OutputSpec(kind, name, s.target))
     for i, name in zip(wrt, names[len(sig.output_specs):]):
-        specs.append(OutputSpec(OutputKind.GRADIENT_TO_PARAMETER, name, sig.input_specs[i].target))
+        s = sig.input_specs[i]
+        if s.kind is InputKind.PARAMETER:
+            specs.append(OutputSpec(OutputKind.GRADIENT_TO_PARAMETER, name, s.target))
+        else:
+            specs.append(OutputSpec(OutputKind.GRADIENT_TO_USER_INPUT, name, s.name))
     return ExportedProgram(gm, ExportGraphSignature(list(sig.input_specs), specs), ep.state_dict,
                            ep.range_constraints, constants=ep.constants, example_inputs=ep.example_inputs,
                            in_spec=ep.in_spec, out_spec=None, input_meta=ep.input_meta,

@@ -231,6 +231,12 @@ def test_joint_export_has_loss_and_gradients():
     torch.testing.assert_close((gw, gb), (rw, rb))
     with pytest.raises(exc.ExportError, match="one scalar output"):
         export_forward_backward(export(_TwoOutputs(), (x,)))
+    # a user input whose example requires grad gets its gradient too
+    xg = torch.randn(6, 3, requires_grad=True)
+    joint = export_forward_backward(export(Loss(), (xg,), strict=False))
+    assert list(joint.graph_signature.gradients_to_user_inputs.values()) == ["x"]
+    loss, gw, gb, gx = joint.module()(xg)
+    torch.testing.assert_close(gx, torch.autograd.grad(lin(xg).pow(2).mean(), xg)[0])
 
 
 class _TwoOutputs(torch.nn.Module):
