@@ -151,14 +151,14 @@ def _rebuild(fn, self_obj, gm, entry, args, kwargs) -> fx.GraphModule:
     sig_params = sig_params[1 if self_obj is not None else 0:]
     g = fx.Graph()
     # NOTE: defaults stay defaults, so the graph is callable as fn is
-    # NOTE: ``*args`` stays a star placeholder (the call's remaining positional
-    # arguments); ``**kwargs`` a keyword placeholder defaulting to {}
+    # NOTE: ``*args`` and ``**kwargs`` stay star placeholders, so the graph takes the
+    # call's remaining positional and keyword arguments as ``fn`` does
     ph = {}
     for p in sig_params:
         if p.kind is inspect.Parameter.VAR_POSITIONAL:
             ph[p.name] = g.placeholder(f"*{p.name}")
         elif p.kind is inspect.Parameter.VAR_KEYWORD:
-            ph[p.name] = g.placeholder(p.name, default_value={})
+            ph[p.name] = g.placeholder(f"**{p.name}")
         elif p.default is inspect.Parameter.empty:
             ph[p.name] = g.placeholder(p.name)
         else:

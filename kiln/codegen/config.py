@@ -15,7 +15,7 @@ cpu_backend: str = "cpp"
 # The C++ compiler: None uses $CXX when set, else the first of g++, clang++ that works.
 cpp_compiler: str | None = None
 # Optimisation flags; "-march=native" is added where the compiler accepts it.
-# (-fno-math-errno is always added: see kiln.codegen.cpp.build.)
+# (-fno-math-errno and -fno-trapping-math are always added: see kiln.codegen.cpp.build.)
 cpp_opt_flags: str = "-O3"
 # Where compiled kernels and their sources live (plain files, keyed by content hash).
 cache_dir: str = os.environ.get("KILN_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".cache", "kiln"))

@@ -195,7 +195,10 @@ def export(mod: Any, args: tuple, kwargs: Optional[dict] = None, *, dynamic_shap
     flat_user, in_spec = pytree.tree_flatten((args, kwargs))
     names = leaf_names(mod.forward, args, kwargs)
     box: list = []
-    fakes = _fakes_for(flat_user, specs, names, box)
+    # NOTE: the graph takes the tensor inputs only (the others are specialised)
+    is_t = [isinstance(v, torch.Tensor) for v in flat_user]
+    fakes = _fakes_for([v for v, t in zip(flat_user, is_t) if t], [s for s, t in zip(specs, is_t) if t],
+                       [n for n, t in zip(names, is_t) if t], box)
     target = _capture(mod, args, kwargs, fakes.dynamic, specs, names) if strict else mod
     with aot_config.patch(unlift_effect_tokens=True):
         gm, sig = _traced(lambda: aot_export_module(target, args, trace_joint=False, kwargs=kwargs,

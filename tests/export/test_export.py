@@ -299,6 +299,8 @@ def test_inputs_that_are_not_tensors_are_specialised(strict):
     torch.testing.assert_close(ep.module()(torch.ones(3), 4), torch.full((3,), 4.0))
     with pytest.raises(exc.ExportInputError, match="input n is 5, but the program was exported with 4"):
         ep.module()(torch.ones(3), 5)
+    ep = export(Scale(), (torch.randn(3), 4), dynamic_shapes={"x": {0: Dim("n")}, "n": None}, strict=strict)
+    torch.testing.assert_close(ep.module()(torch.ones(6), 4), torch.full((6,), 4.0))
 
 
 def test_batch_norm_statistics_are_buffer_mutations():

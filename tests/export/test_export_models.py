@@ -84,3 +84,15 @@ def test_zoo_model_round_trips_through_a_file(name, tmp_path):
 @pytest.mark.parametrize("name", [n for n in MODELS if n not in COMPILED])
 def test_zoo_model_loaded_and_compiled_equals_eager(name, tmp_path):
     _round_trip_and_compile(name, tmp_path, compiled=True)
+
+
+@pytest.mark.parametrize("strict", [True, False], ids=["strict", "non_strict"])
+def test_transformers_model_exports_with_keyword_inputs(strict):
+    """GPT-2 called as users call it: input ids and an attention mask by keyword (the
+    forward takes ``*args, **kwargs`` through transformers' decorators)."""
+    model, (ids,), _ = zoo.build("gpt2")
+    mask = torch.ones_like(ids)
+    mask[0, -3:] = 0
+    ep = export(model, (ids,), {"attention_mask": mask}, strict=strict)
+    ref_model, (ref_ids,), _ = zoo.build("gpt2")
+    _same(ep.module()(ids, attention_mask=mask), ref_model(ref_ids, attention_mask=mask))

@@ -6,7 +6,8 @@ Out: a ``ctypes.CDLL`` of the compiled library (``load_library``).
 The compiler is found once per setting (``config.cpp_compiler``, else ``$CXX``, else
 ``g++`` then ``clang++``) and checked by compiling a three-line file; its flags are
 ``config.cpp_opt_flags`` (``-O3``), ``-march=native`` and ``-fopenmp`` where it accepts
-them (probed once), ``-shared -fPIC -std=c++17 -fno-math-errno -ffp-contract=off``.  Libraries go through
+them (probed once), ``-shared -fPIC -std=c++17 -fno-math-errno -fno-trapping-math
+-ffp-contract=off``.  Libraries go through
 :mod:`kiln.codegen.cache`, keyed by the source, the compiler and its flags, so a source
 compiled once (in this process or any earlier one) is loaded, not compiled again.
 
@@ -38,7 +39,12 @@ _OPENMP_PROBE = ("#include <omp.h>\nextern \"C\" int kiln_probe(void) {\n"
 # body but not its scalar tail, say), so one value computed in two loops could differ in
 # its last bit: var of one element then gave inf ((x - mean)**2 / 0 with x - mean != 0)
 # where eager gives NaN.  The math library calls fma() explicitly, which this leaves alone.
-_BASE_FLAGS = ("-shared", "-fPIC", "-std=c++17", "-fno-math-errno", "-ffp-contract=off")
+# NOTE: -fno-trapping-math: with FP traps assumed possible, GCC 12 does not turn the
+# selects of the vectorizable math (exp's clamps, sign) into blends, and no loop that
+# calls them vectorizes ("control flow in loop").  Kernels never enable traps; results
+# are unchanged (no reassociation, IEEE NaN/inf; only exception flags may differ).
+_BASE_FLAGS = ("-shared", "-fPIC", "-std=c++17", "-fno-math-errno", "-fno-trapping-math",
+               "-ffp-contract=off")
 # NOTE: seconds; a compiler that hangs must not hang the user's program.
 _COMPILE_TIMEOUT_S = 600
 
