@@ -10,7 +10,8 @@ conversion, ahead-of-time compilation.
 * :func:`from_torchscript`: a ``torch.jit.trace``-d module to an exported program (its
   placeholders named as direct export names them).
 * :func:`compile`: an exported program (possibly loaded from disk) through kiln's code
-  generator, for inference (no autograd); a module with the program's input checks.
+  generator, for inference (no autograd), once (symbolic sizes as kernel arguments);
+  a module with the program's input checks.
 """
 from __future__ import annotations
 
@@ -152,29 +153,23 @@ class CompiledProgram(ExportedModule):
         self._compiled: dict = {}
 
     def compiled_for(self, ins: list) -> Any:
-        """The generated code for graph inputs like ``ins`` (compiled at the first use)."""
+        """The generated code for graph inputs like ``ins`` (compiled at the first use).
+
+        A program with Dims compiles once, on its placeholders' symbolic fake values: the
+        kernels take the sizes as arguments.  A static program compiles on its inputs."""
         from kiln.codegen.compile_fx import compile_fx
 
-        key = tuple((tuple(t.shape), t.dtype, t.device) if isinstance(t, torch.Tensor) else t for t in ins)
+        dynamic = bool(self._ep.range_constraints)
+        key = "symbolic" if dynamic else tuple(
+            (tuple(t.shape), t.dtype, t.device) if isinstance(t, torch.Tensor) else t for t in ins)
         fn = self._compiled.get(key)
         if fn is None:
-            # NOTE: one compile per input shape (a program with Dims compiles per shape,
-            # from a copy of its graph without the symbolic metadata)
+            example = ([n.meta["val"] for n in self.graph_module.graph.nodes if n.op == "placeholder"]
+                       if dynamic else list(ins))
             with torch.no_grad():
-                fn = compile_fx(self._static_graph(), list(ins), options=self._options)
+                fn = compile_fx(self.graph_module, example, options=self._options)
             self._compiled[key] = fn
         return fn
-
-    def _static_graph(self) -> fx.GraphModule:
-        gm = self.graph_module
-        if not self._ep.range_constraints:
-            return gm
-        g = fx.Graph()
-        g.output(g.graph_copy(gm.graph, {}))
-        for n in g.nodes:
-            n.meta.pop("val", None)
-            n.meta.pop("tensor_meta", None)
-        return fx.GraphModule(gm, g)
 
     def _run_graph(self, ins: list) -> Any:
         # NOTE: a compiled program serves inference, as ahead-of-time compiled programs
@@ -185,11 +180,13 @@ class CompiledProgram(ExportedModule):
 
 def compile(ep: ExportedProgram, options: Any = None) -> torch.nn.Module:
     """``ep`` through kiln's code generator: an ``nn.Module`` like ``ep.module()``.
-    A program of static shapes compiles here, on its example inputs (nothing runs)."""
+    The program compiles here: on its symbolic sizes when it has Dims, else on its
+    example inputs (a loaded static program: at its first call).  Nothing runs."""
     m = CompiledProgram(ep, options)
-    if ep.example_inputs is not None and not ep.range_constraints:
-        flat = pytree.tree_leaves(ep.example_inputs)
-        m.compiled_for(m._graph_inputs(flat))
+    if ep.range_constraints:
+        m.compiled_for([])
+    elif ep.example_inputs is not None:
+        m.compiled_for(m._graph_inputs(pytree.tree_leaves(ep.example_inputs)))
     return m
 
 

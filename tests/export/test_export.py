@@ -265,11 +265,14 @@ def test_kiln_export_compile_runs_generated_code(dynamic):
 
     with config.patch(profitability_check=False):
         fast = kiln.export.compile(ep)
+        made = metrics.generated_kernel_count
+        assert made > 0, "kiln.export.compile compiles ahead of the first call"
         torch.testing.assert_close(fast(x), m(x))
         if dynamic:
-            x2 = torch.randn(5, 16)
-            torch.testing.assert_close(fast(x2), m(x2))
-    assert metrics.generated_kernel_count > 0
+            for n in (5, 33):
+                x2 = torch.randn(n, 16)
+                torch.testing.assert_close(fast(x2), m(x2))
+    assert metrics.generated_kernel_count == made, "a program with Dims compiles once"
     with pytest.raises(exc.ExportInputError):
         fast(torch.randn(8, 15))
 
@@ -334,3 +337,19 @@ def test_program_traced_in_grad_mode_takes_gradients():
     out = ep.module()(q)
     torch.testing.assert_close(out, m(q))
     out.sum().backward()
+
+
+def test_a_loaded_program_with_a_dim_compiles_once(tmp_path):
+    from kiln.codegen import config, metrics
+
+    m = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.GELU(), torch.nn.LayerNorm(8))
+    ep = export(m, (torch.randn(4, 8),), dynamic_shapes=({0: Dim("batch")},))
+    kiln.export.save(ep, tmp_path / "m.kiln")
+    kiln.reset()
+    with config.patch(profitability_check=False):
+        fast = kiln.export.compile(kiln.export.load(tmp_path / "m.kiln"))
+        made = metrics.generated_kernel_count
+        for n in (2, 9, 40):
+            x = torch.randn(n, 8)
+            torch.testing.assert_close(fast(x), m(x))
+    assert made > 0 and metrics.generated_kernel_count == made
