@@ -250,6 +250,11 @@ def _parse_expr(text: Any, names: Any) -> ast.AST:
 
 def _eval_expr(text: str, env: dict) -> Any:
     """``text`` over ``env`` (symbol name -> SymInt), after :func:`_parse_expr`'s check."""
+    return _eval_tree(_parse_expr(text, env), env)
+
+
+def _eval_tree(tree: ast.AST, env: dict) -> Any:
+    """A tree :func:`_parse_expr` checked, over ``env`` (symbol name -> int or SymInt)."""
     def ev(n: ast.AST) -> Any:
         if isinstance(n, ast.Constant):
             return n.value
@@ -273,7 +278,7 @@ def _eval_expr(text: str, env: dict) -> Any:
         assert isinstance(n, ast.Call)
         return _EXPR_FUNCS[n.func.id](*(ev(a) for a in n.args))
 
-    return ev(_parse_expr(text, env))
+    return ev(tree)
 
 
 # --------------------------------------------------------------------------- errors

@@ -48,14 +48,17 @@ def _key_str(k: Any) -> str:
     return str(k)
 
 
+def _leaf_paths(fn: Callable, args: tuple, kwargs: dict) -> list:
+    """``(argument name, pytree key path)`` of each flat user input, in flattening order."""
+    pos, kw = D.input_names(fn, args, kwargs)
+    return [(name, path) for name, v in zip(pos + kw, list(args) + [kwargs[k] for k in kw])
+            for path, _ in pytree.tree_flatten_with_path(v)[0]]
+
+
 def leaf_names(fn: Callable, args: tuple, kwargs: dict) -> list:
     """Placeholder names of the flat user inputs: ``x``, ``x_0``, ``x_key``."""
-    pos, kw = D.input_names(fn, args, kwargs)
-    out = []
-    for name, v in zip(pos + kw, list(args) + [kwargs[k] for k in kw]):
-        for path, _ in pytree.tree_flatten_with_path(v)[0]:
-            out.append(_sanitize("_".join([name] + [_key_str(k) for k in path])))
-    return out
+    return [_sanitize("_".join([name] + [_key_str(k) for k in path]))
+            for name, path in _leaf_paths(fn, args, kwargs)]
 
 
 def _as_module(mod: Any) -> torch.nn.Module:
@@ -80,13 +83,8 @@ def _check_args(args: Any, kwargs: Any) -> tuple[tuple, dict]:
 
 def _source_names(fn: Callable, args: tuple, kwargs: dict) -> list:
     """Capture's source text of each flat input leaf (``L['x']``, ``L['pair'][0]``)."""
-    pos, kw = D.input_names(fn, args, kwargs)
-    out = []
-    for name, v in zip(pos + kw, list(args) + [kwargs[k] for k in kw]):
-        for path, _ in pytree.tree_flatten_with_path(v)[0]:
-            out.append(f"L[{name!r}]" + "".join(f"[{getattr(k, 'key', getattr(k, 'idx', k))!r}]"
-                                                 for k in path))
-    return out
+    return [f"L[{name!r}]" + "".join(f"[{getattr(k, 'key', getattr(k, 'idx', k))!r}]" for k in path)
+            for name, path in _leaf_paths(fn, args, kwargs)]
 
 
 def _check_capture_guards(guards: list, specs: list, sources: list, names: list) -> None:

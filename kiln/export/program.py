@@ -229,21 +229,49 @@ def _tensor_inputs(ep: ExportedProgram, flat: list) -> list:
     return [v for v, m in zip(flat, ep.input_meta) if m.dtype is not None]
 
 
-def _size_expr(ep: ExportedProgram, text: str) -> sympy.Expr:
-    """The sympy expression of a symbolic size of ``ep``'s inputs (``"2*s3"``).
+class _SizeExpr:
+    """A symbolic size of the program's inputs (``"2*s3"``), parsed once.
 
     NOTE: parsed by the archive's checked expression grammar, never ``sympify``: a loaded
-    program's text must not be evaluated as Python."""
-    cache = ep.__dict__.setdefault("_size_exprs", {})
-    if text not in cache:
-        from kiln.export.archive import _BadExpr, _eval_expr
+    program's text must not be evaluated as Python.  Checking an input evaluates it over
+    ints (the per-call path of ``module()``); sympy is used only for a size that is not
+    linear in its one unknown symbol."""
 
-        env = {n: sympy.Symbol(n, integer=True, positive=True) for n in ep.range_constraints}
+    def __init__(self, ep: ExportedProgram, text: str) -> None:
+        from kiln.export.archive import _BadExpr, _parse_expr
+
+        self.text = text
         try:
-            cache[text] = sympy.sympify(_eval_expr(text, env)) if env else sympy.Integer(int(text))
-        except (_BadExpr, ValueError, TypeError) as e:
+            self.tree = _parse_expr(text, ep.range_constraints)
+        except _BadExpr as e:
             raise exc.ExportError(f"kiln.export: the program's input size {text!r} is not an "
                                   f"expression of its symbols ({e})") from None
+        import ast
+
+        self.symbols = sorted({n.id for n in ast.walk(self.tree) if isinstance(n, ast.Name)})
+
+    def value(self, env: dict) -> int:
+        from kiln.export.archive import _eval_tree
+
+        return int(_eval_tree(self.tree, env))
+
+    def solve(self, sym: str, got: int) -> Optional[int]:
+        """The value of ``sym`` (the only symbol) giving ``got``, or None."""
+        b = self.value({sym: 0})
+        a = self.value({sym: 1}) - b
+        if a and (got - b) % a == 0 and self.value({sym: (got - b) // a}) == got:
+            return (got - b) // a
+        from kiln.export.archive import _eval_tree
+
+        s = sympy.Symbol(sym, integer=True, positive=True)
+        sol = sympy.solve(sympy.Eq(sympy.sympify(_eval_tree(self.tree, {sym: s})), got), s)
+        return next((int(v) for v in sol if v.is_integer), None)
+
+
+def _size_expr(ep: ExportedProgram, text: str) -> _SizeExpr:
+    cache = ep.__dict__.setdefault("_size_exprs", {})
+    if text not in cache:
+        cache[text] = _SizeExpr(ep, text)
     return cache[text]
 
 
@@ -339,22 +367,21 @@ class ExportedModule(torch.nn.Module):
                             "dynamic_shapes to take other sizes")
             return
         expr = _size_expr(ep, want)
-        free = sorted(expr.free_symbols, key=str)
-        if len(free) == 1 and str(free[0]) not in bound:
-            sym = free[0]
-            sol = sympy.solve(sympy.Eq(expr, got), sym)
-            val = next((int(s) for s in sol if s.is_integer), None)
+        unknown = [n for n in expr.symbols if n not in bound]
+        if len(unknown) == 1 and len(expr.symbols) == 1:
+            sym = unknown[0]
+            val = expr.solve(sym, got)
             if val is None:
                 raise _fail(f"kiln.export: input {where} is {got}, which {want} cannot be")
-            bound[str(sym)] = (val, where)
-            rng = ep.range_constraints.get(str(sym))
+            bound[sym] = (val, where)
+            rng = ep.range_constraints.get(sym)
             if rng is not None and val not in rng:
-                dim = next((k for k, s in ep.dim_names.items() if s == str(sym)), str(sym))
+                dim = next((k for k, s in ep.dim_names.items() if s == sym), sym)
                 raise _fail(f"kiln.export: input {where} is {got}, outside the range of Dim {dim!r}: "
                             f"{rng}", hint="pass an input inside the range, or export with a wider Dim")
             return
-        value = expr.subs({s: bound[str(s)][0] for s in expr.free_symbols if str(s) in bound})
-        if value.free_symbols or int(value) != got:
+        value = expr.value({n: bound[n][0] for n in expr.symbols}) if not unknown else None
+        if value != got:
             firsts = ", ".join(f"{w} = {v}" for _, (v, w) in bound.items())
             raise _fail(f"kiln.export: input {where} is {got}, but the program needs {want} = {value} "
                         f"there ({firsts})", why="sizes that share a Dim must agree")
