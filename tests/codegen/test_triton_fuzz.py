@@ -1,8 +1,11 @@
 """A fuzzer sample for the Triton printer: random chains of pointwise ops, broadcasts,
 views and reductions over random small shapes and dtypes, compiled for CPU tensors
-(config.cpu_backend="triton", Triton's interpreter) and compared with eager."""
+(config.cpu_backend="triton", Triton's interpreter) and compared with eager.
+``KILN_TRITON_DEVICE=cuda`` puts the inputs on the GPU (compiled kernels);
+``KILN_FUZZ_SEEDS`` sets the number of programs."""
 from __future__ import annotations
 
+import os
 import random
 
 import pytest
@@ -45,15 +48,18 @@ def make_program(rng: random.Random):
     return fn, steps
 
 
-@pytest.mark.parametrize("seed", range(int(__import__("os").environ.get("KILN_FUZZ_SEEDS", "6"))))
+DEVICE = os.environ.get("KILN_TRITON_DEVICE", "cpu")
+
+
+@pytest.mark.parametrize("seed", range(int(os.environ.get("KILN_FUZZ_SEEDS", "6"))))
 def test_fuzz_sample(seed):
     rng = random.Random(seed)
     fn, steps = make_program(rng)
     shape = (rng.randint(1, 9), rng.randint(1, 40))
     dt = rng.choice([torch.float32, torch.float32, torch.float16, torch.float64])
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(*shape, generator=g).to(dt)
-    y = torch.randn(*shape, generator=g).to(dt)
+    x = torch.randn(*shape, generator=g).to(DEVICE, dt)
+    y = torch.randn(*shape, generator=g).to(DEVICE, dt)
     mark = fallbacks.mark()
     with config.patch(cpu_backend="triton", profitability_check=False):
         check(fn, x, y)
