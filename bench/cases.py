@@ -68,6 +68,15 @@ def _mlp(profile: str, device: str) -> Workload:
     return Workload(model, (torch.randn(batch, dim, device=device),), f"batch {batch}, dim {dim}, {depth} x (Linear+LN+GELU)")
 
 
+def _train_step(profile: str, device: str) -> Workload:
+    # NOTE: the row for compiled autograd: run it with --backends kiln:inductor,kiln+ca:inductor
+    # (the second captures the step's whole backward, .grad accumulation included, as one graph).
+    batch, dim, depth = _pick(profile, {"quick": (64, 128, 3), "cpu": (256, 256, 4), "gpu": (2048, 1024, 6)})
+    model = MLPStack(dim, depth)
+    return Workload(model, (torch.randn(batch, dim, device=device),),
+                    f"batch {batch}, dim {dim}, {depth} x (Linear+LN+GELU), forward+backward")
+
+
 def _attention(profile: str, device: str) -> Workload:
     b, t, d, h = _pick(profile, {"quick": (2, 64, 128, 4), "cpu": (4, 128, 256, 8), "gpu": (8, 512, 768, 12)})
     model = AttentionBlock(d, h)
@@ -136,6 +145,8 @@ CASES: dict[str, Case] = {
         Case("softmax_ln", "softmax then layer norm", _IT, _softmax_ln),
         Case("mlp", "Linear+LayerNorm+GELU stack", _IT, _mlp),
         Case("attention", "hand-written attention block", _IT, _attention),
+        Case("train_step", "training step with and without compiled autograd (kiln+ca:<backend>)",
+             ("train",), _train_step),
         Case("gpt2", "GPT-2 (transformers config)", _IT,
              _hf("gpt2", {"quick": (2, 64), "cpu": (2, 128), "gpu": (8, 512)})),
         Case("bert", "BERT (transformers config)", _IT,

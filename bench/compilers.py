@@ -1,7 +1,8 @@
 """The compilers a case runs under, as pluggable entries.
 
 In: names such as ``eager``, ``torch.compile`` (PyTorch's inductor, the reference)
-and ``kiln:<backend>`` (``kiln.compile(model, backend=<backend>)``). Out:
+and ``kiln:<backend>`` (``kiln.compile(model, backend=<backend>)``), ``kiln+ca:<backend>`` (the
+same, with the training step's backward through compiled autograd). Out:
 :class:`Compiler` objects whose ``wrap(model)`` returns the callable to time.
 ``wrap`` may raise: the harness records the exception as the case's failure
 reason for that compiler (never drops it). Graph/break counts come from
@@ -53,10 +54,31 @@ def _wrap_kiln(c: Compiler, model: Callable[..., Any]) -> Callable[..., Any]:
     return compile_fn(model, backend=c.backend, mode=c.mode)
 
 
+def _wrap_kiln_ca(c: Compiler, model: Callable[..., Any]) -> Callable[..., Any]:
+    """``kiln+ca:<backend>``: the forward as ``kiln:<backend>``, and the backward a training
+    step runs captured by compiled autograd (the whole backward, accumulation included, as
+    one graph compiled with the same backend); ``measure.make_step`` enters
+    ``backward_context`` around ``loss.backward()``."""
+    kiln = importlib.import_module("kiln")
+    ca = importlib.import_module("kiln.compiled_autograd")
+    compiled = kiln.compile(model, backend=c.backend, mode=c.mode)
+
+    def fn(*args: Any, **kwargs: Any) -> Any:
+        return compiled(*args, **kwargs)
+
+    def compiler_fn(gm: Any) -> Callable[..., Any]:
+        return kiln.compile(gm, backend=c.backend)
+
+    # NOTE: one compiler_fn for every step: compiled autograd's cache is per compiler_fn
+    fn.backward_context = lambda: ca.enable(compiler_fn)  # type: ignore[attr-defined]
+    return fn
+
+
 _WRAP: dict[str, Callable[[Compiler, Callable[..., Any]], Callable[..., Any]]] = {
     "eager": _wrap_eager,
     "torch": _wrap_torch,
     "kiln": _wrap_kiln,
+    "kiln_ca": _wrap_kiln_ca,
 }
 
 
@@ -98,8 +120,11 @@ def parse(spec: str | None, device: str) -> tuple[list[Compiler], list[str]]:
             out.extend(Compiler(f"kiln:{n}", "kiln", n) for n in names)
         elif tok.startswith("kiln:"):
             out.append(Compiler(tok, "kiln", tok.split(":", 1)[1]))
+        elif tok.startswith("kiln+ca:"):
+            out.append(Compiler(tok, "kiln_ca", tok.split(":", 1)[1]))
         else:
-            raise SystemExit(f"unknown backend {tok!r}: use eager, torch.compile[:backend], kiln or kiln:<backend>")
+            raise SystemExit(f"unknown backend {tok!r}: use eager, torch.compile[:backend], kiln, kiln:<backend> "
+                             f"or kiln+ca:<backend>")
     seen: set[str] = set()
     uniq = [c for c in out if not (c.name in seen or seen.add(c.name))]
     if not any(c.kind == "eager" for c in uniq):
@@ -114,7 +139,7 @@ def by_name(name: str, device: str) -> Compiler:
 
 def graph_stats(c: Compiler, model: Callable[..., Any], inputs: tuple[Any, ...], train: bool) -> dict[str, Any]:
     """Graph count and graph-break count for ``c`` on ``model(*inputs)`` (kiln only; torch uses counters)."""
-    if c.kind != "kiln":
+    if c.kind not in ("kiln", "kiln_ca"):
         return {}
     kiln = importlib.import_module("kiln")
     explain = getattr(kiln, "explain")

@@ -10,6 +10,8 @@ sees the same model. An inference step runs under ``torch.no_grad()``.
 """
 from __future__ import annotations
 
+import contextlib
+
 import resource
 import time
 from typing import Any, Callable
@@ -43,12 +45,16 @@ def make_step(fn: Callable[..., Any], wl: Workload, train: bool) -> Callable[[],
     params = [p for p in wl.model.parameters() if p.requires_grad]
     grad_leaves = params + [x for x in inputs if isinstance(x, torch.Tensor) and x.requires_grad]
 
+    # NOTE: a compiler may capture the backward too (kiln+ca: compiled autograd)
+    backward_context = getattr(fn, "backward_context", contextlib.nullcontext)
+
     def train_step() -> Any:
         for t in grad_leaves:
             t.grad = None
         out = fn(*inputs)
         loss = sum((o * _probe(o)).mean() for o in pytree.tree_leaves(out) if isinstance(o, torch.Tensor))
-        loss.backward()
+        with backward_context():
+            loss.backward()
         return out
 
     return train_step

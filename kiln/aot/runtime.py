@@ -259,6 +259,8 @@ def _make_autograd_function(art: CompiledArtifact) -> type:
                 result[i] = g
             return tuple(result)
 
+    # NOTE: compiled autograd traces this node's backward graph (bw_gm), not its compiled kernels.
+    CompiledFunction._kiln_artifact = art
     return CompiledFunction
 
 

@@ -142,6 +142,11 @@ def reset() -> None:
     from .cache import reset_all
 
     reset_all()
+    import sys
+
+    ca = sys.modules.get("kiln.compiled_autograd")  # NOTE: its graphs hold compiled callables too
+    if ca is not None:
+        ca.reset()
     from kiln.codegen import metrics  # NOTE: lazy: codegen is a later stage
 
     metrics.reset()
