@@ -98,9 +98,27 @@ def _finish(joint, primals, tangents, fw_outs, bw_outs, saved):
     return fw, bw
 
 
+def must_recompute(n: fx.Node) -> bool:
+    """A forward node of an activation-checkpointed region (``meta["recompute"]``, set by
+    kiln.ops.checkpoint's tracing): recomputed in backward, never saved.  Random ops are
+    the exception: recomputing them would draw new numbers, so they are saved."""
+    if n.meta.get("recompute") != "must_recompute" or n.op != "call_function":
+        return False
+    target = n.args[0].target if n.target is operator.getitem and isinstance(n.args[0], fx.Node) \
+        else n.target
+    if torch.Tag.nondeterministic_seeded in getattr(target, "tags", ()):
+        return False
+    # NOTE: the output of one region read by another region is that region's boundary:
+    # saved (as PyTorch does), so that backward recomputes one region at a time.
+    rid = n.meta.get("ac_graph_id")
+    return not any(u.meta.get("recompute") == "must_recompute" and u.meta.get("ac_graph_id") != rid
+                   for u in n.users)
+
+
 def default_partition(joint_module: fx.GraphModule, _joint_inputs=None, *,
                       num_fwd_outputs: int, **kwargs) -> tuple[fx.GraphModule, fx.GraphModule]:
-    """Forward = what the forward outputs need; save every forward value backward uses."""
+    """Forward = what the forward outputs need; save every forward value backward uses
+    (except nodes of checkpointed regions: backward recomputes those from what it saves)."""
     primals, tangents, fw_outs, bw_outs = _split_io(joint_module, num_fwd_outputs)
     fw_nodes = _with_getitems(_ancestors(fw_outs) | set(primals))
     # NOTE: sizes the backward reads off forward values are computed in forward
@@ -108,10 +126,12 @@ def default_partition(joint_module: fx.GraphModule, _joint_inputs=None, *,
     tangent_side = _descendants(tangents)
     fw_nodes |= {n for n in _ancestors(bw_outs) if n not in tangent_side
                  and isinstance(n.meta.get("val"), torch.SymInt)}
-    bw_needed = _ancestors(bw_outs, stop=fw_nodes)
+    # NOTE: get_attr nodes (subgraphs of higher-order ops) are read by either graph, never saved.
+    keep = {n for n in fw_nodes if not must_recompute(n) and n.op != "get_attr"}
+    bw_needed = _ancestors(bw_outs, stop=keep)
     saved = set()
     for n in bw_needed:
-        if n in fw_nodes and (n in bw_outs or any(u in bw_needed and u not in fw_nodes for u in n.users)):
+        if n in keep and (n in bw_outs or any(u in bw_needed and u not in keep for u in n.users)):
             saved.add(n)
     return _finish(joint_module, primals, tangents, fw_outs, bw_outs, saved)
 
@@ -196,10 +216,11 @@ def min_cut_rematerialization_partition(joint_module: fx.GraphModule, _joint_inp
     # NOTE: inputs the runtime writes back after the forward are better not saved.
     banned = joint_module.meta.get("mutated_primals", set())
     for n in joint_module.graph.nodes:
-        if n.op == "output" or n in tangent_side or n not in (needed | fw_nodes):
+        if n.op in ("output", "get_attr") or n in tangent_side or n not in (needed | fw_nodes):
             continue
-        cap = _size(n) + (1e15 if n.name in banned else 0.0)
-        if n.op == "placeholder" or not recomputable(n):
+        forced = must_recompute(n)
+        cap = INF if forced else _size(n) + (1e15 if n.name in banned else 0.0)
+        if n.op == "placeholder" or not (forced or recomputable(n)):
             net.add_edge("source", (n, "in"), INF)
         net.add_edge((n, "in"), (n, "out"), cap)
         for u in n.users:
@@ -224,4 +245,5 @@ def min_cut_rematerialization_partition(joint_module: fx.GraphModule, _joint_inp
     return _finish(joint_module, primals, tangents, fw_outs, bw_outs, saved)
 
 
-__all__ = ["default_partition", "min_cut_rematerialization_partition", "extract_graph", "recomputable"]
+__all__ = ["default_partition", "min_cut_rematerialization_partition", "extract_graph", "recomputable",
+           "must_recompute"]

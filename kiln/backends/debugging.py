@@ -151,6 +151,9 @@ class ExplainOutput:
     # NOTE: kiln's addition: every fallback to eager recorded during the explained call
     # (kiln.fallbacks.Fallback: stage, what, why, where), capture's, backends' and AOT's.
     fallbacks: list = dataclasses.field(default_factory=list)
+    # NOTE: kiln's addition: graphs captured inside DDP's forward and how they were split at
+    # its gradient buckets, or why not (kiln.backends.ddp_split.SplitRecord).
+    ddp_splits: list = dataclasses.field(default_factory=list)
 
     def __str__(self) -> str:
         lines = [
@@ -170,6 +173,9 @@ class ExplainOutput:
         if self.fallbacks:
             lines.append("Fallbacks:")
             lines.extend(f"  {fb}" for fb in self.fallbacks)
+        if self.ddp_splits:
+            lines.append("DDP Splits:")
+            lines.extend(f"  {sp}" for sp in self.ddp_splits)
         if self.ops_per_graph is not None:
             lines.append("Ops per Graph:")
             for idx, ops in enumerate(self.ops_per_graph):

@@ -54,6 +54,28 @@ results built in the region (e.g. HF ``ModelOutput``), reads of dict-subclass
 registries, ``os.environ`` and weak references (guarded on what was read),
 objects with a custom ``__getattribute__`` (read through it, guarded).
 
+Python's own types and modules (variables/pylib.py merges their tables): set and
+frozenset (sets.py; members keyed as Python hashes them: constants by value, tensors
+and plain objects by identity), dict / OrderedDict / defaultdict / Counter with their
+methods and live views, key views set-like, keys that are enum members, modules or
+tensors (dicts.py, collections_vt.py), deque, named tuples and C struct sequences
+such as ``torch.return_types.max`` (namedtuples.py; ``.values`` works), itertools
+(itertools_vt.py; ``count``/``cycle`` lazily), functools.reduce / wraps and
+``lru_cache`` wrappers (inlined through ``__wrapped__``), operator.itemgetter /
+attrgetter / methodcaller (functools_vt.py), enum members as constants,
+dataclasses.fields / replace / asdict (dataclasses_vt.py), typing subscripts
+(evaluated while tracing), ``yield from`` in unrolled generators, ``max``/``min`` of
+tensors and sizes (tensor_values.py), ``id()`` of inputs (guarded), user ``__bool__`` /
+``__len__`` / ``__iter__``.  Sets, dicts and deques read from the caller are guarded
+on their contents / keys / length and their mutations replayed.
+
+NumPy (numpy_vt.py) is traced as torch ops, as PyTorch's capture does: arrays read
+from the caller are graph inputs (``torch.as_tensor``, same memory), ``Tensor.numpy()``
+is the same tensor, NumPy functions, methods and operators are graph nodes running
+``torch._numpy``; arrays that leave the region are rebuilt with ``.numpy()``.
+``numpy.random``, data reads (``tolist``, ``item``) and NumPy scalars entering a graph
+are graph breaks.
+
 Graph breaks (the rest runs eagerly, then capture resumes): a data-dependent
 ``if`` on a tensor (both branches become resume functions), ``print``,
 ``.item()``/``.tolist()``, ``kiln.graph_break()``, calls that fail on fake

@@ -66,7 +66,9 @@ class OptimizedModule(torch.nn.Module):
 
 def _apply(ctx, target: Any) -> Any:
     if isinstance(target, torch.nn.Module):
-        return OptimizedModule(target, ctx)
+        from .ddp import wrapper_class  # NOTE: DDP(model): compile model.forward, run DDP's eagerly
+
+        return (wrapper_class(target) or OptimizedModule)(target, ctx)
     if isinstance(target, types.MethodType) and isinstance(target.__func__, types.FunctionType):
         return functools.partial(ctx.wrapper_for(target.__func__), target.__self__)
     if isinstance(target, types.FunctionType):

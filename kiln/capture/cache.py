@@ -226,8 +226,15 @@ class CompileContext:
     def run_backend(self, gm, example: list) -> Callable:
         from kiln.backends.common import call_backend
 
-        return call_backend(self.backend, gm, example, name=self.backend_name,
-                            fallback_to_eager=not self.fullgraph)
+        def compile_fn(g, ex):
+            return call_backend(self.backend, g, ex, name=self.backend_name, fallback_to_eager=not self.fullgraph)
+
+        # NOTE: captured inside DDP's forward: the graph is split at DDP's gradient buckets
+        # (kiln/backends/ddp_split.py), each part compiled by the backend on its own.
+        from .ddp import split_for_ddp
+
+        split = split_for_ddp(gm, example, compile_fn)
+        return split if split is not None else compile_fn(gm, example)
 
     def record_break(self, reason) -> None:
         self.break_reasons.append(reason)

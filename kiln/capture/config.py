@@ -16,6 +16,11 @@ cache_size_limit: int = 8
 # symbolic size (PyTorch's automatic_dynamic_shapes).  False: dynamic=None is static.
 automatic_dynamic_shapes: bool = True
 
+# Inside DistributedDataParallel's forward, split captured graphs at DDP's gradient-bucket
+# boundaries so each bucket's all-reduce overlaps the backward of the rest (PyTorch's
+# optimize_ddp); False: one graph per capture, all-reduces after its whole backward.
+optimize_ddp: bool = True
+
 
 def get_config_copy() -> dict:
     """The current value of every option."""

@@ -100,7 +100,8 @@ class RootTranslator(Translator):
             if not isinstance(v, NullVT):
                 collect.expr(v)
         nodes = collect.needed
-        out.guards.distinct([s for s, _, _, from_mod in out.inputs if not from_mod])
+        # NOTE: a tensor made from a NumPy array each call is told apart by the array itself.
+        out.guards.distinct([getattr(s, "identity_source", s) for s, _, _, from_mod in out.inputs if not from_mod])
         outputs = [_vt_of(out, n) for n in nodes]
         compiled = out.compile(outputs, reason)
         self.compiled = compiled

@@ -46,16 +46,23 @@ def explain(fn: Callable, *extra_args: Any, **extra_kwargs: Any) -> Callable:
 
         ctx = CompileContext(backend, "explain")
         compiled = _apply(ctx, fn)
-        since = fallbacks.mark()
+        from kiln.backends import ddp_split
+
+        since, split_since = fallbacks.mark(), ddp_split.mark()
         compiled(*args, **kwargs)
         recorded = fallbacks.recorded(since)
+        splits = ddp_split.recorded_splits(split_since)
         guards = []
         for w in ctx._wrappers.values():
             for e in w._kiln_cache.entries:
                 guards.extend(getattr(e, "__kiln_guards__", []))
         out_cls = _output_cls()
         count = len(graphs)
-        return out_cls(graphs=graphs, graph_count=count, graph_break_count=max(count - 1, 0),
+        # NOTE: the parts of a graph split at DDP's buckets are graphs the backend compiled,
+        # not graph breaks: each split graph counts once towards the breaks.
+        captured = sum(1 for g in graphs if g.meta.get("kiln_ddp_part", (0,))[0] == 0)
+        return out_cls(graphs=graphs, graph_count=count, graph_break_count=max(captured - 1, 0),
+                       ddp_splits=splits,
                        break_reasons=reasons, op_count=sum(len(o) for o in ops_per_graph),
                        ops_per_graph=ops_per_graph, out_guards=guards, eager_frames=list(ctx.eager_frames),
                        fallbacks=recorded)
@@ -170,6 +177,7 @@ def _rebuild(fn, self_obj, gm, entry, args, kwargs) -> fx.GraphModule:
         old = [n for n in gm.graph.nodes if n.op == "placeholder"]
         val_map = {o: src_nodes[s] for o, (s, _) in zip(old, sources)}
         outs = g.graph_copy(gm.graph, val_map)
+        consts.update(dict(gm.named_children()))  # subgraphs of higher-order ops
     index = {n: i for i, n in enumerate(nodes)}
 
     def conv(vt):

@@ -116,6 +116,22 @@ def _t(*parts: Fragment) -> tuple:
     return tuple(parts)
 
 
+def same_keys(d: dict, expected: list) -> bool:
+    """The keys of ``d`` are ``expected``, in order: literal keys by equality, every other
+    key (a tensor, a module, an enum member) by identity.
+
+    NOTE: never ``==`` on a key that is not a literal: a tensor key would compare by value."""
+    from .sources import literal_key
+
+    keys = list(d.keys())
+    return len(keys) == len(expected) and all(
+        k is e or (literal_key(e) and type(k) is type(e) and k == e) for k, e in zip(keys, expected))
+
+
+def has_attr(obj: Any, name: str) -> bool:
+    return hasattr(obj, name)
+
+
 class GuardSet:
     """Ordered, de-duplicated guard records of one entry."""
 
@@ -164,6 +180,10 @@ class GuardSet:
             test = _t(src, f" is {value!r}")
         elif isinstance(value, (int, float, str, bytes)) and type(value) in (int, float, str, bytes):
             test = _t("type(", src, f") is {type(value).__name__} and ", src, f" == {value!r}")
+        elif type(value).__module__ == "numpy":
+            # NOTE: np.float64(1.0) == 1.0: a NumPy scalar's guard checks its type too.
+            test = _t("type(", src, f") is {self.objects.name_of(type(value))} and ", src,
+                      f" == {self.objects.name_of(value)}")
         else:
             test = _t(src, f" == {self.objects.name_of(value)}")
         self._one(GuardKind.CONSTANT_MATCH, src, test, f"{src.name()} == {value!r}", detail=f" == {value!r}")
@@ -184,9 +204,32 @@ class GuardSet:
                   f"len({src.name()}) != {len(obj)}", detail=f" len={len(obj)}")
 
     def dict_keys(self, src: Source, d: dict) -> None:
+        """The exact type and the keys, in order, of a dict (keys that are not literals are
+        compared with a snapshot list of them, which compares them by identity first)."""
+        from .sources import literal_key
+
         keys = list(d.keys())
-        self._one(GuardKind.DICT_KEYS, src, _t("type(", src, f") is dict and list(", src, f".keys()) == {keys!r}"),
-                  f"keys of {src.name()} changed")
+        tname = self.objects.name_of(type(d))
+        if all(literal_key(k) for k in keys):
+            test = _t("type(", src, f") is {tname} and list(", src, f".keys()) == {keys!r}")
+        else:
+            test = _t("type(", src, f") is {tname} and {self.objects.name_of(same_keys)}(", src,
+                      f", {self.objects.name_of(keys)})")
+        self._one(GuardKind.DICT_KEYS, src, test, f"keys of {src.name()} changed")
+
+    def attr_presence(self, src: Source, name: str, present: bool) -> None:
+        """``hasattr(src, name)`` gave ``present`` while tracing."""
+        test = _t("" if present else "not ", f"{self.objects.name_of(has_attr)}(", src, f", {name!r})")
+        self._one(GuardKind.CONSTANT_MATCH, src, test, f"hasattr({src.name()}, {name!r}) != {present}",
+                  key=(GuardKind.CONSTANT_MATCH, "hasattr", src, name))
+
+    def set_contents(self, src: Source, value: Any) -> None:
+        """A set or frozenset: its exact type and members (equal to a snapshot of them)."""
+        snap = frozenset(value)
+        self._one(GuardKind.CONSTANT_MATCH, src,
+                  _t("type(", src, f") is {self.objects.name_of(type(value))} and ", src,
+                     f" == {self.objects.name_of(snap)}"),
+                  f"{src.name()} == {set(value)!r}", detail=f" == {set(value)!r}")
 
     def mapping_keys(self, src: Source, keys: list) -> None:
         """The keys of a dict subclass, read past its own methods."""

@@ -17,13 +17,27 @@ def _getitem(tx, obj, key):
         return tx.output.call_graph("call_function", operator.getitem, [obj, key], {})
     if isinstance(obj, (SequenceVT, DictVT)):
         return obj.getitem(tx, key)
+    from .variables.dicts import DictViewVT
+    from .variables.sets import SetVT
+
+    if isinstance(obj, (SetVT, DictViewVT)):
+        unsupported(f"{obj.python_type().__name__} object is not subscriptable", why="eager raises TypeError")
     if isinstance(obj, ConstantVT):
         return const_vt(obj.value[key.const()])
+    from .variables.pylib import static_subscript
+
+    typed = static_subscript(tx, obj, key)
+    if typed is not None:
+        return typed
     return obj.call_method(tx, "__getitem__", [key], {})
 
 
 def _setitem(tx, obj, key, value):
-    if isinstance(obj, TensorVT):
+    from .variables.numpy_vt import NdarrayVT, call
+
+    if isinstance(obj, NdarrayVT):
+        call(tx, "op", operator.setitem, [obj, key, value])
+    elif isinstance(obj, TensorVT):
         tx.output.call_graph("call_function", operator.setitem, [obj, key, value], {})
     elif isinstance(obj, (ListVT, DictVT)):
         obj.setitem(tx, key, value)
@@ -155,13 +169,27 @@ class BasicHandlers:
 
     @handles("BUILD_SET")
     def BUILD_SET(self, inst):
-        items = self.popn(inst.arg)
-        self.push(const_vt(frozenset(i.const() for i in items)))
+        from .variables.sets import SetVT
+
+        self.push(SetVT(self.popn(inst.arg)))
+
+    @handles("SET_ADD")
+    def SET_ADD(self, inst):
+        v = self.pop()
+        self.stack[-inst.arg].call_method(self, "add", [v], {})
+
+    @handles("SET_UPDATE")
+    def SET_UPDATE(self, inst):
+        v = self.pop()
+        self.stack[-inst.arg].call_method(self, "update", [v], {})
 
     @handles("BUILD_MAP")
     def BUILD_MAP(self, inst):
         flat = self.popn(2 * inst.arg)
-        self.push(DictVT({flat[i].const(): flat[i + 1] for i in range(0, len(flat), 2)}))
+        d = DictVT({})
+        for i in range(0, len(flat), 2):
+            d.put(flat[i], flat[i + 1])
+        self.push(d)
 
     @handles("BUILD_CONST_KEY_MAP")
     def BUILD_CONST_KEY_MAP(self, inst):
@@ -202,13 +230,15 @@ class BasicHandlers:
         v = self.pop()
         if not isinstance(v, DictVT):
             unsupported("** of a non-dict")
-        self.stack[-inst.arg].items.update(v.items)
+        target = self.stack[-inst.arg]
+        for k, item in v.items.items():
+            target.put(v.key_vt(k), item)
 
     @handles("MAP_ADD")
     def MAP_ADD(self, inst):
         value = self.pop()
         key = self.pop()
-        self.stack[-inst.arg].items[key.const()] = value
+        self.stack[-inst.arg].put(key, value)
 
     @handles("LIST_TO_TUPLE", max_version=(3, 11))
     def LIST_TO_TUPLE(self, inst):
@@ -285,7 +315,11 @@ class BasicHandlers:
     def COMPARE_OP(self, inst):
         b, a = self.pop(), self.pop()
         op = COMPARE[inst.argval]
-        if op in (operator.eq, operator.ne) and not isinstance(a, TensorVT) and not isinstance(b, TensorVT) \
+        from .variables.numpy_vt import NdarrayVT
+
+        if op in (operator.eq, operator.ne) and not isinstance(a, (TensorVT, NdarrayVT)) \
+                and not isinstance(b, (TensorVT, NdarrayVT)) \
+                and not hasattr(a, "binop") and not hasattr(b, "binop") \
                 and not (a.is_const() and b.is_const()) \
                 and not (isinstance(a, SymNodeVT) or isinstance(b, SymNodeVT)):
             same = is_same(a, b)

@@ -90,12 +90,18 @@ class CallHandlers:
         code = self.pop().const()
         flags = inst.arg
         closure = self.pop() if flags & 0x08 else None
-        if flags & 0x04:
-            self.pop()
+        annotations = self.pop() if flags & 0x04 else None
         kwdefaults = self.pop() if flags & 0x02 else None
         defaults = self.pop() if flags & 0x01 else None
         cells = list(closure.items) if isinstance(closure, TupleVT) else []
-        self.push(NestedFunctionVT(code, self.f_globals, defaults, kwdefaults, cells, code.co_qualname))
+        fn = NestedFunctionVT(code, self.f_globals, defaults, kwdefaults, cells, code.co_qualname)
+        if isinstance(annotations, TupleVT):
+            # NOTE: CPython passes annotations as a flat tuple (name, value, name, value...).
+            items = annotations.items
+            fn.attrs["__annotations__"] = DictVT({items[i].const(): items[i + 1] for i in range(0, len(items), 2)})
+        elif isinstance(annotations, DictVT):
+            fn.attrs["__annotations__"] = annotations
+        self.push(fn)
 
     # ---------------------------------------------------------- with
     @handles("BEFORE_WITH")

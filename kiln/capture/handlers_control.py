@@ -120,8 +120,55 @@ class ControlHandlers:
     def YIELD_VALUE(self, inst):
         if self.generator_values is None:
             unsupported("yield outside an inlined generator")
-        self.generator_values.append(self.pop())
+        v = self.pop()
+        _disown(v)
+        self.generator_values.append(v)
         self.push(ConstantVT(None))  # the value sent back in: next() sends None
+
+    # ---------------------------------------------------------- yield from (inlined generators)
+    @handles("GET_YIELD_FROM_ITER")
+    def GET_YIELD_FROM_ITER(self, inst):
+        from .variables.containers import iterate
+
+        self.push(iterate(self, self.pop()))
+
+    def _send(self):
+        """One step of ``yield from``: the next value of the iterator below the sent value,
+        or None once it is exhausted."""
+        sent = self.stack[-1]
+        if not (isinstance(sent, ConstantVT) and sent.value is None):
+            unsupported("generator.send() of a value", why="unrolled generators only take next()")
+        it = self.stack[-2]
+        if not isinstance(it, IteratorVT):
+            unsupported(f"yield from {it}")
+        return it.next(self)
+
+    @handles("SEND", max_version=(3, 11))
+    def SEND(self, inst):
+        v = self._send()
+        if v is None:
+            self.pop()
+            it = self.pop()
+            self.push(getattr(it, "return_value", None) or ConstantVT(None))
+            self.jump_to(inst.argval)
+        else:
+            self.stack[-1] = v
+
+    @handles("SEND", min_version=(3, 12))
+    def SEND_312(self, inst):
+        v = self._send()
+        if v is None:
+            it = self.stack[-2]
+            self.stack[-1] = getattr(it, "return_value", None) or ConstantVT(None)
+            self.jump_to(inst.argval)
+        else:
+            self.stack[-1] = v
+
+    @handles("END_SEND", min_version=(3, 12))
+    def END_SEND(self, inst):
+        v = self.pop()
+        self.pop()
+        self.push(v)
 
     # ---------------------------------------------------------- imports
     @handles("IMPORT_NAME")
@@ -140,8 +187,19 @@ class ControlHandlers:
     def IMPORT_FROM(self, inst):
         self.push(self.stack[-1].getattr(self, inst.argval))
 
-    @handles("SEND", "GET_AWAITABLE", "SETUP_ANNOTATIONS",
+    @handles("GET_AWAITABLE", "SETUP_ANNOTATIONS",
              "LOAD_BUILD_CLASS", "PUSH_EXC_INFO", "RERAISE",
              "DELETE_GLOBAL", "DELETE_ATTR", "DELETE_DEREF", "SETUP_FINALLY")
     def UNSUPPORTED_OP(self, inst):
         unsupported(f"opcode {inst.opname}", why="this construct is not captured")
+
+
+def _disown(v, depth: int = 0) -> None:
+    """A yielded container is seen by the consumer: the generator may no longer mutate it
+    (unrolled, the consumer would see the later state)."""
+    if depth > 8 or not hasattr(v, "gen_owner"):
+        return
+    v.gen_owner = None
+    items = v.items.values() if isinstance(v.items, dict) else v.items
+    for i in list(items):
+        _disown(i, depth + 1)

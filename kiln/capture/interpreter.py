@@ -179,12 +179,17 @@ class Translator(BasicHandlers, CallHandlers, ControlHandlers):
         if code.co_flags & bc.CO_GENERATOR:
             # NOTE: a generator is run to completion here; its values become an iterator.
             # That is only equal to lazy iteration when running it has no side effects.
+            from .variables.containers import generator_scope
+
             before = self.output.side_effects.size()
             sub.generator_values = []
-            sub.run()
+            with generator_scope():
+                ret = sub.run()
             if self.output.side_effects.size() != before:
                 unsupported("generator with side effects", why="it is unrolled eagerly while tracing")
-            return IteratorVT(sub.generator_values)
+            it = IteratorVT(sub.generator_values)
+            it.return_value = ret  # what `yield from` evaluates to
+            return it
         return sub.run()
 
     # ------------------------------------------------------------ names

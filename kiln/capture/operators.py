@@ -39,6 +39,13 @@ _INPLACE_TO_PLAIN = {operator.iadd: operator.add, operator.imul: operator.mul, o
 
 
 def _sequence_op(tx, op: Callable, a: VT, b: VT) -> VT:
+    # NOTE: containers with operators of their own (sets, dict views, dicts) answer first.
+    for x, y, name in ((a, b, "binop"), (b, a, "rbinop")):
+        method = getattr(x, name, None)
+        if method is not None:
+            out = method(tx, op, y)
+            if out is not None:
+                return out
     if op in COMPARE.values() and a.is_const() and b.is_const():
         return ConstantVT(op(a.const(), b.const()))
     if op is operator.iadd and isinstance(a, ListVT) and isinstance(b, SequenceVT):
@@ -46,11 +53,21 @@ def _sequence_op(tx, op: Callable, a: VT, b: VT) -> VT:
         return a
     plain = _INPLACE_TO_PLAIN.get(op, op)
     if plain is operator.add and isinstance(a, SequenceVT) and isinstance(b, SequenceVT):
-        if type(a) is not type(b):
-            unsupported("adding a list and a tuple")
-        return type(a)(a.items + b.items) if isinstance(a, ListVT) else TupleVT(a.items + b.items)
-    if plain is operator.mul and isinstance(a, SequenceVT) and b.is_const():
+        if isinstance(a, ListVT) != isinstance(b, ListVT) or type(a) is not type(b):
+            unsupported("adding a list and a tuple", why="eager raises TypeError")
+        if isinstance(a, ListVT):
+            return ListVT(a.items + b.items)
+        import torch
+
+        # NOTE: torch.Size + tuple is a torch.Size; any other tuple sum is a plain tuple.
+        return TupleVT(a.items + b.items, pytype=torch.Size if a.pytype is torch.Size else None)
+    if plain is operator.mul and isinstance(b, SequenceVT) and not isinstance(a, SequenceVT) and a.is_const():
+        a, b = b, a
+    if plain is operator.mul and isinstance(a, SequenceVT) and (b.is_const() or isinstance(b, SymNodeVT)):
         items = a.items * b.const()
+        if op is operator.imul and isinstance(a, ListVT):
+            a.mutate(tx, "__setitem__", [ConstantVT(slice(None)), ListVT(items)], {})
+            return a
         return ListVT(items) if isinstance(a, ListVT) else TupleVT(items)
     if plain is operator.eq and a.is_const() and b.is_const():
         return ConstantVT(a.const() == b.const())
@@ -64,8 +81,28 @@ _INPLACE = {operator.iadd: operator.add, operator.isub: operator.sub, operator.i
             operator.ilshift: operator.lshift, operator.irshift: operator.rshift}
 
 
+def _python_scalar(v: VT) -> VT:
+    """A NumPy int or float scalar next to a tensor in an operator, as the Python number.
+
+    NOTE: torch's operators treat those exactly as Python numbers (same result dtype);
+    np.bool_ differs (it promotes an int tensor to float), so it stays and breaks."""
+    from .variables.base import is_numpy_scalar
+
+    if isinstance(v, ConstantVT) and is_numpy_scalar(v.value):
+        import numpy as np
+
+        if isinstance(v.value, (np.integer, np.floating)):
+            return ConstantVT(v.value.item())
+    return v
+
+
 def binary_op(tx, op: Callable, a: VT, b: VT) -> VT:
+    from .variables.numpy_vt import NdarrayVT, numpy_op
+
+    if isinstance(a, NdarrayVT) or isinstance(b, NdarrayVT):
+        return numpy_op(tx, op, [a, b])
     if isinstance(a, TensorVT) or isinstance(b, TensorVT):
+        a, b = _python_scalar(a), _python_scalar(b)
         if not isinstance(a, TensorVT) and op in _INPLACE:
             op = _INPLACE[op]  # NOTE: `n += t` with a Python number rebinds n: a plain op
         return tx.output.call_graph("call_function", op, [a, b], {})
@@ -113,19 +150,19 @@ def is_same(a: VT, b: VT) -> bool:
 
 
 def contains(tx, item: VT, seq: VT) -> bool:
-    if isinstance(seq, DictVT):
-        return item.const() in seq.items
-    if isinstance(seq, SequenceVT):
-        if isinstance(item, TensorVT):
-            unsupported("tensor membership test")
-        return any(is_same(item, x) or (x.is_const() and item.is_const() and x.const() == item.const())
-                   for x in seq.items)
+    method = getattr(seq, "contains", None)
+    if method is not None:
+        return method(tx, item)
     if seq.is_const() and item.is_const():
         return item.const() in seq.const()
     return seq.call_method(tx, "__contains__", [item], {}).truthy(tx)
 
 
 def unary_op(tx, op: Callable, a: VT) -> VT:
+    from .variables.numpy_vt import NdarrayVT, numpy_op
+
+    if isinstance(a, NdarrayVT):
+        return numpy_op(tx, op, [a])
     if isinstance(a, (TensorVT, SymNodeVT)):
         return tx.output.call_graph("call_function", op, [a], {})
     if a.is_const():

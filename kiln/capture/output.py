@@ -73,6 +73,7 @@ class SideEffects:
         vals += [f for _, f, _ in self.hooks] + [t for t, _, _ in self.hooks]
         for c in self.containers:
             vals += list(c.items.values()) if isinstance(c.items, dict) else list(c.items)
+            vals += list(getattr(c, "key_vts", {}).values())
         return vals
 
     def emit_replay(self, cg) -> None:
@@ -88,18 +89,18 @@ class SideEffects:
         targets = [temp(c.source.code()) for c in self.containers]
         conts = []
         for c in self.containers:
-            if isinstance(c, ListVT):
-                conts.append(temp("[" + ", ".join(cg.expr(i) for i in c.items) + "]"))
+            if hasattr(c, "replay_value"):
+                conts.append(temp(c.replay_value(cg)))
             else:
-                conts.append(temp("{" + ", ".join(f"{k!r}: {cg.expr(v)}" for k, v in c.items.items()) + "}"))
+                conts.append(temp("[" + ", ".join(cg.expr(i) for i in c.items) + "]"))
         attrs = [(temp(o.source.code()), name, temp(cg.expr(v))) for o, name, v in self.attrs]
         globs = [(src.code(), temp(cg.expr(v))) for src, v in self.globals.values()]
         hooks = [(temp(cg.expr(t)), temp(cg.expr(fn)), h) for t, fn, h in self.hooks]
         for c, tgt, new in zip(self.containers, targets, conts):
-            if isinstance(c, ListVT):
-                cg.line(f"{tgt}[:] = {new}")
+            if hasattr(c, "replay_apply"):
+                cg.line(c.replay_apply(tgt, new))
             else:
-                cg.line(f"{tgt}.clear(); {tgt}.update({new})")
+                cg.line(f"{tgt}[:] = {new}")
         for obj, name, value in attrs:
             cg.line(f"setattr({obj}, {name!r}, {value})")
         for expr, value in globs:
@@ -273,7 +274,10 @@ class OutputGraph:
                     items.append(self._wrap_result(r, self.graph.call_function(operator.getitem, (node, i))))
                 else:
                     items.append(const_vt(r))
-            return ListVT(items) if isinstance(res, list) else TupleVT(items)
+            if isinstance(res, list):
+                return ListVT(items)
+            # NOTE: named results (torch.return_types.max...) keep their class: `.values` works.
+            return TupleVT(items, pytype=type(res) if type(res) is not tuple else None)
         if res is None:
             return ConstantVT(None)
         self.graph.erase_node(node)
@@ -293,7 +297,12 @@ class OutputGraph:
         self._drop_unused_sizes()
         if self.op_count() == 0 and not outputs:
             return None
-        gm = fx.GraphModule(torch.nn.Module(), self.graph)
+        from .variables.subgraph import attached
+
+        root = torch.nn.Module()
+        for name, sub in attached(self, self.graph).items():  # higher-order ops' subgraphs
+            root.add_module(name, sub)
+        gm = fx.GraphModule(root, self.graph)
         gm.compile_subgraph_reason = reason
         gm.meta["kiln_sources"] = [s.name() for s, *_ in self.inputs]
         log_graph("capture", "output_graph", gm)

@@ -171,6 +171,60 @@ class ItemSource(Source):
 
 
 @dataclass(frozen=True)
+class ObjectItemSource(Source):
+    """``base[key]`` for a key embedded by identity (``ref``, its ``___cN`` name): an
+    enum member, a module, any key whose repr is not Python source."""
+
+    of: Source
+    ref: str
+    label: str
+    hoistable = True
+
+    def base(self) -> Source:
+        return self.of
+
+    def name(self) -> str:
+        return f"{self.of.name()}[{self.label}]"
+
+    def render(self, base_code: Optional[str]) -> str:
+        return f"{base_code}[{self.ref}]"
+
+
+@dataclass(frozen=True)
+class DictKeySource(Source):
+    """The ``index``-th key of a dict (a tensor or an object used as a key)."""
+
+    of: Source
+    index: int
+
+    def base(self) -> Source:
+        return self.of
+
+    def name(self) -> str:
+        return f"list({self.of.name()}.keys())[{self.index}]"
+
+    def render(self, base_code: Optional[str]) -> str:
+        return f"list({base_code}.keys())[{self.index}]"
+
+
+_LITERAL_KEYS = (int, str, bytes, bool, type(None))
+
+
+def literal_key(key: Any) -> bool:
+    """``repr(key)`` is Python source that rebuilds an equal key."""
+    if type(key) is tuple:
+        return all(literal_key(k) for k in key)
+    return type(key) in _LITERAL_KEYS or (type(key) is float and key == key and key not in (float("inf"), -float("inf")))
+
+
+def key_source(table: "ObjectTable", of: Source, key: Any) -> Source:
+    """The source of ``of[key]``: a literal subscript, or the key embedded by identity."""
+    if literal_key(key):
+        return ItemSource(of, key)
+    return ObjectItemSource(of, table.name_of(key), repr(key))
+
+
+@dataclass(frozen=True)
 class ModuleTableSource(Source):
     """A module's ``_parameters`` / ``_buffers`` / ``_modules`` table: part of how an
     entry is read (so that reading it once serves every entry), not of its name."""
@@ -317,6 +371,7 @@ def global_source(table: ObjectTable, gdict: dict, root_globals: dict, name: str
 
 __all__ = [
     "Source", "LocalSource", "GlobalSource", "ObjectSource", "ClosureSource", "AttrSource", "ItemSource",
+    "ObjectItemSource", "DictKeySource", "literal_key", "key_source",
     "ModuleTableSource", "ModuleEntrySource", "DictItemSource", "MethodCallSource", "CallSource", "SizeSource",
     "local_source", "global_source", "ObjectTable",
 ]

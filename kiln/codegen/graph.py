@@ -183,6 +183,10 @@ class GraphLowering:
         obj = self.gm
         for part in str(node.target).split("."):
             obj = getattr(obj, part)
+        if isinstance(obj, fx.GraphModule):
+            from kiln.codegen.subgraphs import compile_subgraph
+
+            return compile_subgraph(obj)
         if not isinstance(obj, torch.Tensor):
             raise exc.CodegenError(f"get_attr {node.target} is a {type(obj).__name__}")
         _check_tensor(obj, node.name)

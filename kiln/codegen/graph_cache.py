@@ -100,6 +100,8 @@ def key_for(gm: fx.GraphModule, example_inputs: list) -> Optional[str]:
             obj = gm
             for part in str(n.target).split("."):
                 obj = getattr(obj, part, None)
+            if isinstance(obj, fx.GraphModule):
+                return None  # NOTE: a higher-order op's subgraph: its code is not in the key
             attrs[str(n.target)] = value_meta(obj)
     return cache.record_key({
         "graph": code, "metas": metas, "inputs": [value_meta(x) for x in example_inputs], "attrs": attrs,

@@ -3,9 +3,12 @@
 In:  callables/operators plus tensor operands.
 Out: results as eager PyTorch computes them; under kiln's tracer, one graph
      node per call (``with_effects``, ``trace_wrapped``'s ``self_invoke``,
-     ``strict_mode`` with its body as a subgraph attribute).
+     ``strict_mode`` with its body as a subgraph attribute; ``cond`` with both branches
+     as subgraphs; ``wrap`` and ``checkpoint`` inlined, checkpointed nodes tagged
+     for recomputation).
 """
 from kiln.ops.base import HigherOrderOperator
+from kiln.ops.cond import cond
 from kiln.ops.effects import (
     EffectType,
     get_effect,
@@ -18,9 +21,10 @@ from kiln.ops.effects import (
 )
 from kiln.ops.strict_mode import strict_mode
 from kiln.ops.trace_wrapped import trace_wrapped
+from kiln.ops.wrap import checkpoint, wrap
 
 __all__ = [
     "HigherOrderOperator", "EffectType", "get_effect", "has_aliasing", "is_effectful",
     "new_token", "register_effectful_op", "unregister_effectful_op", "with_effects",
-    "strict_mode", "trace_wrapped",
+    "strict_mode", "trace_wrapped", "cond", "wrap", "checkpoint",
 ]

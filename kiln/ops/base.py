@@ -68,6 +68,9 @@ class HigherOrderOperator:
             if impl is not None:
                 with _pop_mode_temporarily() as popped:
                     return impl(popped, *args, **kwargs)
+            if key is None and "fake" in self._impls and _has_fake(args, kwargs):
+                # NOTE: FakeTensorMode itself is on the stack (capture's fake calls).
+                return self._impls["fake"](*args, **kwargs)
             # NOTE: a mode kiln does not know (a user's logging mode, a
             # foreign functionalization): run the op's body, whose ATen ops
             # then reach that mode one by one.

@@ -34,6 +34,19 @@ def _is_sym(x: Any) -> bool:
 
 
 _LIFT_FROM: list = []
+_RECOMPUTE_REGIONS: list = []
+
+
+@contextlib.contextmanager
+def recompute_region(region_id: int) -> Iterator[None]:
+    """Forward nodes recorded inside are tagged ``meta["recompute"] = "must_recompute"`` and
+    ``meta["ac_graph_id"] = region_id``: an activation-checkpointed region, whose values
+    the partitioners recompute in backward instead of saving."""
+    _RECOMPUTE_REGIONS.append(region_id)
+    try:
+        yield
+    finally:
+        _RECOMPUTE_REGIONS.pop()
 
 
 @contextlib.contextmanager
@@ -231,6 +244,9 @@ def _stamp_meta(node: fx.Node, target: Any) -> None:
         node.meta["autograd_backward"] = True
     else:
         node.meta["seq_nr"] = torch.autograd._get_sequence_nr() - 1
+        if _RECOMPUTE_REGIONS:
+            node.meta["recompute"] = "must_recompute"
+            node.meta["ac_graph_id"] = _RECOMPUTE_REGIONS[-1]
 
 
 def _node_name(func: Any) -> str:

@@ -6,6 +6,7 @@ symbolically, and how to be rebuilt in generated code (``reconstruct``).
 """
 from __future__ import annotations
 
+import enum
 import types
 from typing import Any, Optional
 
@@ -86,8 +87,15 @@ class ConstantVT(VT):
         return bool(self.value)
 
     def getattr(self, tx, name: str) -> VT:
-        from .callables import ConstMethodVT
+        from .callables import ConstMethodVT, UserMethodVT
 
+        if isinstance(self.value, enum.Enum):
+            import inspect
+
+            # NOTE: an enum's own methods are user code: inlined, never run while tracing.
+            static = inspect.getattr_static(type(self.value), name, None)
+            if isinstance(static, types.FunctionType):
+                return UserMethodVT(static, self)
         attr = getattr(self.value, name)
         if callable(attr):
             return ConstMethodVT(self.value, name)
@@ -116,9 +124,17 @@ def is_const_value(v: Any) -> bool:
     import torch
 
     if isinstance(v, CONST_TYPES) or isinstance(v, (torch.dtype, torch.device, torch.layout, torch.memory_format,
-                                                    types.CodeType)):
+                                                    types.CodeType, enum.Enum)):
         return True
-    return False
+    return is_numpy_scalar(v)
+
+
+def is_numpy_scalar(v: Any) -> bool:
+    """A NumPy scalar (``np.float32(1.5)``, ``np.int64(3)``): immutable, a constant."""
+    import sys
+
+    np = sys.modules.get("numpy")
+    return np is not None and isinstance(v, np.generic) and type(v).__module__ == "numpy"
 
 
 def const_vt(v: Any, source: Optional[Source] = None) -> VT:
@@ -131,6 +147,10 @@ def const_vt(v: Any, source: Optional[Source] = None) -> VT:
         return ListVT([const_vt(x) for x in v])
     if isinstance(v, slice):
         return SliceVT(const_vt(v.start), const_vt(v.stop), const_vt(v.step))
+    if type(v) in (set, frozenset):
+        from .sets import SetVT
+
+        return SetVT([const_vt(x) for x in v], pytype=type(v))
     if is_const_value(v):
         return ConstantVT(v, source)
     unsupported(f"value of type {type(v).__name__} produced during capture")

@@ -1,6 +1,7 @@
 """Wrapping real Python values into variable trackers, installing guards."""
 from __future__ import annotations
 
+import collections
 import functools
 import types
 import weakref
@@ -13,6 +14,7 @@ from .base import ConstantVT, VT, is_const_value
 from .callables import BuiltinVT, ClassVT, PartialVT, WeakRefVT, PyModuleVT, TorchFnVT, UserFunctionVT, UserMethodVT
 from .containers import DictVT, ListVT, TupleVT
 from .objects import NNModuleVT, UserObjectVT
+from .pylib import wrapper_for
 
 
 # NOTE: Python functions from these modules never call back into user code, so a
@@ -62,20 +64,82 @@ def wrap(tx, value: Any, source: Optional[Source], guard: bool = True) -> VT:
         if g:
             g.const(source, value)
         return ConstantVT(value, source)
-    if type(value) in (list, tuple, torch.Size):
+    if _is_named_tuple(value) and not hasattr(type(value), "_make") and all(is_const_value(v) for v in value):
+        # NOTE: a struct sequence of constants (sys.version_info, os.stat_result) is one
+        # constant: immutable, and C code makes it (it cannot be rebuilt from its items).
+        if g:
+            g.const(source, value)
+        return ConstantVT(value, source)
+    if type(value) in (list, tuple, torch.Size) or _is_named_tuple(value):
         if g:
             g.length(source, value)
         items = [wrap(tx, v, source.item(i), guard) for i, v in enumerate(value)]
         if type(value) is list:
             return ListVT(items, source)
         return TupleVT(items, source, pytype=type(value))
-    if type(value) is dict and all(is_const_value(k) for k in value):
+    if type(value) in _DICT_TYPES and all(_plain_key(k) for k in value):
+        return _wrap_dict(tx, value, source, guard)
+    special = wrapper_for(value)
+    if special is not None:
+        if g and type(value) is functools._lru_cache_wrapper:
+            g.ident(source, value)
+        return special(tx, value, source, guard)
+    from .numpy_vt import NumpyFnVT, NumpyStaticFnVT, numpy_function
+
+    tnp_fn = numpy_function(value)
+    if tnp_fn is not None:
         if g:
-            g.dict_keys(source, value)
-        return DictVT({k: wrap(tx, v, source.item(k), guard) for k, v in value.items()}, source)
+            g.ident(source, value)
+        if tnp_fn is NumpyStaticFnVT:
+            return NumpyStaticFnVT(value, source)
+        return NumpyFnVT(value, tnp_fn, source)
     if g:
         _identity_guard(g, source, value)
     return _wrap_object(tx, value, source)
+
+
+_DICT_TYPES = (dict, collections.OrderedDict, collections.defaultdict)
+
+
+def _is_named_tuple(value: Any) -> bool:
+    from .namedtuples import is_namedtuple_class, is_structseq_class
+
+    t = type(value)
+    # NOTE: an instance with attributes of its own (a subclass without __slots__) stays a
+    # user object: reading it as a tuple would lose them.
+    return issubclass(t, tuple) and (is_namedtuple_class(t) or is_structseq_class(t)) \
+        and not getattr(value, "__dict__", None)
+
+
+def _plain_key(k: Any) -> bool:
+    """A dict key capture can read from the caller: a constant, or an object with an identity
+    hash (a module, a function, an enum member); never a tensor (keys are not inputs)."""
+    from .hashing import has_identity_hash
+
+    if type(k) is tuple:
+        return all(_plain_key(i) and not isinstance(i, torch.Tensor) for i in k)
+    return is_const_value(k) or has_identity_hash(k) or type(k) in (torch.Tensor, torch.nn.Parameter)
+
+
+def _wrap_dict(tx, value: dict, source: Source, guard: bool) -> VT:
+    """A dict / OrderedDict / defaultdict: keys guarded (in order), values read as ``src[k]``."""
+    from ..sources import DictKeySource, key_source
+
+    if guard:
+        tx.output.guards.dict_keys(source, value)
+    d = DictVT({}, source, pytype=type(value))
+    for i, (k, v) in enumerate(value.items()):
+        if is_const_value(k):
+            kvt = ConstantVT(k)
+        elif isinstance(k, torch.Tensor):
+            # NOTE: a tensor key is a graph input too (the keys guard pins its identity).
+            kvt = wrap(tx, k, DictKeySource(source, i), guard)
+        else:
+            kvt = wrap(tx, k, None, guard=False)
+        d.put(kvt, wrap(tx, v, key_source(tx.output.objects, source, k), guard))
+    if type(value) is collections.defaultdict:
+        d.default_factory = wrap(tx, value.default_factory, source.attr("default_factory"), guard)
+    return d
 
 
 def _identity_guard(g, source: Source, value: Any) -> None:
@@ -91,6 +155,12 @@ def _identity_guard(g, source: Source, value: Any) -> None:
 
 def _wrap_object(tx, value: Any, source: Source) -> VT:
     from .builtins import BUILTINS
+    from .hops import hop_vt
+
+    # NOTE: higher-order entry points (torch.cond, wrap, checkpoint, ...) by qualified name.
+    hop = hop_vt(value, source)
+    if hop is not None:
+        return hop
 
     if isinstance(value, torch.nn.Module):
         return NNModuleVT(value, source)

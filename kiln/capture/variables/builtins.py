@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import builtins
+import enum
 import functools
 import operator
 from typing import Any, Callable
 
 from .base import VT, ConstantVT, const_vt, unsupported
-from .containers import DictVT, IteratorVT, ListVT, SequenceVT, TupleVT
+from .containers import DictVT, IteratorVT, LazyIteratorVT, ListVT, SequenceVT, TupleVT, iterate
 
 
 def _len(tx, x: VT) -> VT:
@@ -48,11 +49,17 @@ def _getattr(tx, obj: VT, name: VT, default: VT = None) -> VT:
 
 
 def _hasattr(tx, obj: VT, name: VT) -> VT:
+    from .objects import UserObjectVT
+
     try:
         obj.getattr(tx, name.const())
-        return ConstantVT(True)
+        present = True
     except AttributeError:
-        return ConstantVT(False)
+        present = False
+    if isinstance(obj, UserObjectVT) and obj.source is not None:
+        # NOTE: an attribute added to (or deleted from) the object later must recompile.
+        tx.output.guards.attr_presence(obj.source, name.const(), present)
+    return ConstantVT(present)
 
 
 def _iter(tx, x: VT) -> VT:
@@ -69,12 +76,21 @@ def _fold(op: Callable) -> Callable:
 
 
 def _minmax(op: Callable) -> Callable:
-    def run(tx, *args):
-        if len(args) == 1:
-            args = tuple(args[0].unpack(tx))
-        if all(a.is_const() for a in args):
-            return const_vt(op(a.const() for a in args))
-        unsupported(f"builtin {op.__name__} over tensors")
+    """``max`` / ``min`` over constants, sizes and tensors (see tensor_minmax)."""
+    def run(tx, *args, key: VT = None, default: VT = None):
+        items = iterate(tx, args[0]).unpack(tx) if len(args) == 1 else list(args)
+        if not items:
+            if default is not None:
+                return default
+            unsupported(f"{op.__name__}() of an empty sequence", why="eager raises ValueError")
+        if key is not None and not (isinstance(key, ConstantVT) and key.value is None):
+            keys = [key.call(tx, [i], {}).const() for i in items]
+            return items[keys.index(op(keys))]
+        if all(a.is_const() for a in items):
+            return const_vt(op(a.const() for a in items))
+        from .tensor_values import minmax_fold
+
+        return minmax_fold(tx, op, items)
 
     return run
 
@@ -83,9 +99,50 @@ def _sum(tx, seq: VT, start: VT = None) -> VT:
     from ..operators import binary_op
 
     acc = start if start is not None else ConstantVT(0)
-    for item in seq.unpack(tx):
+    for item in iterate(tx, seq).unpack(tx):
         acc = binary_op(tx, operator.add, acc, item)
     return acc
+
+
+def sort_items(tx, items: list, key: VT = None, reverse: VT = None) -> list:
+    """``items`` (VTs) in the order ``sorted(items, key=key, reverse=reverse)`` gives:
+    the keys must be Python constants (sorting tensors would compare their values)."""
+    if key is not None and not (isinstance(key, ConstantVT) and key.value is None):
+        keys = [key.call(tx, [i], {}) for i in items]
+    else:
+        keys = items
+    if not all(k.is_const() or hasattr(k, "sym") for k in keys):
+        unsupported("sorting values that are not Python constants",
+                    why="comparing tensors or objects depends on their values or identities")
+    vals = [k.const() for k in keys]
+    rev = bool(reverse.const()) if reverse is not None else False
+    order = sorted(range(len(items)), key=lambda i: vals[i], reverse=rev)
+    return [items[i] for i in order]
+
+
+def _sorted(tx, seq: VT, key: VT = None, reverse: VT = None) -> VT:
+    return ListVT(sort_items(tx, iterate(tx, seq).unpack(tx), key, reverse))
+
+
+def _id(tx, x: VT) -> VT:
+    """``id(obj)`` of a value read from the caller: its identity is guarded (ID_MATCH)."""
+    from .hashing import real_object
+    from .tensor import TensorVT
+
+    if isinstance(x, TensorVT):
+        real = next((v for _, v, vt, *_ in tx.output.inputs if vt is x), None)
+        if real is None or x.source is None:
+            unsupported("id() of a tensor made in the compiled region")
+        tx.output.guards.ident(x.source, real)
+        return ConstantVT(id(real))
+    obj = real_object(x)
+    if obj is None and isinstance(x, ConstantVT) and (x.value is None or isinstance(x.value, bool)):
+        obj = x.value
+    if obj is None or x.source is None and not isinstance(x, ConstantVT):
+        unsupported(f"id() of {x}", why="only objects read from the caller have an identity capture can guard")
+    if x.source is not None:
+        tx.output.guards.ident(x.source, obj)
+    return ConstantVT(id(obj))
 
 
 def _abs(tx, x: VT) -> VT:
@@ -120,13 +177,44 @@ def _setattr(tx, obj: VT, name: VT, value: VT) -> VT:
 
 def _enumerate(tx, seq: VT, start: VT = None) -> VT:
     s = 0 if start is None else start.const()
-    return IteratorVT([TupleVT([ConstantVT(i + s), v]) for i, v in enumerate(seq.unpack(tx))])
+    it = iterate(tx, seq)
+    if isinstance(it, LazyIteratorVT):
+        def gen():
+            i = s
+            while True:
+                v = it.next(tx)
+                if v is None:
+                    return
+                yield TupleVT([ConstantVT(i), v])
+                i += 1
+
+        return LazyIteratorVT(gen(), "enumerate() of a lazy iterator")
+    return IteratorVT([TupleVT([ConstantVT(i + s), v]) for i, v in enumerate(it.unpack(tx))])
+
+
+def _zip_rows(tx, seqs: tuple) -> list:
+    """The rows zip() makes, pulling from each iterator as CPython does (endless ones too)."""
+    from .containers import MAX_LAZY_ITEMS
+
+    its = [iterate(tx, s) for s in seqs]
+    rows = []
+    while its:
+        row = []
+        for it in its:
+            v = it.next(tx)
+            if v is None:
+                return rows
+            row.append(v)
+        rows.append(row)
+        if len(rows) > MAX_LAZY_ITEMS:
+            unsupported("zip() of endless iterators", why=f"more than {MAX_LAZY_ITEMS} items")
+    return rows
 
 
 def _zip(tx, *seqs: VT, strict: VT = None) -> VT:
-    if strict is not None and strict.const() and len({len(s.unpack(tx)) for s in seqs}) > 1:
+    if strict is not None and strict.const() and len({len(iterate(tx, s).unpack(tx)) for s in seqs}) > 1:
         unsupported("zip(strict=True) over sequences of different lengths")
-    return IteratorVT([TupleVT(list(t)) for t in zip(*[s.unpack(tx) for s in seqs])])
+    return IteratorVT([TupleVT(list(t)) for t in _zip_rows(tx, seqs)])
 
 
 def _reversed(tx, seq: VT) -> VT:
@@ -190,13 +278,15 @@ BUILTINS: dict[Any, Callable] = {
     builtins.ord: _fold(ord),
     builtins.chr: _fold(chr),
     builtins.hash: _fold(hash),
-    builtins.sorted: lambda tx, s, **kw: ListVT([const_vt(v) for v in sorted(
-        [x.const() for x in s.unpack(tx)], **{k: v.const() for k, v in kw.items()})]),
+    builtins.sorted: _sorted,
+    builtins.id: _id,
 }
 
 
 def call_builtin(tx, fn: Any, args: list, kwargs: dict) -> VT:
-    handler = BUILTINS.get(fn)
+    from .pylib import library_function
+
+    handler = BUILTINS.get(fn) or library_function(fn)
     if handler is None:
         unsupported(f"call to builtin {getattr(fn, '__name__', fn)}")
     return handler(tx, *args, **kwargs)
@@ -207,23 +297,11 @@ def _range(tx, *args) -> VT:
 
 
 def _list(tx, x: VT = None) -> VT:
-    return ListVT([] if x is None else x.unpack(tx))
+    return ListVT([] if x is None else iterate(tx, x).unpack(tx))
 
 
 def _tuple(tx, x: VT = None) -> VT:
-    return TupleVT([] if x is None else x.unpack(tx))
-
-
-def _dict(tx, x: VT = None, **kwargs) -> VT:
-    items = {}
-    if isinstance(x, DictVT):
-        items.update(x.items)
-    elif x is not None:
-        for pair in x.unpack(tx):
-            k, v = pair.unpack(tx)
-            items[k.const()] = v
-    items.update(kwargs)
-    return DictVT(items)
+    return TupleVT([] if x is None else iterate(tx, x).unpack(tx))
 
 
 def _size(tx, x: VT = None) -> VT:
@@ -240,7 +318,7 @@ def _filter(tx, fn: VT, seq: VT) -> VT:
 
 
 def _map(tx, fn: VT, *seqs: VT) -> VT:
-    return IteratorVT([fn.call(tx, list(t), {}) for t in zip(*[s.unpack(tx) for s in seqs])])
+    return IteratorVT([fn.call(tx, list(t), {}) for t in _zip_rows(tx, seqs)])
 
 
 def _static_ctor(cls: type):
@@ -298,13 +376,28 @@ def _builtin_types() -> dict:
     import torch
 
     return {
-        range: _range, list: _list, tuple: _tuple, dict: _dict, bool: _bool,
+        range: _range, list: _list, tuple: _tuple, bool: _bool,
         int: _scalar(int), float: _scalar(float), str: _scalar(str), type: _type,
         map: _map, filter: _filter, super: _super, functools.partial: _partial,
         torch.finfo: _static_ctor(torch.finfo), torch.iinfo: _static_ctor(torch.iinfo),
+        torch.device: _static_ctor(torch.device),
         torch.Size: _size, slice: lambda tx, *a: const_vt(slice(*[x.const() for x in a])),
         contextlib.nullcontext: _nullcontext, torch.autocast: _autocast,
     }
+
+
+def _enum_lookup(tx, cls: type, value: VT = None, *rest: VT, **kwargs: VT) -> VT:
+    """``Color(2)``: the member with that value (a lookup; making a new enum class breaks)."""
+    if value is None or rest or kwargs or not value.is_const():
+        unsupported(f"calling the enum class {cls.__name__} with these arguments")
+    try:
+        member = cls._value2member_map_.get(value.const())
+    except TypeError:  # an unhashable value
+        member = None
+    if member is None:
+        # NOTE: a value that is not a member goes through the class's _missing_ (user code).
+        unsupported(f"{cls.__name__}({value.const()!r}) is not a member lookup capture can answer")
+    return ConstantVT(member)
 
 
 def _buildable_dataclass(cls: type) -> bool:
@@ -315,7 +408,14 @@ def _buildable_dataclass(cls: type) -> bool:
 
 
 def call_builtin_type(tx, cls: type, args: list, kwargs: dict) -> VT:
-    handler = _builtin_types().get(cls) or BUILTINS.get(cls)
+    from .namedtuples import build_namedtuple, is_namedtuple_class, is_structseq_class
+    from .pylib import library_type
+
+    handler = _builtin_types().get(cls) or BUILTINS.get(cls) or library_type(cls)
+    if handler is None and (is_namedtuple_class(cls) or is_structseq_class(cls)):
+        return build_namedtuple(tx, cls, list(args), dict(kwargs))
+    if handler is None and isinstance(cls, enum.EnumMeta):
+        return _enum_lookup(tx, cls, *args, **kwargs)
     if handler is None and _buildable_dataclass(cls):
         from .objects import DataclassVT
 

@@ -57,7 +57,9 @@ class UserFunctionVT(VT):
     def call(self, tx, args: list, kwargs: dict) -> VT:
         if getattr(self.fn, "_kiln_disable", False):
             unsupported(f"call to {self.fn.__qualname__}, disabled by kiln.disable")
-        special = _py_special().get(self.fn)
+        from .pylib import library_function
+
+        special = _py_special().get(self.fn) or library_function(self.fn)
         if special is not None:
             return special(tx, *args, **kwargs)
         return tx.inline_function(getattr(self.fn, "_kiln_orig", self.fn), args, kwargs)
@@ -65,7 +67,7 @@ class UserFunctionVT(VT):
     def getattr(self, tx, name: str) -> VT:
         if name in ("__name__", "__qualname__", "__module__", "__doc__", "__code__"):
             return ConstantVT(getattr(self.fn, name))
-        if name in ("__defaults__", "__kwdefaults__", "__wrapped__", "__dict__", "__globals__"):
+        if name in ("__defaults__", "__kwdefaults__", "__wrapped__", "__dict__", "__globals__", "__annotations__"):
             return tx.wrap_static(getattr(self.fn, name))
         return super().getattr(tx, name)
 
@@ -124,12 +126,38 @@ class NestedFunctionVT(VT):
         self.kwdefaults = kwdefaults
         self.closure = closure or []
         self.qualname = qualname
+        self.attrs: dict = {}  # attributes set while tracing (functools.wraps, fn.__name__ = ...)
 
     def python_type(self) -> type:
         return types.FunctionType
 
     def call(self, tx, args: list, kwargs: dict) -> VT:
         return tx.inline_nested(self, args, kwargs)
+
+    def getattr(self, tx, name: str) -> VT:
+        if name in self.attrs:
+            return self.attrs[name]
+        if name in ("__name__", "__qualname__"):
+            return ConstantVT(self.code.co_name if name == "__name__" else self.qualname)
+        if name == "__code__":
+            return ConstantVT(self.code)
+        if name == "__annotations__":
+            from .containers import DictVT
+
+            self.attrs[name] = DictVT({})
+            return self.attrs[name]
+        if name == "__module__":
+            return ConstantVT(self.fn_globals.get("__name__"))
+        if name == "__doc__":
+            # NOTE: a function's first constant is its docstring, or None when it has none.
+            first = self.code.co_consts[0] if self.code.co_consts else None
+            return ConstantVT(first if isinstance(first, str) else None)
+        return super().getattr(tx, name)
+
+    def setattr(self, tx, name: str, value: VT) -> None:
+        # NOTE: the function exists only inside the region (it cannot be rebuilt in generated
+        # code), so its attributes are only ever read while tracing.
+        self.attrs[name] = value
 
     def __repr__(self) -> str:
         return f"NestedFunctionVT({self.qualname})"
@@ -233,6 +261,10 @@ class ClassVT(VT):
     def const(self) -> Any:
         return self.cls
 
+    def truthy(self, tx) -> bool:
+        # NOTE: a class is true unless its metaclass says otherwise (enum classes have __len__).
+        return bool(self.cls) if type(self.cls) is not type else True
+
     def getattr(self, tx, name: str) -> VT:
         import torch
 
@@ -300,7 +332,11 @@ class SuperVT(VT):
         self.obj = obj
 
     def getattr(self, tx, name: str) -> VT:
-        mro = self.obj.python_type().__mro__
+        # NOTE: inside a classmethod, super()'s second argument is the class itself.
+        owner = self.obj.cls if isinstance(self.obj, ClassVT) else self.obj.python_type()
+        mro = owner.__mro__
+        if self.cls not in mro:
+            unsupported(f"super({self.cls.__name__}, ...) of an object that is not an instance of it")
         for klass in mro[mro.index(self.cls) + 1:]:
             if name in vars(klass):
                 attr = vars(klass)[name]
@@ -309,7 +345,7 @@ class SuperVT(VT):
                 if isinstance(attr, staticmethod):
                     return tx.wrap_static(attr.__func__)
                 if isinstance(attr, classmethod):
-                    return UserMethodVT(attr.__func__, ClassVT(self.obj.python_type()))
+                    return UserMethodVT(attr.__func__, self.obj if isinstance(self.obj, ClassVT) else ClassVT(owner))
                 return BoundMethodVT(self, name)
         unsupported(f"super() has no attribute {name}")
 
@@ -378,5 +414,19 @@ def _py_special() -> dict:
     if not _PY_SPECIAL:
         import inspect
 
+        from .dataclasses_vt import FUNCTIONS as dataclass_functions
+
         _PY_SPECIAL[inspect.signature] = _signature
+        _PY_SPECIAL.update(dataclass_functions)
     return _PY_SPECIAL
+
+
+def _always_true(self, tx) -> bool:
+    return True
+
+
+# NOTE: functions, methods, classes and partials define neither __bool__ nor __len__:
+# they are always true (`if self.act:` on a module attribute holding torch.relu).
+for _cls in (BoundMethodVT, ConstMethodVT, UserFunctionVT, UserMethodVT, NestedFunctionVT, BuiltinVT,
+             TorchFnVT, PyModuleVT, PartialVT):
+    _cls.truthy = _always_true

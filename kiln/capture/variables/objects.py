@@ -205,7 +205,29 @@ class UserObjectVT(PendingAttrs, VT):
         cls = type(self.obj)
         if not hasattr(cls, "__bool__") and not hasattr(cls, "__len__"):
             return True
+        # NOTE: as CPython: the class's __bool__, else its __len__ (instance attributes of
+        # those names do not count); Python ones are inlined.
+        for name in ("__bool__", "__len__"):
+            method = inspect.getattr_static(cls, name, None)
+            if method is None:
+                continue
+            if not isinstance(method, types.FunctionType):
+                break
+            out = tx.inline_function(method, [self], {})
+            return out.truthy(tx) if name == "__bool__" else bool(out.const())
         unsupported(f"truth value of {cls.__name__} object")
+
+    def unpack(self, tx) -> list:
+        """Iteration through a Python ``__iter__`` of the class (inlined)."""
+        from .containers import iterate
+
+        method = inspect.getattr_static(type(self.obj), "__iter__", None)
+        if isinstance(method, types.FunctionType):
+            out = tx.inline_function(method, [self], {})
+            if isinstance(out, UserObjectVT):
+                unsupported(f"iteration over {type(self.obj).__name__} through an iterator object of its own")
+            return iterate(tx, out).unpack(tx)
+        return super().unpack(tx)
 
     def __repr__(self) -> str:
         return f"UserObjectVT({type(self.obj).__name__})"

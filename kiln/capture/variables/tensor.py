@@ -16,12 +16,13 @@ _META_METHODS = {
 }
 _META_ATTRS = {
     "dtype", "device", "ndim", "requires_grad", "is_leaf", "is_cuda", "layout", "is_sparse",
-    "is_quantized", "is_meta", "is_nested",
+    "is_quantized", "is_meta", "is_nested", "itemsize", "nbytes", "is_cpu", "is_mps", "is_xpu",
+    "is_mkldnn", "is_sparse_csr", "is_xla", "is_ipu", "is_vulkan", "is_mtia", "is_maia",
 }
 _BREAKING_METHODS = {
     "item": "Tensor.item() reads data (data-dependent value)",
     "tolist": "Tensor.tolist() reads data",
-    "numpy": "Tensor.numpy() leaves torch",
+    "numpy": "Tensor.numpy() with positional arguments",
     "data_ptr": "Tensor.data_ptr() is not available on fake tensors",
     "backward": "Tensor.backward() runs autograd inside the compiled region",
     "__bool__": "bool() of a tensor depends on its data",
@@ -52,6 +53,10 @@ class TensorVT(VT):
 
         if name == "shape":
             return self._meta(tx, "size", [])
+        if name == "__class__":
+            from .callables import ClassVT
+
+            return ClassVT(self.pytype)
         if name in _META_ATTRS:
             return const_vt(getattr(self.fake, name))
         if name in _GRAPH_ATTRS:
@@ -71,6 +76,10 @@ class TensorVT(VT):
             if fk:
                 return const_vt(_concrete_all(getattr(self.fake, name)(*fa, **fk)))
             return self._meta(tx, name, fa)
+        if name == "numpy" and not args and set(kwargs) <= {"force"}:
+            from .numpy_vt import tensor_numpy
+
+            return tensor_numpy(tx, self, bool(kwargs["force"].const()) if kwargs else False)
         if name == "register_hook" and self.source is not None and not kwargs and len(args) == 1:
             return tx.output.side_effects.register_hook(self, args[0])
         if name in _BREAKING_METHODS:
@@ -130,11 +139,16 @@ def _getitem():
 def fake_value(v: VT) -> Any:
     """VT -> the value a fake-tensor call sees (fake tensors, constants, nested)."""
     from .containers import ListVT, SliceVT
+    from .numpy_vt import NdarrayVT, numpy_dtype_name
 
-    if isinstance(v, TensorVT):
+    if isinstance(v, (TensorVT, NdarrayVT)):
         return v.fake
     if hasattr(v, "sym"):
         return v.sym
+    np_dtype = numpy_dtype_name(v)
+    if np_dtype is not None:
+        return np_dtype
+    _no_numpy_scalar(v)
     if isinstance(v, (TupleVT, ListVT)):
         vals = [fake_value(i) for i in v.items]
         return vals if isinstance(v, ListVT) else (tuple(vals) if v.pytype is not torch.Size else torch.Size(vals))
@@ -145,10 +159,33 @@ def fake_value(v: VT) -> Any:
     unsupported(f"{v} passed to a torch function")
 
 
+# NOTE: torch reads a Python scalar type passed as a dtype (``x.to(float)``) as this dtype;
+# fx cannot print a class as an argument, so the graph gets the dtype itself.
+_PY_TYPE_DTYPES = {float: torch.float64, int: torch.int64, bool: torch.bool, complex: torch.complex128}
+
+
+def _no_numpy_scalar(v: VT) -> None:
+    # NOTE: a NumPy scalar promotes differently from the Python number it equals (and fx
+    # cannot print it): it is not put into graphs.
+    if isinstance(v, ConstantVT) and type(v.value).__module__ == "numpy":
+        unsupported(f"NumPy scalar {v.value!r} passed to a graph operation")
+
+
 def node_value(v: VT) -> Any:
     """VT -> the fx argument (nodes, constants, nested)."""
+    from .callables import ClassVT
     from .containers import ListVT, SliceVT
 
+    from .numpy_vt import NdarrayVT, numpy_dtype_name
+
+    if isinstance(v, ClassVT) and v.cls in _PY_TYPE_DTYPES:
+        return _PY_TYPE_DTYPES[v.cls]
+    if isinstance(v, NdarrayVT):
+        return v.node
+    np_dtype = numpy_dtype_name(v)
+    if np_dtype is not None:
+        return np_dtype
+    _no_numpy_scalar(v)
     if isinstance(v, TensorVT) or hasattr(v, "sym"):
         return v.node
     if isinstance(v, (TupleVT, ListVT)):

@@ -47,6 +47,19 @@ def _is_tensor(tx, x: VT) -> VT:
     return ConstantVT(issubclass(x.python_type(), torch.Tensor))
 
 
+def _array_to_tensor(fn: Any) -> Callable:
+    """``torch.from_numpy(a)`` / ``torch.as_tensor(a)`` of a traced NumPy array: its tensor."""
+    def run(tx, *args, **kwargs):
+        from .numpy_vt import NdarrayVT
+        from .tensor import TensorVT
+
+        if len(args) == 1 and not kwargs and isinstance(args[0], NdarrayVT):
+            return TensorVT(args[0].node, args[0].fake)
+        return tx.output.call_graph("call_function", fn, list(args), dict(kwargs))
+
+    return run
+
+
 def _special() -> dict:
     from kiln.capture.api import graph_break
 
@@ -66,6 +79,8 @@ def _special() -> dict:
         torch.jit.is_tracing: _const(False),
         torch.compiler.is_compiling: _const(True),
         torch.inference_mode: _break("torch.inference_mode", "inference mode is not captured"),
+        torch.from_numpy: _array_to_tensor(torch.from_numpy),
+        torch.as_tensor: _array_to_tensor(torch.as_tensor),
     }
     dyn = getattr(torch, "_dynamo", None)
     if dyn is not None and "graph_break" in getattr(dyn, "__dict__", {}):
