@@ -21,14 +21,14 @@ import argparse
 import datetime
 import json
 import os
-import socket
 import tempfile
 import time
 from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+
+from kiln.testing.distributed import free_port, spawn_bounded
 
 SIZES = {  # profile -> (n_layer, n_embd, n_head, vocab, batch, seq)
     "quick": (2, 128, 4, 1024, 2, 64),
@@ -104,28 +104,12 @@ def _column(comp: str, rank: int, world: int, profile: str, device: str, steps: 
             "config": f"GPT-2 L{SIZES[profile][0]} d{SIZES[profile][1]}, batch {batch}x{seq} per rank, world {world}"}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run(profile: str, device: str, world: int, backends: list[str], steps: int, threads: int,
         timeout_s: float = 1800.0) -> dict[str, Any]:
     """The row: one dict per compiler column (see the module docstring)."""
     out = tempfile.mkdtemp(prefix="kiln_bench_ddp_")
-    ctx = mp.start_processes(_rank_main, args=(world, _free_port(), out, profile, device, backends, steps, threads),
-                             nprocs=world, join=False, start_method="spawn")
-    deadline = time.monotonic() + timeout_s
-    try:
-        while not ctx.join(timeout=5.0):
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"bench.ddp: still running after {timeout_s:.0f}s")
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.kill()
-                p.join(5)
+    spawn_bounded(_rank_main, (world, free_port(), out, profile, device, backends, steps, threads), world,
+                  timeout_s, "bench.ddp")
     with open(os.path.join(out, "rows.json")) as f:
         rows = json.load(f)
     ref = rows["eager"]["first_loss"]

@@ -17,7 +17,7 @@ from typing import Any, Callable, Optional, Union
 
 import torch
 
-from .sources import ObjectTable, Source
+from .sources import ObjectTable, Source, literal_key
 
 # A test is a tuple of fragments: text, and sources rendered in place.
 Fragment = Union[str, Source]
@@ -121,15 +121,9 @@ def same_keys(d: dict, expected: list) -> bool:
     key (a tensor, a module, an enum member) by identity.
 
     NOTE: never ``==`` on a key that is not a literal: a tensor key would compare by value."""
-    from .sources import literal_key
-
     keys = list(d.keys())
     return len(keys) == len(expected) and all(
         k is e or (literal_key(e) and type(k) is type(e) and k == e) for k, e in zip(keys, expected))
-
-
-def has_attr(obj: Any, name: str) -> bool:
-    return hasattr(obj, name)
 
 
 class GuardSet:
@@ -206,8 +200,6 @@ class GuardSet:
     def dict_keys(self, src: Source, d: dict) -> None:
         """The exact type and the keys, in order, of a dict (keys that are not literals are
         compared with a snapshot list of them, which compares them by identity first)."""
-        from .sources import literal_key
-
         keys = list(d.keys())
         tname = self.objects.name_of(type(d))
         if all(literal_key(k) for k in keys):
@@ -219,7 +211,7 @@ class GuardSet:
 
     def attr_presence(self, src: Source, name: str, present: bool) -> None:
         """``hasattr(src, name)`` gave ``present`` while tracing."""
-        test = _t("" if present else "not ", f"{self.objects.name_of(has_attr)}(", src, f", {name!r})")
+        test = _t("" if present else "not ", f"{self.objects.name_of(hasattr)}(", src, f", {name!r})")
         self._one(GuardKind.CONSTANT_MATCH, src, test, f"hasattr({src.name()}, {name!r}) != {present}",
                   key=(GuardKind.CONSTANT_MATCH, "hasattr", src, name))
 

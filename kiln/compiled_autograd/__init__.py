@@ -26,7 +26,7 @@ autograd graph from Python (``grad_fn.next_functions``, ``_saved_*``, ``_input_m
 sequence number), and runs each node for real under kiln's own dispatch-level tracer
 (kiln.tracing), which records the ATen ops it dispatches: no dependency on the C++
 hook's interface (which differs between torch versions and calls back into
-torch._dynamo), and every node kind is a row of a table (walk.py reads, trace.py runs).
+PyTorch's own bytecode compiler), and every node kind is a row of a table (walk.py reads, trace.py runs).
 The price: saved tensors are found by identity or storage rather than swapped, hooks on
 non-leaf tensors must be noted when registered (hooks.py), and graphs are keyed by exact
 sizes (a node's saved sizes are baked into its ATen ops); ``compiler_fn`` may still

@@ -13,25 +13,18 @@ from __future__ import annotations
 import copy
 import datetime
 import os
-import socket
 import sys
 import tempfile
-import time
 from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+
+from kiln.testing.distributed import free_port, spawn_bounded
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "models"))
 
 BACKEND = os.environ.get("KILN_DIST_BACKEND", "gloo")  # NOTE: "nccl" for the multi-GPU run
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _entry(rank: int, world: int, port: int, out: str, fn: Callable, args: tuple) -> None:
@@ -51,18 +44,7 @@ def run_world(fn: Callable, *args: Any, world_size: int = 2, timeout_s: float = 
               ranks_to_read: list | None = None) -> list:
     """``[fn(0, *args), fn(1, *args), ...]``, each run in its own process of one process group."""
     out = tempfile.mkdtemp(prefix="kiln_dist_")
-    ctx = mp.start_processes(_entry, args=(world_size, free_port(), out, fn, args), nprocs=world_size,
-                             join=False, start_method="spawn")
-    deadline = time.monotonic() + timeout_s
-    try:
-        while not ctx.join(timeout=max(0.5, min(5.0, deadline - time.monotonic()))):
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{fn.__name__}: {world_size} processes still running after {timeout_s:.0f}s")
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.kill()
-                p.join(5)
+    spawn_bounded(_entry, (world_size, free_port(), out, fn, args), world_size, timeout_s, fn.__name__)
     ranks = range(world_size) if ranks_to_read is None else ranks_to_read
     return [torch.load(os.path.join(out, f"rank{r}.pt"), weights_only=False) for r in ranks]
 

@@ -7,10 +7,14 @@ graph node calling the kiln op (``kiln.ops.cond``, ``kiln.ops.wrap``,
 trace (subgraph.py), with getitem nodes for its outputs; or a graph break with the reason
 (a body with side effects or a graph break, branches whose outputs differ).
 
-The table ``HANDLERS`` maps a qualified name to ``handler(tx, fn, args, kwargs) -> VT``.
+Two tables give ``handler(tx, fn, args, kwargs) -> VT``: ``PUBLIC`` by the public name
+of a function (matched by identity with the object that name resolves to, so
+``torch.cond`` is recognised however the user reached it), ``HIGHER_ORDER`` by the name
+of a ``torch.ops.higher_order`` operator.
 """
 from __future__ import annotations
 
+import importlib
 from typing import Any, Callable, Optional
 
 import torch
@@ -25,7 +29,7 @@ from .tensor import TensorVT
 
 
 class HopFnVT(VT):
-    """A PyTorch higher-order entry point; calls go to its handler in ``HANDLERS``."""
+    """A PyTorch higher-order entry point; calls go to its handler (``PUBLIC`` / ``HIGHER_ORDER``)."""
 
     def __init__(self, fn: Any, handler: Callable, source: Optional[Source] = None):
         self.fn = fn
@@ -60,17 +64,20 @@ def qualified_name(fn: Any) -> str:
     return f"{mod}.{name}"
 
 
+def handler_for(value: Any) -> Optional[Callable]:
+    """The capture handler of ``value`` (None: not a higher-order entry point)."""
+    if isinstance(value, torch._ops.HigherOrderOperator):
+        return HIGHER_ORDER.get(value.name())
+    entry = _resolved().get(id(value))
+    return entry[1] if entry is not None and entry[0] is value else None
+
+
 def hop_vt(value: Any, source: Optional[Source]) -> Optional[VT]:
     """A HopFnVT when ``value`` is a higher-order entry point kiln captures, else None."""
     if not callable(value) or isinstance(value, type):
         return None
-    try:
-        handler = _table().get(qualified_name(value))
-    except Exception:  # noqa: BLE001 - objects with odd __module__ / __qualname__
-        return None
-    if handler is None:
-        return None
-    return HopFnVT(value, handler, source)
+    handler = handler_for(value)
+    return None if handler is None else HopFnVT(value, handler, source)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -217,23 +224,28 @@ def _checkpoint(tx, fn: Any, args: list, kwargs: dict) -> VT:
 
 
 # --------------------------------------------------------------------------- table
-_HANDLERS: dict = {}
+PUBLIC: dict = {
+    "torch.cond": _cond,
+    "torch.utils.checkpoint.checkpoint": _checkpoint,
+}
+HIGHER_ORDER: dict = {
+    "cond": _cond,
+    "wrap": _wrap,
+    "tag_activation_checkpoint": _checkpoint,
+}
+_RESOLVED: dict = {}   # id(object) -> (object, handler), from PUBLIC's names
 
 
-def _table() -> dict:
-    if not _HANDLERS:
-        _HANDLERS.update({
-            "torch.cond": _cond,
-            "torch._higher_order_ops.cond.cond": _cond,
-            "torch.ops.higher_order.cond": _cond,
-            "torch.ops.higher_order.wrap": _wrap,
-            "torch.utils.checkpoint.checkpoint": _checkpoint,
-            "torch.ops.higher_order.tag_activation_checkpoint": _checkpoint,
-        })
-    return _HANDLERS
+def _resolved() -> dict:
+    if not _RESOLVED:
+        for name, handler in PUBLIC.items():
+            mod, _, attr = name.rpartition(".")
+            try:
+                obj = getattr(importlib.import_module(mod), attr)
+            except (ImportError, AttributeError):  # NOTE: a torch without that entry point
+                continue
+            _RESOLVED[id(obj)] = (obj, handler)
+    return _RESOLVED
 
 
-HANDLERS = _table
-
-
-__all__ = ["HopFnVT", "hop_vt", "qualified_name"]
+__all__ = ["HopFnVT", "hop_vt", "handler_for", "qualified_name", "PUBLIC", "HIGHER_ORDER"]

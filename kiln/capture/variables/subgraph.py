@@ -67,18 +67,23 @@ def tree_leaves(v: VT) -> list:
     return []
 
 
-def tree_map(v: VT, fn: Callable[[VT], Any]) -> Any:
-    """The VT tree with each tensor / SymInt leaf replaced by ``fn(leaf)``."""
-    if is_traced(v):
+def _map_leaves(v: Any, is_leaf: Callable[[Any], bool], fn: Callable[[Any], Any]) -> Any:
+    """``v`` with tuple/list/dict VTs rebuilt and each leaf (``is_leaf``) replaced by ``fn(leaf)``."""
+    if is_leaf(v):
         return fn(v)
     if isinstance(v, TupleVT):
-        return TupleVT([tree_map(i, fn) for i in v.items], pytype=v.pytype)
+        return TupleVT([_map_leaves(i, is_leaf, fn) for i in v.items], pytype=v.pytype)
     if isinstance(v, ListVT):
-        return ListVT([tree_map(i, fn) for i in v.items])
+        return ListVT([_map_leaves(i, is_leaf, fn) for i in v.items])
     if isinstance(v, DictVT):
-        return DictVT({k: tree_map(i, fn) for k, i in v.items.items()}, pytype=v.pytype,
+        return DictVT({k: _map_leaves(i, is_leaf, fn) for k, i in v.items.items()}, pytype=v.pytype,
                       key_vts=v.key_vts)
     return v
+
+
+def tree_map(v: VT, fn: Callable[[VT], Any]) -> Any:
+    """The VT tree with each tensor / SymInt leaf replaced by ``fn(leaf)``."""
+    return _map_leaves(v, is_traced, fn)
 
 
 def check_leaf_types(v: VT, what: str) -> None:
@@ -317,16 +322,8 @@ def _check_outputs(ret: Optional[VT], what: str) -> None:
 
 def rebuild(tree: Any, values: list) -> VT:
     """The output VT tree with leaf indices replaced by ``values``."""
-    if isinstance(tree, int) and not isinstance(tree, bool):
-        return values[tree]
-    if isinstance(tree, TupleVT):
-        return TupleVT([rebuild(i, values) for i in tree.items], pytype=tree.pytype)
-    if isinstance(tree, ListVT):
-        return ListVT([rebuild(i, values) for i in tree.items])
-    if isinstance(tree, DictVT):
-        return DictVT({k: rebuild(i, values) for k, i in tree.items.items()}, pytype=tree.pytype,
-                      key_vts=tree.key_vts)
-    return tree
+    return _map_leaves(tree, lambda t: isinstance(t, int) and not isinstance(t, bool),
+                       lambda i: values[i])
 
 
 def align(subs: list, n_explicit: int) -> list:
