@@ -325,3 +325,27 @@ def test_cat_loads_only_inside_each_part():
     for ln in shifted:
         mask = ln.split("mask=")[1]
         assert "&" in mask, ln   # xmask & the part's range
+
+
+def test_cat_middle_part_loads_under_both_bounds():
+    """GPT-2's attention backward: cat([dq, dk, dv], -1).  The middle part's load must be
+    masked below its offset too: under only ``index < end`` it ran at negative offsets
+    for the first part's lanes (an illegal address on the GPU at GPT-2-small size)."""
+    import re
+
+    a, b, c = torch.randn(4, 3), torch.randn(4, 5), torch.randn(4, 2)
+    rec = check(lambda a, b, c: torch.cat([a, b, c], 1) * 2, a, b, c)
+    lines = rec.source.splitlines()
+    defs = dict(re.findall(r"^\s*(\w+) = (.*)$", "\n".join(lines), re.M))
+
+    def expand(text: str, depth: int = 0) -> str:
+        if depth > 8:
+            return text
+        return re.sub(r"\b[tc]\d+\b", lambda m: "(" + expand(defs.get(m.group(0), m.group(0)), depth + 1) + ")",
+                      text)
+
+    middle = [ln for ln in lines if "tl.load(" in ln and re.search(r"\+ -3\)", ln)]
+    assert middle, lines
+    for ln in middle:
+        mask = expand(ln.split("mask=")[1])
+        assert ">=" in mask and "<" in mask.replace("<=", ""), (ln, mask)

@@ -140,7 +140,13 @@ def _cat(ctx, tensors, dim=0):
                 # its buffer (an illegal address on a GPU when the buffer starts a page).
                 out = v if off == 0 else masked(_ge(index[dim], off), v, Const(0, v.dtype))
             else:
-                out = masked(_lt(index[dim], off + t.sizes[dim]), v, out)
+                inside = _lt(index[dim], off + t.sizes[dim])
+                if off != 0:
+                    # NOTE: a middle part's loads are masked on both sides: below ``off``
+                    # its index is negative (the earlier parts' elements), and the
+                    # select chain alone would still run those loads
+                    inside = Op("logical_and", (_ge(index[dim], off), inside), torch.bool)
+                out = masked(inside, v, out)
         return out
 
     return TensorValue(val.dtype, val.device, sizes, loader)

@@ -38,10 +38,18 @@ def _supported() -> bool:
     return _support
 
 
+def _hook(h: Any) -> Any:
+    """A launch hook, or None where there is none: Triton 3.5 on keeps an empty
+    ``HookChain`` object in the knob rather than None."""
+    if h is None or getattr(h, "calls", True) == []:
+        return None
+    return h
+
+
 def _hooks() -> tuple[Any, Any]:
     from triton import knobs
 
-    return knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook
+    return _hook(knobs.runtime.launch_enter_hook), _hook(knobs.runtime.launch_exit_hook)
 
 
 def direct(fn: Any, grid: tuple, call_args: tuple, ints: list, kw: dict) -> Optional[Callable]:
@@ -49,8 +57,11 @@ def direct(fn: Any, grid: tuple, call_args: tuple, ints: list, kw: dict) -> Opti
     if not _supported() or not hasattr(fn, "warmup") or not hasattr(fn, "arg_names"):
         return None
     enter, exit_hook = _hooks()
-    if enter is not None:
-        return None   # NOTE: a profiler's hook wants launch metadata: let the JIT build it
+    if enter is not None or exit_hook is not None:
+        # NOTE: a profiler's hook wants launch metadata: let the JIT build it.  The hooks
+        # are read when the launch is made: one set later (a profiler started after the
+        # first call) is not seen by these launches
+        return None
     names = list(fn.arg_names)
     n_pos = len(call_args) + len(ints)
     if any(n not in kw for n in names[n_pos:]) or n_pos > len(names):
@@ -67,7 +78,7 @@ def direct(fn: Any, grid: tuple, call_args: tuple, ints: list, kw: dict) -> Opti
     get_device, get_stream = driver.active.get_current_device, driver.active.get_current_stream
 
     def launch(args: tuple) -> None:
-        run(g0, g1, g2, get_stream(get_device()), function, meta, None, None, exit_hook, *args, *tail)
+        run(g0, g1, g2, get_stream(get_device()), function, meta, None, None, None, *args, *tail)
 
     return launch
 
