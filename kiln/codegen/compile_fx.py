@@ -6,7 +6,8 @@ Out: a callable running the graph on inputs like those, positionally.
 
 The graph goes through kiln.aot (functional ATen forward/backward/inference graphs,
 decomposed with codegen's table, split by the min-cut partitioner told which ops
-codegen fuses for free), and each ATen graph through the core's
+codegen fuses for free), after ``TORCH_LEVEL_PASSES`` (attention masks that are the
+causal pattern become ``is_causal``), and each ATen graph through the core's
 ``compile_aten_graph``, then the profitability check (never slower than eager).
 
 Never a crash on what codegen cannot do: a graph codegen cannot handle
@@ -26,9 +27,16 @@ import torch
 import torch.fx as fx
 
 from kiln.codegen import config, metrics, profitability
+from kiln.codegen.causal_mask import causal_masks_to_is_causal
 from kiln.exc import CodegenError, CompilerNotFound, InvalidOption, user_location
 from kiln.fallbacks import record_fallback
+from kiln.passes import run_pipeline
 from kiln.settings import options_of
+
+# NOTE: passes over the torch-level graph, before AOT (KILN_LOGS=codegen.<name> prints each)
+TORCH_LEVEL_PASSES = [
+    causal_masks_to_is_causal,
+]
 
 
 # --------------------------------------------------------------------------- the core
@@ -274,6 +282,7 @@ def compile_fx(gm: fx.GraphModule, example_inputs: Sequence[Any], *, mode: Optio
             # (kept in the graph, the copy_ made the whole graph run eagerly).
             keep_inference_input_mutations=False,
         )
+        gm = run_pipeline("codegen", gm, TORCH_LEVEL_PASSES)
         compiled = backend(gm, list(example_inputs))
         if config.profitability_check:
             compiled = profitability.choose_graph(gm, list(example_inputs), compiled, f"graph {graph_id}")
