@@ -50,3 +50,9 @@ def __dir__() -> list[str]:
 
 
 __all__ = sorted(_LAZY) + ["__version__"]
+
+# NOTE: compiled autograd must see the hooks of non-leaf tensors, which autograd nodes do
+# not expose to Python: the wrappers that note them (kiln/compiled_autograd/hooks.py, a few
+# attribute assignments; it imports torch and nothing of kiln's stages) go in now, before
+# user code registers any.
+from kiln.compiled_autograd import hooks as _ca_hooks  # noqa: E402,F401

@@ -22,6 +22,7 @@ from kiln.aot.pipeline import inference_pipeline, training_pipeline
 from kiln.aot.runtime import CompiledArtifact
 from kiln.aot.trace import trace_forward, trace_joint
 from kiln.passes import run_pipeline
+from kiln.tracing.autocast import autocast_key, no_autocast_cache, without_autocast
 
 
 def fake_mode_for(args: list) -> tuple[FakeTensorMode, list]:
@@ -57,7 +58,8 @@ def _needs_autograd(args: list) -> bool:
 
 
 def compile_flat(flat_fn: Callable, args: list, options: AOTOptions) -> CompiledArtifact:
-    """Trace ``flat_fn(*args)`` (args: tensors only) and compile it as ``options`` say.
+    """Trace ``flat_fn(*args)`` (args: tensors, and SymInts for ints captured as symbols)
+    and compile it as ``options`` say.
 
     Returns a CompiledArtifact: call it with a list of tensors like ``args``.
     """
@@ -81,6 +83,9 @@ def compile_flat(flat_fn: Callable, args: list, options: AOTOptions) -> Compiled
     if inference:
         ctx.enter_context(torch.inference_mode(False))
         ctx.enter_context(torch.no_grad())
+    # NOTE: casts served from the autocast cache would be no nodes of the graph (and the
+    # cache would keep fake tensors): tracing runs without it.
+    ctx.enter_context(no_autocast_cache())
     prev = torch._C._get_mkldnn_enabled()
     torch._C._set_mkldnn_enabled(False)
     try:
@@ -112,7 +117,10 @@ def _compile_flat(flat_fn: Callable, args: list, options: AOTOptions) -> Compile
         joint, grad_map = trace_joint(flat_fn, meta, fakes, fake_mode, decompositions)
         # NOTE: the graphs are functional: mutations of inputs are applied by the
         # runtime wrapper after the call, never by ops inside the graph.
-        graphs = run_pipeline("aot", joint, training_pipeline(options, meta), functional=True)
+        # NOTE: the joint graph holds the casts autocast made; compiling it (and timing it)
+        # must not apply autocast again.
+        with without_autocast():
+            graphs = run_pipeline("aot", joint, training_pipeline(options, meta), functional=True)
         return CompiledArtifact(meta, graphs.meta["compiled"], bw_gm=graphs.bw_graph,
                                 bw_compiler=options.bw_compiler, grad_map=grad_map,
                                 num_inputs=len(args))
@@ -120,7 +128,8 @@ def _compile_flat(flat_fn: Callable, args: list, options: AOTOptions) -> Compile
         gm = trace_forward(flat_fn, meta, fakes, fake_mode, decompositions)
     # NOTE: functional too, except the input writes keep_inference_input_mutations puts
     # in the graph (listed in gm.meta["kept_input_mutations"], which the verifier allows).
-    gm = run_pipeline("aot", gm, inference_pipeline(options, meta), functional=True)
+    with without_autocast():
+        gm = run_pipeline("aot", gm, inference_pipeline(options, meta), functional=True)
     return CompiledArtifact(meta, gm.meta["compiled"], num_inputs=len(args))
 
 
@@ -171,6 +180,9 @@ def alias_pattern(tensors: list) -> tuple:
     first: dict = {}
     pattern = []
     for i, t in enumerate(tensors):
+        if not isinstance(t, torch.Tensor):
+            pattern.append(-1)  # NOTE: an int input (dynamic ints) aliases nothing
+            continue
         sid = _storage_id(t) if t.layout == torch.strided else id(t)
         j = first.setdefault(sid, i)
         pattern.append(j if j != i else -1)
@@ -181,7 +193,11 @@ def _dedupe(flat: list) -> tuple[list, list]:
     """(tensor positions to pass, for each flat position the kept index or None)."""
     kept, where, seen = [], [], {}
     for i, a in enumerate(flat):
-        if isinstance(a, torch.Tensor):
+        if isinstance(a, torch.SymInt):
+            # NOTE: an int captured as a symbol (dynamic ints) is a graph input of its own.
+            where.append(len(kept))
+            kept.append(i)
+        elif isinstance(a, torch.Tensor):
             if id(a) in seen:
                 where.append(seen[id(a)])
             else:
@@ -286,7 +302,7 @@ def _aot_function(fn: Callable, opts: AOTOptions) -> Callable:
         kept, where = _dedupe(flat)
         tensors = [flat[i] for i in kept]
         key = (in_spec, tuple(_arg_key(a) for a in flat), tuple(where), torch.is_grad_enabled(),
-               alias_pattern(tensors))
+               alias_pattern(tensors), autocast_key())
         entry = cache.get(key)
         if entry is None:
             entry = cache[key] = _compile_entry(fn, flat, in_spec, kept, where, opts)
@@ -334,7 +350,7 @@ def _reason(e: BaseException) -> str:
 
 def _assert_inputs(art: CompiledArtifact, tensors: list) -> None:
     for i, (t, rg) in enumerate(zip(tensors, art.meta.input_requires_grad)):
-        if t.requires_grad != rg:
+        if getattr(t, "requires_grad", False) != rg:
             raise AssertionError(
                 f"input {i} requires_grad={t.requires_grad} but was traced with requires_grad={rg}")
 
@@ -497,7 +513,7 @@ def aot_module_simplified(mod: torch.nn.Module, args: list, fw_compiler: Optiona
             tensors = _gather(state() + list(runtime_args), kept, where, dupes, n_state)
         cur = art
         if not compiled_for_grad and _is_grad_enabled() and any(
-                t.requires_grad for t in tensors):
+                getattr(t, "requires_grad", False) for t in tensors):
             cur = _training_artifact(arts, compile_for, _training_inputs(example, tensors))
             if cur is None:
                 return mod(*runtime_args)
@@ -535,7 +551,8 @@ def _training_inputs(example: list, tensors: list) -> list:
     this call's sizes, later run for every size the caller allows."""
     if not any(isinstance(e, FakeTensor) for e in example):
         return tensors
-    return [e.detach().requires_grad_(bool(t.requires_grad)) if isinstance(e, FakeTensor) else t
+    return [e.detach().requires_grad_(bool(t.requires_grad)) if isinstance(e, FakeTensor)
+            else e if isinstance(e, torch.SymInt) else t
             for e, t in zip(example, tensors)]
 
 

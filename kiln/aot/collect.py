@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -71,7 +71,10 @@ def run_functionalized(fn: Callable, inputs: list, decompositions: Optional[dict
     """
     mode = FunctionalizeMode(decompositions, tokens=tokens, discover_tokens=discover_tokens)
     for i, t in enumerate(inputs):
-        mode.register_input(t, i)
+        if isinstance(t, torch.Tensor):
+            mode.register_input(t, i)
+        else:
+            mode.register_non_tensor_input(i)
     grad_before = torch.is_grad_enabled()
     try:
         with mode:
@@ -82,6 +85,10 @@ def run_functionalized(fn: Callable, inputs: list, decompositions: Optional[dict
     if not isinstance(outs, (list, tuple)):
         outs = [outs]
     return mode, list(outs)
+
+
+def _rg(t: Any) -> bool:
+    return isinstance(t, torch.Tensor) and bool(t.requires_grad)
 
 
 def collect_metadata(fn: Callable, fake_inputs: list, fake_mode, decompositions: Optional[dict],
@@ -100,11 +107,13 @@ def collect_metadata(fn: Callable, fake_inputs: list, fake_mode, decompositions:
     # this pass and the graph traces run the same kernels.
     dispatcher = enable_python_dispatcher() if has_shape_env(fake_mode) else contextlib.nullcontext()
     with dispatcher, fake_mode:
-        pre_clone = [bool(t.requires_grad and not leaf) for t, leaf in zip(fake_inputs, real_is_leaf)]
-        input_requires_grad = [bool(t.requires_grad) for t in fake_inputs]
+        # NOTE: an input that is not a tensor (an int captured as a SymInt) passes as is.
+        pre_clone = [bool(_rg(t) and not leaf) for t, leaf in zip(fake_inputs, real_is_leaf)]
+        input_requires_grad = [_rg(t) for t in fake_inputs]
         # NOTE: fresh leaves, so that autograd state set by in-place ops in this
         # pass does not leak into the fakes the graph traces use.
-        fresh = [t.detach().requires_grad_(t.requires_grad) for t in fake_inputs]
+        fresh = [t.detach().requires_grad_(t.requires_grad) if isinstance(t, torch.Tensor) else t
+                 for t in fake_inputs]
         inputs = prepare_inputs(fresh, pre_clone)
         grad_before = torch.is_grad_enabled()
         mode, outs = run_functionalized(fn, inputs, decompositions, None, discover_tokens=True)

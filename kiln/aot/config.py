@@ -20,6 +20,11 @@ fallback_to_eager_on_data_dependence: bool = True
 # Let fake tensors made by kiln.aot hand out (meaningless) data pointers.  Off:
 # C++ code that reads data while tracing fails with "Cannot access data pointer".
 fake_tensor_allow_unsafe_data_ptr_access: bool = False
+# The autocast state the backward of a joint graph is traced under.  "off": none, as eager's
+# backward runs when ``.backward()`` is called outside autocast regions (what PyTorch's AMP
+# recipe does); also right for a resume function compiled inside a region a graph break
+# cut.  "same_as_forward": the state of the call being compiled (PyTorch's default).
+backward_pass_autocast: str = "off"
 
 def get_config_copy() -> dict:
     """The current value of every option."""

@@ -33,11 +33,14 @@ from kiln.functionalize.metadata import (
     IS_INPUT,
 )
 from kiln.functionalize.views import replay
+from kiln.tracing.autocast import without_autocast
 
 DOUBLE_BACKWARD_ERROR = "torch.compile with aot_autograd does not currently support double backward"
 
 _set_grad_enabled = torch._C._set_grad_enabled
 _is_grad_enabled = torch._C.is_grad_enabled
+_any_autocast = torch._C._is_any_autocast_enabled
+_DisableAutocast = torch._C._DisableAutocast
 
 
 def as_list_call(f: Callable) -> Callable:
@@ -84,10 +87,20 @@ class CompiledArtifact:
     def compiled_backward(self) -> Callable:
         if self.bw is None:
             example = [n.meta.get("val") for n in self.bw_gm.graph.nodes if n.op == "placeholder"]
-            self.bw = self.bw_compiler(self.bw_gm, example)
+            with without_autocast():
+                self.bw = self.bw_compiler(self.bw_gm, example)
         return self.bw
 
     def __call__(self, args: list) -> list:
+        if _any_autocast():
+            # NOTE: the graphs hold the casts autocast made when they were traced; applying
+            # autocast again would cast what the program kept in full precision (as PyTorch's
+            # runtime wrapper, which disables it around compiled graphs).
+            with _DisableAutocast():
+                return self._call(args)
+        return self._call(args)
+
+    def _call(self, args: list) -> list:
         meta = self.meta
         if self._apply is not None:
             fw_outs = self._apply(*args)
@@ -123,10 +136,14 @@ def _fast_apply(fn: type) -> Callable:
     active = torch._C._are_functorch_transforms_active
     unwrap_if_dead = torch._C._functorch.unwrap_if_dead
 
+    def unwrap(a):
+        # NOTE: an int input (a dynamic int) is no functorch wrapper.
+        return unwrap_if_dead(a) if isinstance(a, torch.Tensor) else a
+
     def apply(*args):
         if active():
             return py_apply(*args)
-        return c_apply(*map(unwrap_if_dead, args))
+        return c_apply(*map(unwrap, args))
     return apply
 
 
@@ -237,6 +254,7 @@ def _make_autograd_function(art: CompiledArtifact) -> type:
 
         @staticmethod
         def backward(ctx, *grads):
+            _refuse_in_functorch()
             tangents = []
             for i, (g, r) in enumerate(zip(grads, rg)):
                 if not r:
@@ -249,11 +267,12 @@ def _make_autograd_function(art: CompiledArtifact) -> type:
             saved = _merge_saved(ctx)
             bw = art.compiled_backward()
             all_args = saved + tangents
-            if _is_grad_enabled() and any(
-                    isinstance(t, torch.Tensor) and t.requires_grad for t in all_args):
-                grads_in = _BackwardNoDouble.apply(bw, *all_args)
-            else:
-                grads_in = call_compiled(bw, all_args)
+            with without_autocast():
+                if _is_grad_enabled() and any(
+                        isinstance(t, torch.Tensor) and t.requires_grad for t in all_args):
+                    grads_in = _BackwardNoDouble.apply(bw, *all_args)
+                else:
+                    grads_in = call_compiled(bw, all_args)
             result: list = [None] * art.num_inputs
             for i, g in zip(art.grad_map, grads_in):
                 result[i] = g
@@ -262,6 +281,18 @@ def _make_autograd_function(art: CompiledArtifact) -> type:
     # NOTE: compiled autograd traces this node's backward graph (bw_gm), not its compiled kernels.
     CompiledFunction._kiln_artifact = art
     return CompiledFunction
+
+
+FUNCTORCH_BACKWARD_ERROR = (
+    "It looks like you're trying to call a compiled backward function within vmap/grad/vjp, which isn't "
+    "supported. Try calling vmap inside the compiled function, or skip compiling the backward function.")
+
+
+def _refuse_in_functorch() -> None:
+    # NOTE: a compiled backward reached from inside a torch.func transform would get functorch-
+    # wrapped gradients the compiled graph cannot see through; PyTorch refuses it the same way.
+    if torch._C._functorch.peek_interpreter_stack() is not None:
+        raise RuntimeError(FUNCTORCH_BACKWARD_ERROR)
 
 
 def _merge_saved(ctx) -> list:

@@ -9,6 +9,7 @@ of the inputs that require grad and got one (``grad_map`` says which).
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Callable, Optional
 
 import torch
@@ -105,8 +106,13 @@ def _grads(mode, outputs: list, wrt: list, tangents: list) -> list:
     usable = [(o, t) for o, t in zip(outputs, tangents) if o.requires_grad]
     if not usable or not wrt:
         return [None] * len(wrt)
+    from kiln.aot import config
+    from kiln.tracing.autocast import without_autocast
+
+    # NOTE: the backward's autocast state (config.backward_pass_autocast says which).
+    bw_autocast = without_autocast() if config.backward_pass_autocast == "off" else contextlib.nullcontext()
     try:
-        with mode:
+        with mode, bw_autocast:
             return list(torch.autograd.grad(
                 [o for o, _ in usable], wrt, grad_outputs=[t for _, t in usable],
                 allow_unused=True))

@@ -33,8 +33,16 @@ Invariants:
   original bytecode with a prefix that rebuilds the stack) compiled on their
   first call.
 
-Python covered (3.11 and 3.12; each handler declares the versions it was tested on,
-and on any other interpreter capture warns once and every frame runs eagerly):
+CPython versions: 3.11, 3.12 and 3.13.  Each opcode handler declares the versions it
+was tested on (``bytecode.handles``), and the stack conventions the graph-break code
+relies on are one ``bytecode.StackLayout`` per version (3.13 pushes CALL's NULL after
+the callable, has CALL_KW, TO_BOOL, the LOAD_FAST_LOAD_FAST family, FORMAT_SIMPLE /
+FORMAT_WITH_SPEC, SET_FUNCTION_ATTRIBUTE, and builds closures with LOAD_FAST).  3.13 was
+tested with PyPI's torch 2.13 wheel for it, running tests/capture, tests/seeds and
+tests/unit (tests/capture/test_version_constructs.py compiles each changed construct).
+On any other interpreter capture warns once and every frame runs eagerly.
+
+Python covered:
 locals/globals/closures (LOAD/STORE_FAST, _DEREF, _GLOBAL, MAKE_CELL), constants,
 arithmetic/comparison/identity/containment operators, tuples/lists/dicts/slices
 and their literals, unpacking (incl. starred), subscripts and slices, attribute
@@ -94,10 +102,21 @@ specialised); ``dynamic=False`` specialises every shape.  Symbolic dims get one
 graph input per size symbol (``s0``, fed ``x.size(0)``), placeholders carry fake
 tensors with SymInt sizes in ``meta["val"]``, symbolic graphs get fake example
 inputs, and the entry's guards are the ShapeEnv's guards printed over the
-inputs' sizes (duck-sized equal dims share a symbol).  Python uses of a size
+inputs' sizes (duck-sized equal dims share a symbol).  Ints read from the frame's
+arguments (or closure cells, or items/attributes of them; not from nn.Modules,
+globals or defaults) follow the same rule: static first, then, after a recompile
+where the value changed, a ``Sym(s0)`` graph input guarded by its type and by the
+ShapeEnv's guards over it (``dynamic=True``: from the first compile, 0 and 1 not
+specialised; export keeps them static).  Floats stay specialised (one entry per
+value; PyTorch 2.13 passes them as float64 0-dim tensors instead).  Python uses of a size
 (``range(n)``, ``if n > 4``) are decided by the ShapeEnv and guarded.  With a
 ShapeEnv, torch calls on fake tensors go through the Python dispatcher (as in
 PyTorch), so that C++ composite kernels reading ``sizes()`` do not specialise.
+
+Statistics (stats.py): ``kiln.capture.counters`` is filled under PyTorch's keys
+(``counters["graph_break"][reason]``, ``["frames"]["total"/"ok"]``,
+``["stats"]["calls_captured"/"unique_graphs"]``, ``["unimplemented"]``); ``kiln.reset()``
+clears it.
 
 Global state guarded on every entry: grad mode and autocast (off, or the exact
 per-device state seen), so that ``torch.is_autocast_enabled()`` read while tracing
@@ -113,8 +132,13 @@ On CUDA, ``nn.LSTM``/``GRU`` calls break the graph and run eagerly (cuDNN): thei
 C++ kernel packs weights by data pointer, which fake tensors do not have (on CPU
 they are captured; PyTorch's capture skips RNN modules altogether).
 
-Not yet: hooks on intermediate tensors (a break), ``torch.autocast`` regions
-(a break), unbacked (data-dependent) sizes (a break).
+``torch.autocast`` regions (variables/autocast.py) are ``torch.amp._enter_autocast`` /
+``_exit_autocast`` nodes, entered for real while tracing; a break inside one keeps the
+state across it (the resume function receives a ``kiln.tracing.autocast.AutocastExit``).
+``Tensor.register_hook`` on an intermediate tensor is a ``kiln.ops.register_hook`` node
+with the hook's body as a subgraph (variables/tensor_hooks.py); untraceable hooks break.
+
+Not yet: unbacked (data-dependent) sizes (a break).
 """
 from __future__ import annotations
 
@@ -131,6 +155,7 @@ _LAZY = {
     "compile": "api", "optimize": "api", "optimize_assert": "api", "disable": "api", "reset": "api",
     "graph_break": "api", "OptimizedModule": "api", "DEFAULT_BACKEND": "api",
     "explain": "explain_export", "export": "explain_export",
+    "counters": "stats",
 }
 
 

@@ -74,12 +74,27 @@ def _apply(ctx, target: Any) -> Any:
     if isinstance(target, types.FunctionType):
         if hasattr(target, "_kiln_orig"):
             target = target._kiln_orig
+        target = _hop_entry(target)
         return ctx.wrapper_for(target)
     if callable(target):
         call = getattr(type(target), "__call__", None)
         if isinstance(call, types.FunctionType):
             return functools.partial(ctx.wrapper_for(call), target)
     raise TypeError(f"kiln.compile expects a function or nn.Module, got {type(target).__name__}")
+
+
+def _hop_entry(fn: types.FunctionType) -> types.FunctionType:
+    """``fn`` itself, or for a higher-order entry point (``kiln.compile(torch.while_loop)``)
+    a function calling it: the call is then captured as the op, not its Python body."""
+    from .variables.hops import handler_for
+
+    if handler_for(fn) is None:
+        return fn
+
+    def call_higher_order_op(*args: Any, **kwargs: Any) -> Any:
+        return fn(*args, **kwargs)
+
+    return call_higher_order_op
 
 
 class _Optimizer:
@@ -144,6 +159,9 @@ def reset() -> None:
     from .cache import reset_all
 
     reset_all()
+    from .stats import clear as clear_stats
+
+    clear_stats()
     import sys
 
     ca = sys.modules.get("kiln.compiled_autograd")  # NOTE: its graphs hold compiled callables too

@@ -5,7 +5,7 @@ tables filtered by CPython version, and new code objects that start in the
 middle of an existing function ("resume functions").
 
 This module imports nothing from torch, so the bytecode layer can be tested on
-any CPython (3.11 and 3.12 are served).
+any CPython (3.11, 3.12 and 3.13 are served).
 """
 from __future__ import annotations
 
@@ -18,11 +18,12 @@ from typing import Callable, Iterable, Optional
 PY = sys.version_info[:2]
 
 # NOTE: the CPython versions the opcode handlers were tested on (CI: 3.11, the GPU
-# machine: 3.12).  Bytecode changes between minor versions (3.13 reshuffled stack
-# layouts of calls and loads), so a handler claims only these versions, and capture
-# refuses any other interpreter (the frame runs eagerly) instead of guessing a layout.
+# machine: 3.12; 3.13 with PyPI's torch wheel for it).  Bytecode changes between minor
+# versions (3.13 reshuffled the stack layouts of calls and loads), so a handler claims
+# only these versions, and capture refuses any other interpreter (the frame runs
+# eagerly) instead of guessing a layout.
 OLDEST_TESTED = (3, 11)
-NEWEST_TESTED = (3, 12)
+NEWEST_TESTED = (3, 13)
 
 CO_VARARGS = 0x04  # noqa: used by interpreter.bind_args
 CO_VARKEYWORDS = 0x08
@@ -77,10 +78,57 @@ def unsupported_version_reason(version: Optional[tuple] = None) -> Optional[str]
             f"compiled functions run eagerly")
 
 
+@dataclass(frozen=True)
+class StackLayout:
+    """The stack conventions of one CPython version that code outside the handlers
+    (the graph-break code in convert.py, resume code here) relies on."""
+
+    # 3.11/3.12: a call's operands are [NULL | method, callable | self, args...];
+    # 3.13: [callable | method, NULL | self, args...] (the NULL is pushed after the callable).
+    null_after_callable: bool
+    # 3.13: CALL_FUNCTION_EX always has the NULL slot next to the callable.
+    ex_call_null_slot: bool
+    # 3.13: POP_JUMP_IF_TRUE/FALSE read an exact bool (TO_BOOL or COMPARE_OP's bool flag
+    # converts first), so an eager jump must be handed bool(value).
+    jump_wants_bool: bool
+    # 3.13: closures are built with LOAD_FAST of the cell's slot (LOAD_CLOSURE is a
+    # pseudo-instruction), so LOAD_FAST indexes past the varnames move with them.
+    closure_via_load_fast: bool
+
+
+_LAYOUTS = {
+    (3, 11): StackLayout(False, False, False, False),
+    (3, 12): StackLayout(False, False, False, False),
+    (3, 13): StackLayout(True, True, True, True),
+}
+
+
+def stack_layout(version: Optional[tuple] = None) -> StackLayout:
+    """The ``StackLayout`` of CPython ``version`` (default: this interpreter).
+
+    An untested version gets the newest tested layout; capture refuses to run there
+    anyway (``unsupported_version_reason``)."""
+    v = tuple(version if version is not None else PY)[:2]
+    return _LAYOUTS.get(v, _LAYOUTS[NEWEST_TESTED])
+
+
+LAYOUT = stack_layout()
+
+
+def compare_symbol(inst: "Inst") -> str:
+    """The operator of a COMPARE_OP (``'<'``), without 3.13's ``bool(...)`` marker
+    (its flag that the result is converted to bool for a jump)."""
+    sym = inst.argval
+    if isinstance(sym, str) and sym.startswith("bool(") and sym.endswith(")"):
+        return sym[5:-1]
+    return sym
+
+
 def is_method_load(inst: "Inst") -> bool:
     """Whether a LOAD_ATTR / LOAD_METHOD pushes a method pair (NULL-or-self below the value).
 
-    NOTE: 3.12 folded LOAD_METHOD into LOAD_ATTR, flagged by the low bit of its argument.
+    NOTE: 3.12 folded LOAD_METHOD into LOAD_ATTR, flagged by the low bit of its argument
+    (3.13 keeps the flag; it pushes the NULL above the value instead of below).
     """
     if inst.opname == "LOAD_METHOD":
         return True
@@ -204,7 +252,8 @@ def _shift_deref_args(co_code: bytes, shift: int, first: int) -> bytes:
     if shift == 0:
         return co_code
     code = bytearray(co_code)
-    deref = {dis.opmap[o] for o in _DEREF_OPS if o in dis.opmap}
+    ops = _DEREF_OPS | ({"LOAD_FAST"} if LAYOUT.closure_via_load_fast else set())
+    deref = {dis.opmap[o] for o in ops if o in dis.opmap}
     ext = dis.opmap["EXTENDED_ARG"]
     for i in range(0, len(code), 2):
         if code[i] in deref:
@@ -313,6 +362,12 @@ def make_resume_code(spec: ResumeSpec) -> types.CodeType:
     )
 
 
+_LOCAL_READS = ("LOAD_FAST", "LOAD_FAST_CHECK", "LOAD_FAST_AND_CLEAR", "DELETE_FAST", "LOAD_FAST__LOAD_FAST")
+# NOTE: 3.13's superinstructions name two locals (argval is a pair); both count as read
+# (for STORE_FAST_LOAD_FAST only the second is, but keeping one more alive is harmless).
+_PAIR_READS = ("LOAD_FAST_LOAD_FAST", "STORE_FAST_LOAD_FAST")
+
+
 def loads_after(insts: list[Inst], offset: int) -> Optional[set]:
     """Names possibly read at or after ``offset``; None when the code loops
     (then every local is treated as live)."""
@@ -320,9 +375,10 @@ def loads_after(insts: list[Inst], offset: int) -> Optional[set]:
     for ins in insts:
         if ins.opname.startswith("JUMP_BACKWARD") or ins.opname.startswith("POP_JUMP_BACKWARD"):
             return None
-        if ins.offset >= offset and ins.opname in ("LOAD_FAST", "LOAD_FAST_CHECK", "LOAD_FAST_AND_CLEAR",
-                                                   "DELETE_FAST", "LOAD_FAST__LOAD_FAST"):
+        if ins.offset >= offset and ins.opname in _LOCAL_READS:
             names.add(ins.argval)
+        elif ins.offset >= offset and ins.opname in _PAIR_READS:
+            names.update(ins.argval)
     return names
 
 
@@ -330,5 +386,6 @@ __all__ = [
     "handles", "build_dispatch", "Inst", "decode", "ExcEntry", "parse_exception_table",
     "assemble_exception_table", "in_try_block", "ResumeSpec", "make_resume_code",
     "ResumeCodeError", "loads_after", "PY", "UNSUPPORTED_FLAGS", "OLDEST_TESTED", "NEWEST_TESTED",
-    "unsupported_version_reason", "is_method_load",
+    "unsupported_version_reason", "is_method_load", "StackLayout", "stack_layout", "LAYOUT",
+    "compare_symbol",
 ]

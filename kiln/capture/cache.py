@@ -22,7 +22,7 @@ from kiln import fallbacks
 from kiln.exc import KilnError, Unsupported, user_traceback
 
 from . import bytecode as bc
-from . import config
+from . import config, stats
 
 MISS = object()
 GuardFail = namedtuple("GuardFail", ["reason", "orig_code"])
@@ -77,11 +77,14 @@ class FunctionCache:
             return fn(*args, **kwargs)
         from .convert import compile_frame
 
+        stats.frame_started()
         try:
             if fallbacks.forced("capture"):
                 raise Unsupported(f"capture of {fn.__qualname__}", why=fallbacks.FORCED_REASON)
             entry, why = compile_frame(self.ctx, fn, args, kwargs)
         except Exception as e:  # noqa: BLE001 - capture failure: run eagerly (never crash)
+            if isinstance(e, Unsupported):
+                stats.unimplemented(e.what)
             if self.ctx.fullgraph:
                 raise
             if not isinstance(e, KilnError) and fallbacks.strict():
@@ -96,6 +99,7 @@ class FunctionCache:
                                           where=(getattr(e, "where", "") or _frame_where(fn)).splitlines()[0])
             self.skip = True
             return fn(*args, **kwargs)
+        stats.frame_ok()
         self.entries.insert(0, entry)
         self.whys.insert(0, why)
         out = entry(*args, **kwargs)
@@ -121,12 +125,17 @@ def _frame_where(fn: types.FunctionType) -> str:
 
 
 def make_wrapper(cache: FunctionCache) -> Callable:
+    from .functorch_entry import active as transforms_active, call_under_transform
+
     entries = cache.entries
     miss = cache.miss
     _MISS = MISS
 
     def kiln_compiled(*args, **kwargs):
         try:
+            if transforms_active():
+                # NOTE: inside an eager torch.func transform (functorch_entry.py).
+                return call_under_transform(cache, args, kwargs)
             for e in entries:
                 r = e(*args, **kwargs)
                 if r is not _MISS:
@@ -218,6 +227,7 @@ class CompileContext:
         if hit is not None and hit[0] is root_fn.__closure__ and hit[1] is root_fn.__globals__:
             return hit[2]
         code = bc.make_resume_code(spec)
+        stats.resume_created(spec.name)
         raw = types.FunctionType(code, root_fn.__globals__, spec.name, None, root_fn.__closure__)
         fn = self.wrapper_for(raw) if compiled else raw
         self._resumes[key] = (root_fn.__closure__, root_fn.__globals__, fn)

@@ -18,11 +18,13 @@ from kiln.exc import KilnError, Unsupported
 from kiln.fallbacks import record_fallback
 
 from . import bytecode as bc
+from . import stats
 from .entry_source import EntryWriter, base_namespace, build_entry
 from .interpreter import LazyLocal, Translator, internal_error
 from .handlers_control import COND_JUMPS
 from .output import GraphCompileReason, OutputGraph
 from .sources import LocalSource
+from .variables.autocast import replay_after_graph as replay_autocast, unwind as unwind_autocast
 from .variables.base import NullVT, unsupported
 from .variables.callables import CellVT
 from .variables.tensor import TensorVT
@@ -118,6 +120,7 @@ class RootTranslator(Translator):
         out.side_effects.emit_replay(self.cg)
         if out.grad_enabled != out.initial_grad:
             self.cg.line(f"___set_grad({out.grad_enabled})")
+        replay_autocast(out, self.cg)
 
     # ---------------------------------------------------------- breaks
     def on_tensor_branch(self, inst, v):
@@ -133,6 +136,9 @@ class RootTranslator(Translator):
         reason = GraphCompileReason(err.what, getattr(err, "user_stack", []) or self.user_stack())
         self.ctx.record_break(reason)
         stack = list(self.stack)
+        # NOTE: as in PyTorch, a jump on a tensor is not counted as a graph break.
+        stats.graph_break(err.what, data_dependent_jump=inst.opname in COND_JUMPS and bool(stack)
+                          and isinstance(stack[-1], TensorVT))
         # NOTE: inside a try/with region the instruction must run where the frame's
         # exception table can catch what it raises: the rest of the frame runs eagerly.
         # Grad-mode and no-op `with` blocks are the exception: their cleanup is replayed around it.
@@ -140,7 +146,7 @@ class RootTranslator(Translator):
         in_try = bc.in_try_block(self.code, inst.offset) and self.with_exits is None
         if inst.opname in COND_JUMPS and isinstance(stack[-1], TensorVT):
             self._break_jump(inst, stack, reason)
-        elif inst.opname in ("CALL", "CALL_FUNCTION_EX") and not in_try:
+        elif inst.opname in _CALL_OPS and not in_try:
             self._break_call(inst, stack, reason)
         else:
             self._break_eager(inst, stack, reason, simple_ok=not in_try)
@@ -226,9 +232,12 @@ class RootTranslator(Translator):
         if inst.opname == "CALL":
             n = inst.arg + 2
             kw = self.kw_names
+        elif inst.opname == "CALL_KW":
+            n = inst.arg + 3  # NOTE: 3.13: the keyword names tuple is the top operand
+            kw = tuple(stack[-1].const())
         else:
             n = 3 + (inst.arg & 1)
-            if len(stack) > n - 1 and not isinstance(stack[-n], NullVT):
+            if not bc.LAYOUT.ex_call_null_slot and len(stack) > n - 1 and not isinstance(stack[-n], NullVT):
                 n -= 1
             kw = ()
         nxt = self.insts[inst.index + 1].offset
@@ -246,8 +255,12 @@ class RootTranslator(Translator):
             fn, args = slots[0], slots[1]
             kwargs = slots[2] if len(slots) > 2 else "{}"
             return f"___kcall({fn}, tuple({args}), {kwargs})"
+        if inst.opname == "CALL_KW":
+            slots = slots[:-1]  # the keyword names, already in ``kw``
         if slots[0] is None:
             fn, args = slots[1], slots[2:]
+        elif slots[1] is None and bc.LAYOUT.null_after_callable:
+            fn, args = slots[0], slots[2:]
         else:
             fn, args = slots[0], slots[1:]
         npos = len(args) - len(kw)
@@ -278,6 +291,9 @@ class RootTranslator(Translator):
                 # NOTE: the call runs in the eager remainder (inside the frame's try block);
                 # its callee still goes through kcall, so it is compiled as a frame of its own.
                 self.cg.line(f"{stack_names[slot]} = ___kwrap({stack_names[slot]})")
+            if bc.LAYOUT.jump_wants_bool and inst.opname in _TRUTH_JUMPS and stack_names and stack_names[-1]:
+                # NOTE: 3.13's jump reads an exact bool (its TO_BOOL was a no-op in capture).
+                self.cg.line(f"{stack_names[-1]} = bool({stack_names[-1]})")
             self.cg.line("return " + self._resume_call(inst.offset, stack_names, local_names, cell_names, False))
         else:
             # NOTE: a simple instruction runs here in Python; the rest resumes compiled.
@@ -309,15 +325,21 @@ def _grad_with_exits(code, insts: list, idx: dict, offset: int, stack: list):
     return slots
 
 
+_CALL_OPS = ("CALL", "CALL_KW", "CALL_FUNCTION_EX")
+_TRUTH_JUMPS = {op for op in COND_JUMPS if op.endswith(("IF_TRUE", "IF_FALSE"))}
+
+
 def _callable_slot(inst: bc.Inst, stack: list):
-    """Stack index of the callable a CALL / CALL_FUNCTION_EX is about to call."""
-    if inst.opname == "CALL":
-        n = inst.arg
+    """Stack index of the callable a CALL / CALL_KW / CALL_FUNCTION_EX is about to call."""
+    if inst.opname in ("CALL", "CALL_KW"):
+        n = inst.arg + (inst.opname == "CALL_KW")  # NOTE: CALL_KW's keyword names on top
         if len(stack) < n + 2:
             return None
+        if bc.LAYOUT.null_after_callable:
+            return len(stack) - n - 2
         return len(stack) - n - 1 if isinstance(stack[-n - 2], NullVT) else len(stack) - n - 2
     if inst.opname == "CALL_FUNCTION_EX":
-        return len(stack) - 2 - (inst.arg & 1)
+        return len(stack) - 2 - (inst.arg & 1) - bc.LAYOUT.ex_call_null_slot
     return None
 
 
@@ -328,7 +350,9 @@ def simple_step(inst: bc.Inst, depth: int):
 
     op, name = inst.opname, inst.argval
     if op in ("LOAD_METHOD", "LOAD_ATTR"):
-        return 1, f"___r = {{0}}.{name}", [None, "___r"] if bc.is_method_load(inst) else ["___r"]
+        if not bc.is_method_load(inst):
+            return 1, f"___r = {{0}}.{name}", ["___r"]
+        return 1, f"___r = {{0}}.{name}", ["___r", None] if bc.LAYOUT.null_after_callable else [None, "___r"]
     if op == "BINARY_SUBSCR":
         return 2, "___r = {0}[{1}]", ["___r"]
     if op == "STORE_ATTR":
@@ -338,7 +362,7 @@ def simple_step(inst: bc.Inst, depth: int):
     if op == "BINARY_OP":
         return 2, f"___r = ___ops[{inst.arg}]({{0}}, {{1}})", ["___r"]
     if op == "COMPARE_OP":
-        return 2, f"___r = {{0}} {name} {{1}}", ["___r"]
+        return 2, f"___r = {{0}} {bc.compare_symbol(inst)} {{1}}", ["___r"]
     if op == "CONTAINS_OP":
         return 2, f"___r = {{0}} {'not in' if inst.arg else 'in'} {{1}}", ["___r"]
     if op == "UNARY_NOT":
@@ -371,6 +395,7 @@ def compile_frame(ctx, fn: types.FunctionType, args: tuple, kwargs: dict):
             break_step, break_error = r.step, r.error
         finally:
             torch._C._set_grad_enabled(prev_grad)
+            unwind_autocast(tx.output)
     raise break_error
 
 

@@ -8,6 +8,11 @@ Out: per input tensor the dims to make symbolic (``DimDynamic.DYNAMIC``), and
      ``x.size(0) % 2 == 0``, ``y.size(1) == x.size(0)``) equal to the ShapeEnv's
      guards with each size symbol printed as the source that produced it.
 
+Ints (PyTorch's automatic dynamic for scalars, ``specialize_int=False``): an int
+argument whose value changed between compiles becomes a symbolic graph input
+(``FrameState.int_is_dynamic``, ``symbolic_int``); module attributes, globals and
+defaults stay constants (``int_may_be_dynamic``).  Floats are specialised.
+
 Invariants:
 - dynamic=False (and the first compile under dynamic=None) never creates a
   ShapeEnv: shapes are specialised exactly as before.
@@ -32,6 +37,8 @@ _NAME = re.compile(r"\b[a-z]\d+\b")
 # export with real inputs) or take every untyped graph input as a Tensor (TorchScript):
 # given symbolic sizes they would fail at run time, so shapes stay static for them.
 STATIC_ONLY_BACKENDS = frozenset({"ts", "onnxrt", "tvm"})
+# NOTE: export specialises int inputs (only tensor dims named by Dim are symbolic).
+NO_DYNAMIC_INT_BACKENDS = STATIC_ONLY_BACKENDS | {"export"}
 
 
 def effective_mode(dynamic: Optional[bool], backend_name: str) -> Optional[bool]:
@@ -40,11 +47,34 @@ def effective_mode(dynamic: Optional[bool], backend_name: str) -> Optional[bool]
 
 
 class FrameState:
-    """Sizes seen per tensor source over the compiles of one code object."""
+    """Sizes seen per tensor source, and values per int source, over the compiles of one
+    code object."""
 
     def __init__(self) -> None:
         self.sizes: dict[str, list] = {}
+        self.ints: dict[str, Any] = {}  # int source name -> value seen, or DYNAMIC_INT
         self.compiles = 0
+
+    def int_is_dynamic(self, mode: Optional[bool], name: str, value: int) -> bool:
+        """Whether the int at ``name`` becomes a symbolic graph input (PyTorch's
+        ``automatic_dynamic`` for scalars: static first, symbolic from the compile
+        after one where its value differed; every compile under dynamic=True)."""
+        if mode is False:
+            return False
+        if mode is True:
+            return True
+        from . import config
+
+        if not config.automatic_dynamic_shapes:
+            return False
+        seen = self.ints.get(name, _UNSEEN)
+        if seen is _UNSEEN:
+            self.ints[name] = value
+            return False
+        if seen is DYNAMIC_INT or seen != value:
+            self.ints[name] = DYNAMIC_INT
+            return True
+        return False
 
     def dynamic_dims(self, mode: Optional[bool], name: str, t: torch.Tensor, is_param: bool) -> Optional[list]:
         """Which dims of ``t`` (at ``name``) to make symbolic; None: all static."""
@@ -67,6 +97,82 @@ class FrameState:
         self.sizes[name] = merged
         dyn = [m is None for m in merged]
         return dyn if any(dyn) else None
+
+
+_UNSEEN = object()
+DYNAMIC_INT = object()  # NOTE: FrameState.ints marker: the int changed once, it stays symbolic
+
+# NOTE: ints read through these sources stay constants, as in PyTorch
+# (``is_int_specialization_case``): globals, objects embedded by identity, and
+# anything under an nn.Module (its int attributes are configuration) or a function's
+# defaults.
+_DYNAMIC_INT_ROOTS = ("LocalSource", "ClosureSource")
+_STATIC_INT_ATTRS = frozenset({"__defaults__", "__kwdefaults__"})
+
+
+def int_may_be_dynamic(source: "Source", module_sources: set) -> bool:
+    """Whether an int read at ``source`` may become a symbolic input: rooted at a local
+    or closure cell of the frame, not read from a module (``module_sources``: names of
+    the sources that hold nn.Modules) nor from function defaults."""
+    chain = source.chain()
+    if type(chain[-1]).__name__ not in _DYNAMIC_INT_ROOTS:
+        return False
+    for s in chain[1:]:
+        if s.name() in module_sources or getattr(s, "attr_name", None) in _STATIC_INT_ATTRS:
+            return False
+    return type(source).__name__ in ("LocalSource", "ClosureSource", "AttrSource", "ItemSource")
+
+
+def _shape_env_source(name: str):
+    """A ``torch._guards.Source`` naming an int input for the ShapeEnv (its symbol's origin)."""
+    return _scalar_source_class()(name)
+
+
+_SCALAR_SOURCE: list = []
+
+
+def _scalar_source_class() -> type:
+    import functools
+    import inspect
+
+    from torch._guards import GuardSource, Source as TorchSource
+
+    if _SCALAR_SOURCE:
+        return _SCALAR_SOURCE[0]
+
+    def as_declared(attr: str, fn):
+        # NOTE: torch 2.13 declares ``name`` / ``guard_source`` as properties, older
+        # versions as methods: declare ours the way this torch reads them.
+        declared = inspect.getattr_static(TorchSource, attr, None)
+        return property(fn) if isinstance(declared, (property, functools.cached_property)) else fn
+
+    class ScalarInputSource(TorchSource):
+        def __init__(self, text: str) -> None:
+            object.__setattr__(self, "text", text)
+
+        def __hash__(self) -> int:
+            return hash(("kiln-int", self.text))
+
+        def __eq__(self, other: object) -> bool:
+            return type(other) is type(self) and other.text == self.text
+
+        name = as_declared("name", lambda self: self.text)
+        guard_source = as_declared("guard_source", lambda self: GuardSource.LOCAL)
+
+        @property
+        def _name_template(self) -> str:
+            return self.text
+
+    _SCALAR_SOURCE.append(ScalarInputSource)
+    return ScalarInputSource
+
+
+def symbolic_int(shape_env, value: int, name: str) -> torch.SymInt:
+    """A SymInt of a new unspecified symbol for the int input ``name`` (hint ``value``):
+    any integer, 0 and 1 not specialised (PyTorch's ``create_unspecified_symint_and_symbol``)."""
+    from torch.fx.experimental.symbolic_shapes import DimDynamic
+
+    return shape_env.create_unspecified_symint_and_symbol(value, _shape_env_source(name), DimDynamic.DYNAMIC)
 
 
 def fake_with_dims(fake_mode, value: torch.Tensor, dims: Optional[list]):

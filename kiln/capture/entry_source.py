@@ -79,6 +79,10 @@ class EntryWriter:
             self._memo[key] = name
         return self._memo[key]
 
+    def built(self, vt: VT) -> Optional[str]:
+        """The name ``container`` already bound ``vt`` to, or None."""
+        return self._memo.get(id(vt))
+
     def line(self, s: str) -> None:
         self.lines.append(s)
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import operator
 
-from .bytecode import handles
+from .bytecode import compare_symbol, handles
 from .variables.symbolic import SymNodeVT
 from .operators import COMPARE, NB_OPS, binary_op, contains, is_same, unary_op
 from .variables.base import ConstantVT, NullVT, const_vt, is_const_value, unsupported
@@ -56,14 +56,43 @@ class BasicHandlers:
         pass
 
     # ---------------------------------------------------------- locals
-    @handles("LOAD_FAST", "LOAD_FAST_CHECK")
+    @handles("LOAD_FAST", "LOAD_FAST_CHECK", max_version=(3, 12))
     def LOAD_FAST(self, inst):
-        name = inst.argval
+        self._load_fast(inst.argval)
+
+    def _load_fast(self, name):
         if name not in self.locals:
             unsupported(f"local variable '{name}' referenced before assignment")
         v = self.resolve(self.locals[name])
         self.locals[name] = v
         self.push(v)
+
+    @handles("LOAD_FAST", "LOAD_FAST_CHECK", min_version=(3, 13))
+    def LOAD_FAST_313(self, inst):
+        # NOTE: 3.13 builds closures with LOAD_FAST of the cell's slot (LOAD_CLOSURE became
+        # a pseudo-instruction); a cell or free variable is read by value with LOAD_DEREF.
+        if inst.argval in self.code.co_cellvars or inst.argval in self.code.co_freevars:
+            self.LOAD_CLOSURE(inst)
+        else:
+            self._load_fast(inst.argval)
+
+    @handles("LOAD_FAST_LOAD_FAST", min_version=(3, 13))
+    def LOAD_FAST_LOAD_FAST(self, inst):
+        first, second = inst.argval
+        self._load_fast(first)
+        self._load_fast(second)
+
+    @handles("STORE_FAST_LOAD_FAST", min_version=(3, 13))
+    def STORE_FAST_LOAD_FAST(self, inst):
+        store, load = inst.argval
+        self._store_fast(store)
+        self._load_fast(load)
+
+    @handles("STORE_FAST_STORE_FAST", min_version=(3, 13))
+    def STORE_FAST_STORE_FAST(self, inst):
+        first, second = inst.argval
+        self._store_fast(first)
+        self._store_fast(second)
 
     @handles("LOAD_FAST_AND_CLEAR", min_version=(3, 12))
     def LOAD_FAST_AND_CLEAR(self, inst):
@@ -72,11 +101,14 @@ class BasicHandlers:
 
     @handles("STORE_FAST")
     def STORE_FAST(self, inst):
+        self._store_fast(inst.argval)
+
+    def _store_fast(self, name):
         v = self.pop()
         if isinstance(v, NullVT):
-            self.locals.pop(inst.argval, None)
+            self.locals.pop(name, None)
         else:
-            self.locals[inst.argval] = v
+            self.locals[name] = v
 
     @handles("DELETE_FAST")
     def DELETE_FAST(self, inst):
@@ -125,11 +157,18 @@ class BasicHandlers:
         self.cells[inst.argval] = CellVT(value)
 
     # ---------------------------------------------------------- globals
-    @handles("LOAD_GLOBAL")
+    @handles("LOAD_GLOBAL", max_version=(3, 12))
     def LOAD_GLOBAL(self, inst):
         if inst.arg & 1:
             self.push(NullVT())
         self.push(self.load_global(inst.argval))
+
+    @handles("LOAD_GLOBAL", min_version=(3, 13))
+    def LOAD_GLOBAL_313(self, inst):
+        # NOTE: 3.13 pushes the NULL above the global (CALL reads [callable, NULL, args]).
+        self.push(self.load_global(inst.argval))
+        if inst.arg & 1:
+            self.push(NullVT())
 
     @handles("STORE_GLOBAL")
     def STORE_GLOBAL(self, inst):
@@ -208,12 +247,28 @@ class BasicHandlers:
     def BUILD_STRING(self, inst):
         self.push(ConstantVT("".join(p.const() for p in self.popn(inst.arg))))
 
-    @handles("FORMAT_VALUE")
+    @handles("FORMAT_VALUE", max_version=(3, 12))
     def FORMAT_VALUE(self, inst):
         spec = self.pop().const() if (inst.arg & 0x04) else ""
         value = self.pop().const()
         conv = {1: str, 2: repr, 3: ascii}.get(inst.arg & 0x03)
         self.push(ConstantVT(format(conv(value) if conv else value, spec)))
+
+    # NOTE: 3.13 split FORMAT_VALUE into CONVERT_VALUE (!s / !r / !a), FORMAT_SIMPLE and
+    # FORMAT_WITH_SPEC (the spec above the value).
+    @handles("CONVERT_VALUE", min_version=(3, 13))
+    def CONVERT_VALUE(self, inst):
+        conv = {1: str, 2: repr, 3: ascii}[inst.arg]
+        self.push(ConstantVT(conv(self.pop().const())))
+
+    @handles("FORMAT_SIMPLE", min_version=(3, 13))
+    def FORMAT_SIMPLE(self, inst):
+        self.push(ConstantVT(format(self.pop().const(), "")))
+
+    @handles("FORMAT_WITH_SPEC", min_version=(3, 13))
+    def FORMAT_WITH_SPEC(self, inst):
+        spec = self.pop().const()
+        self.push(ConstantVT(format(self.pop().const(), spec)))
 
     @handles("LIST_APPEND")
     def LIST_APPEND(self, inst):
@@ -311,10 +366,20 @@ class BasicHandlers:
         b, a = self.pop(), self.pop()
         self.push(binary_op(self, NB_OPS[inst.arg], a, b))
 
-    @handles("COMPARE_OP")
+    @handles("COMPARE_OP", max_version=(3, 12))
     def COMPARE_OP(self, inst):
+        self._compare(inst.argval)
+
+    @handles("COMPARE_OP", min_version=(3, 13))
+    def COMPARE_OP_313(self, inst):
+        # NOTE: 3.13's bool flag (argval "bool(<)") converts the result for a jump; the
+        # jump handlers take truthiness themselves, and a tensor result must stay a tensor
+        # so that the jump, not the compare, is the graph break.
+        self._compare(compare_symbol(inst))
+
+    def _compare(self, sym):
         b, a = self.pop(), self.pop()
-        op = COMPARE[inst.argval]
+        op = COMPARE[sym]
         from .variables.numpy_vt import NdarrayVT
 
         if op in (operator.eq, operator.ne) and not isinstance(a, (TensorVT, NdarrayVT)) \
@@ -352,6 +417,13 @@ class BasicHandlers:
     @handles("UNARY_NOT")
     def UNARY_NOT(self, inst):
         self.push(ConstantVT(not self.pop().truthy(self)))
+
+    @handles("TO_BOOL", min_version=(3, 13))
+    def TO_BOOL(self, inst):
+        # NOTE: TO_BOOL only ever precedes POP_JUMP_IF_TRUE/FALSE or UNARY_NOT, which take
+        # truthiness themselves; the value stays as it is so that a tensor condition breaks
+        # at the jump (both branches become resume functions).
+        pass
 
 
 class _CellObj:

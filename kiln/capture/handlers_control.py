@@ -85,7 +85,7 @@ class ControlHandlers:
         else:
             self.push(v)
 
-    @handles("FOR_ITER", min_version=(3, 12))
+    @handles("FOR_ITER", min_version=(3, 12), max_version=(3, 12))
     def FOR_ITER_312(self, inst):
         v = self._for_iter_next()
         if v is None:
@@ -94,9 +94,23 @@ class ControlHandlers:
         else:
             self.push(v)
 
-    @handles("END_FOR", min_version=(3, 12))
+    @handles("FOR_ITER", min_version=(3, 13))
+    def FOR_ITER_313(self, inst):
+        v = self._for_iter_next()
+        if v is None:
+            # NOTE: 3.13 ends a loop with END_FOR (pops one) and POP_TOP (the iterator);
+            # an exhausted FOR_ITER pops the iterator and skips both.
+            self.ip = self.idx[inst.argval] + 2
+        else:
+            self.push(v)
+
+    @handles("END_FOR", min_version=(3, 12), max_version=(3, 12))
     def END_FOR(self, inst):
         self.popn(2)
+
+    @handles("END_FOR", min_version=(3, 13))
+    def END_FOR_313(self, inst):
+        self.pop()
 
     # ---------------------------------------------------------- return
     @handles("RETURN_VALUE")

@@ -4,7 +4,8 @@ In: a code object plus symbolic locals.  Out: the fx graph (through the
 shared OutputGraph) and the symbolic return value, or a graph break.
 
 Each opcode has one handler method named after it, registered with the CPython
-versions it serves (``bytecode.handles``); the handlers live in the
+versions it serves (``bytecode.handles``; an opcode whose stack effect changed has one
+method per convention, e.g. ``CALL`` and ``CALL_313``); the handlers live in the
 ``handlers_*`` mixins grouped by family (``handlers_basic``, ``handlers_call``,
 ``handlers_control``); operator semantics shared with the builtins live in
 ``operators``.

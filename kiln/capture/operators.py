@@ -141,6 +141,8 @@ def is_same(a: VT, b: VT) -> bool:
         return a.fake is b.fake
     if isinstance(a, SymNodeVT) or isinstance(b, SymNodeVT):
         unsupported("identity test on a symbolic size")
+    if getattr(a, "built_in_region", False) or getattr(b, "built_in_region", False):
+        return False  # NOTE: an object built in the region is only itself (``a is b`` above)
     ua, ub = underlying(a), underlying(b)
     if ua is a or ub is b:
         if type(a) is not type(b):

@@ -19,7 +19,9 @@ from torch._dispatch.python import enable_python_dispatcher
 from kiln.exc import Unsupported
 from kiln.passes import checking, log_graph, verify_graph
 
-from .dynamic import FrameState, SymbolTable, fake_with_dims, new_fake_mode, tensor_shape_checks
+from . import stats
+from .dynamic import (NO_DYNAMIC_INT_BACKENDS, FrameState, SymbolTable, fake_with_dims, int_may_be_dynamic,
+                      new_fake_mode, symbolic_int, tensor_shape_checks)
 from .guards import GuardSet
 from .sources import ObjectTable, SizeSource, Source
 from .variables.base import VT, ConstantVT, const_vt, unsupported
@@ -134,9 +136,12 @@ class OutputGraph:
                                                            and config.automatic_dynamic_shapes))
         self.symbols = SymbolTable()
         self.size_nodes: dict = {}  # sympy.Symbol -> its placeholder
+        self.int_inputs: dict = {}  # source name -> SymNodeVT of an int input (dynamic ints)
+        self.module_sources: set = set()  # names of sources holding nn.Modules (their ints stay static)
         # NOTE: as in PyTorch's own capture, reading data pointers of fake tensors is an error here.
         self.fake_mode._allow_unsafe_data_ptr_access = False
         self.objects = ObjectTable()
+        self.wrapped_objects: dict = {}  # id -> (object, VT): one VT per mutable object read (builder.wrap)
         self.guards = GuardSet(self.objects)
         self.side_effects = SideEffects(self)
         self.inputs: list = []  # (source, real_value, TensorVT)
@@ -149,6 +154,9 @@ class OutputGraph:
 
     # ------------------------------------------------------------ inputs
     def add_tensor_input(self, value: torch.Tensor, source: Source, from_module: bool = False) -> TensorVT:
+        swapped = self.__dict__.get("tensor_overrides")
+        if swapped and id(value) in swapped:
+            return swapped[id(value)]  # NOTE: functional_call's given tensors (variables/functorch.py)
         prev = self._by_id.get(id(value))
         if prev is not None:
             if prev.source.name() != source.name():
@@ -187,6 +195,43 @@ class OutputGraph:
         vt = SymNodeVT(node, sym)
         self.size_nodes[sym.node.expr] = node
         self.inputs.append((src, sym, vt, True))
+
+    def add_int_input(self, value: int, source: Source) -> Optional[VT]:
+        """An int read from the caller as a symbolic graph input (``L_n_: Sym(s0)``), when
+        automatic dynamic (or dynamic=True) makes it one; None: it stays a constant.
+
+        Guarded on its type; every fact the trace used (``n > 4``, ``n >= 0`` for a
+        size) is a ShapeEnv guard printed over ``n`` itself.
+        """
+        shape_env = self.fake_mode.shape_env
+        name = source.name()
+        known = self.int_inputs.get(name)
+        if known is not None:
+            return known
+        # NOTE: the frame state records the value on the static first compile too.
+        if getattr(self.ctx, "backend_name", None) in NO_DYNAMIC_INT_BACKENDS \
+                or not int_may_be_dynamic(source, self.module_sources) \
+                or not self.frame_state.int_is_dynamic(getattr(self.ctx, "dynamic", None), name, value) \
+                or shape_env is None:
+            return None
+        sym = symbolic_int(shape_env, value, name)
+        self.symbols.add(sym.node.expr, source.code(), name)
+        self.guards.type_of(source, value)
+        # NOTE: a closure cell of an inlined function is named like a local (``L['x']``):
+        # the placeholder (an argument name of the graph's forward) must stay unique.
+        taken = {n.target for n in self.graph.find_nodes(op="placeholder")}
+        ph_name, i = name, 0
+        while _placeholder_name(ph_name) in taken:
+            i += 1
+            ph_name = f"{name}_{i}"
+        node = self._make_placeholder(ph_name)
+        node.meta["example_value"] = node.meta["val"] = sym
+        node.meta["source"] = name
+        vt = SymNodeVT(node, sym)
+        self.size_nodes[sym.node.expr] = node
+        self.inputs.append((source, sym, vt, True))
+        self.int_inputs[name] = vt
+        return vt
 
     def sym_vt(self, value: Any, make_node: Callable) -> VT:
         """A VT for a metadata answer: a constant, or a SymNodeVT (``make_node()`` builds its node)."""
@@ -291,6 +336,11 @@ class OutputGraph:
 
     def compile(self, outputs: list, reason: GraphCompileReason) -> Optional[Callable]:
         """Finish the graph with ``outputs`` (TensorVTs) and run the backend."""
+        from .variables.autocast import finish_graph
+
+        # NOTE: autocast regions still open are closed at the graph's end (and entered again
+        # by the generated code after it); the backend sees the state the frame started with.
+        finish_graph(self)
         if self.grad_enabled != self.initial_grad:
             self.graph.call_function(torch._C._set_grad_enabled, (self.initial_grad,))
         self.graph.output(tuple(o.node for o in outputs))
@@ -305,6 +355,7 @@ class OutputGraph:
         gm = fx.GraphModule(root, self.graph)
         gm.compile_subgraph_reason = reason
         gm.meta["kiln_sources"] = [s.name() for s, *_ in self.inputs]
+        stats.graph_compiled(self.graph)
         log_graph("capture", "output_graph", gm)
         if checking():
             verify_graph(gm, after="capture.output_graph")

@@ -1,4 +1,5 @@
-"""Subgraphs of higher-order ops (a cond's branches): compiled on their own.
+"""Subgraphs of higher-order ops (a cond's branches, a while_loop's cond and body, a map's
+body): compiled on their own.
 
 In: an ATen GraphModule read by a get_attr node (``true_graph_0``), its placeholders
 carrying fake values.  Out: a callable ``f(*args) -> tuple`` running the generated

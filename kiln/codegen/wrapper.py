@@ -31,7 +31,8 @@ def pyexpr(e: Any) -> str:
         return str(int(e))
     if e.is_Symbol:
         return e.name
-    if isinstance(e, ir.FloorDiv):
+    if isinstance(e, ir.FloorDiv) or (type(e).__name__ == "FloorDiv" and type(e).__module__.startswith("torch.")):
+        # NOTE: also the ShapeEnv's FloorDiv (sizes computed from an int input)
         return f"({pyexpr(e.args[0])} // {pyexpr(e.args[1])})"
     if isinstance(e, ir.ModIndex):
         return f"({pyexpr(e.args[0])} % {pyexpr(e.args[1])})"

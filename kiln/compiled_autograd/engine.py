@@ -9,6 +9,11 @@ Out: the same effects and results as eager's engine: ``.grad``\\ s written, hook
 
 Cache: one entry per (compiler_fn, Plan.key): the traced graph's compiled callable and
 what its outputs are for.  An identical second backward reuses it without tracing.
+Sizes: per (compiler_fn, structural key) (walk.structural: the key without sizes), the
+first graph traced and, once a second size was traced, a template whose sizes are read
+from its inputs (dynamic.py).  A backward at a new size is traced, and, if the trace is
+the template's instance, runs the template's compiled callable: sizes 4, 8, 16 make two
+compiles (the first graph, then the template), not three (``counters["dynamic_hits"]``).
 """
 from __future__ import annotations
 
@@ -20,9 +25,11 @@ from typing import Any, Callable, Iterator, Optional
 import torch
 
 from kiln import fallbacks
-from kiln.compiled_autograd.walk import RELEASED_KEY, NotTraceable, Plan, collect
+from kiln.compiled_autograd import dynamic as D
+from kiln.compiled_autograd.walk import RELEASED_KEY, NotTraceable, Plan, collect, structural
 
-counters: dict[str, int] = {"captures": 0, "cache_hits": 0, "fallbacks": 0, "compiles": 0}
+counters: dict[str, int] = {"captures": 0, "cache_hits": 0, "fallbacks": 0, "compiles": 0,
+                            "dynamic_graphs": 0, "dynamic_hits": 0}
 
 
 @dataclasses.dataclass
@@ -32,7 +39,18 @@ class Entry:
     gm: torch.fx.GraphModule
 
 
+@dataclasses.dataclass
+class Family:
+    """The graphs of one structure (sizes aside) under one compiler_fn."""
+    first: D.NormalForm
+    first_sizes: list
+    first_outputs: list
+    template: Optional[D.Template] = None
+    template_entry: Optional[Entry] = None
+
+
 _cache: dict = {}
+_families: dict = {}
 _stack: list = []          # active compiler_fns, innermost last
 _running = [False]         # inside a compiled backward (a nested backward runs eagerly)
 _orig_run: list = []
@@ -41,6 +59,7 @@ _orig_run: list = []
 def reset() -> None:
     """Drop every compiled backward (``kiln.reset()`` calls this too)."""
     _cache.clear()
+    _families.clear()
     for k in counters:
         counters[k] = 0
 
@@ -112,6 +131,42 @@ def _compile(plan: Plan, compiler_fn: Callable) -> Entry:
             raise
         raise NotTraceable(f"tracing the backward failed ({type(e).__name__}: {e})") from e
     counters["captures"] += 1
+    entry = _sized_entry(plan, gm, outputs, compiler_fn)
+    key = (id(compiler_fn), plan.key)
+    _cache[key] = entry
+    _forget_with(compiler_fn, _cache, key)
+    return entry
+
+
+def _sized_entry(plan: Plan, gm: torch.fx.GraphModule, outputs: list, compiler_fn: Callable) -> Entry:
+    """The entry for a graph just traced: the template's, when the graph is its instance at
+    these sizes; else a new template made from this graph and the family's first one; else
+    this graph compiled as it is (see the module docstring)."""
+    sizes = [tuple(t.shape) for t in plan.inputs]
+    nf = D.normal_form(gm)
+    fkey = (id(compiler_fn), structural(plan.key))
+    fam = _families.get(fkey)
+    if fam is None:
+        _families[fkey] = Family(nf, sizes, list(outputs))
+        _forget_with(compiler_fn, _families, fkey)
+        return _compile_gm(gm, outputs, compiler_fn)
+    if fam.template is not None:
+        if fam.template.outputs == outputs and D.matches(fam.template, nf, sizes):
+            counters["dynamic_hits"] += 1
+            return fam.template_entry
+        return _compile_gm(gm, outputs, compiler_fn)
+    if fam.first_outputs == outputs:
+        t = D.generalize(fam.first, fam.first_sizes, nf, sizes, gm, list(outputs))
+        if t is not None:
+            t.gm.meta["kiln_compiled_autograd_dynamic"] = True
+            entry = _compile_gm(t.gm, outputs, compiler_fn)
+            fam.template, fam.template_entry = t, entry
+            counters["dynamic_graphs"] += 1
+            return entry
+    return _compile_gm(gm, outputs, compiler_fn)
+
+
+def _compile_gm(gm: torch.fx.GraphModule, outputs: list, compiler_fn: Callable) -> Entry:
     gm.meta["kiln_compiled_autograd_outputs"] = list(outputs)
     prior = _running[0]
     _running[0] = True  # NOTE: backwards the compiler itself runs go to the eager engine
@@ -120,14 +175,15 @@ def _compile(plan: Plan, compiler_fn: Callable) -> Entry:
     finally:
         _running[0] = prior
     counters["compiles"] += 1
-    entry = Entry(compiled, outputs, gm)
-    _cache[(id(compiler_fn), plan.key)] = entry
-    # NOTE: the entry must not outlive its compiler (ids can be reused).
+    return Entry(compiled, outputs, gm)
+
+
+def _forget_with(compiler_fn: Callable, table: dict, key: Any) -> None:
+    # NOTE: an entry must not outlive its compiler (ids can be reused).
     try:
-        weakref.finalize(compiler_fn, _cache.pop, (id(compiler_fn), plan.key), None)
+        weakref.finalize(compiler_fn, table.pop, key, None)
     except TypeError:
         pass
-    return entry
 
 
 def _run(entry: Entry, plan: Plan, keep_graph: bool, allow_unreachable: bool) -> Any:

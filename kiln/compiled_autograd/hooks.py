@@ -17,13 +17,23 @@ Where each kind lives:
   Python, so ``Tensor.register_hook`` / ``Tensor.retain_grad`` are wrapped (once, when
   this stage is imported) to note them in ``grad_fn.metadata``.
 
-NOTE: hooks on non-leaf tensors registered before kiln.compiled_autograd was imported
-are invisible to it; so are hooks registered from C++.  That is a documented limit.
+Installed when ``import kiln`` runs (kiln/__init__.py; a few attribute assignments), so
+that hooks registered from then on are seen.  What came before cannot be read, so it is
+refused instead: :func:`install_seq` lets the walk tell that a node was created before the
+wrappers were in place (its autograd sequence number is below the thread's counter at
+install time), and such a backward runs in the eager engine with that reason.  Node hooks
+are counted as they are registered (``_HookMixin._register_hook``, which the C++
+``register_hook``/``register_prehook`` of every node call), so that the walk probes nodes
+only once some node hook exists.
+
+NOTE: hooks registered from C++ (``add_post_hook`` of C++ extensions, DDP's reducer) are
+invisible from Python; that is a documented limit.  So are hooks on nodes created before
+install in a thread other than the one that imported kiln.
 """
 from __future__ import annotations
 
 import weakref
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
 import torch
 
@@ -31,16 +41,21 @@ TENSOR_HOOKS_KEY = "_kiln_ca_tensor_hooks"    # grad_fn.metadata: {output_nr: ho
 RETAINS_GRAD_KEY = "_kiln_ca_retains_grad"    # grad_fn.metadata: {output_nr: weakref(tensor)}
 
 _installed = False
+# [node hooks registered since install, autograd sequence number at install (this thread)]
+_state = [0, 0]
 
 
 def install() -> None:
-    """Wrap ``torch.Tensor.register_hook`` and ``retain_grad`` to note non-leaf hooks."""
+    """Wrap ``torch.Tensor.register_hook`` and ``retain_grad`` to note non-leaf hooks, and
+    ``_HookMixin._register_hook`` to count node hooks (see the module docstring)."""
     global _installed
     if _installed:
         return
     _installed = True
+    _state[1] = torch.autograd._get_sequence_nr()
     orig_register = torch.Tensor.register_hook
     orig_retain = torch.Tensor.retain_grad
+    _count_node_hooks()
 
     def register_hook(self: torch.Tensor, hook: Callable) -> Any:
         handle = orig_register(self, hook)
@@ -62,6 +77,35 @@ def install() -> None:
     torch.Tensor.retain_grad = retain_grad
 
 
+def _count_node_hooks() -> None:
+    from torch.autograd.function import _HookMixin
+
+    raw = _HookMixin.__dict__.get("_register_hook")
+    if not isinstance(raw, staticmethod):
+        # NOTE: another torch layout: registrations cannot be counted, so always probe.
+        _state[0] = 1
+        return
+    orig = raw.__func__
+
+    def _register_hook(backward_hooks: Any, hook: Callable) -> Any:
+        if hook is not _probe_fn:
+            _state[0] += 1
+        return orig(backward_hooks, hook)
+
+    _HookMixin._register_hook = staticmethod(_register_hook)
+
+
+def node_hooks_possible() -> bool:
+    """False when no node can hold a Python node hook (none registered since install,
+    and no autograd node existed before it): the walk then skips probing."""
+    return _state[0] > 0 or _state[1] > 0
+
+
+def install_seq() -> int:
+    """The autograd sequence number of the installing thread when install() ran."""
+    return _state[1]
+
+
 def _probe_fn(*args: Any) -> None:
     return None
 
@@ -80,20 +124,24 @@ def node_hooks(node: Any) -> tuple[list, list]:
     return _probe(node.register_prehook), _probe(node.register_hook)
 
 
-def tensor_pre_hooks(node: Any, variable: Optional[torch.Tensor]) -> dict[int, list]:
-    """{input slot: [hooks]} of the tensors whose gradient flows into ``node``."""
-    if variable is not None:
-        d = variable._backward_hooks
-        return {0: list(d.values())} if d else {}
-    meta = node.metadata.get(TENSOR_HOOKS_KEY)
+def leaf_pre_hooks(variable: torch.Tensor) -> dict[int, list]:
+    """{0: [hooks]} of a leaf (the variable of an AccumulateGrad), or {}."""
+    d = variable._backward_hooks
+    return {0: list(d.values())} if d else {}
+
+
+def tensor_pre_hooks(metadata: dict) -> dict[int, list]:
+    """{input slot: [hooks]} of the non-leaf tensors whose gradient flows into the node
+    whose ``metadata`` this is."""
+    meta = metadata.get(TENSOR_HOOKS_KEY) if metadata else None
     if not meta:
         return {}
     return {slot: list(d.values()) for slot, d in sorted(meta.items()) if d}
 
 
-def retained(node: Any) -> dict[int, torch.Tensor]:
+def retained(metadata: dict) -> dict[int, torch.Tensor]:
     """{input slot: live tensor} of non-leaf tensors that called ``retain_grad()``."""
-    meta = node.metadata.get(RETAINS_GRAD_KEY)
+    meta = metadata.get(RETAINS_GRAD_KEY) if metadata else None
     if not meta:
         return {}
     out = {}
@@ -140,5 +188,6 @@ def call_post_acc_hook(hook: Callable, variable: torch.Tensor, grad: torch.Tenso
     hook(variable)
 
 
-__all__ = ["install", "node_hooks", "tensor_pre_hooks", "retained", "post_acc_hooks",
+__all__ = ["install", "node_hooks_possible", "install_seq", "node_hooks",
+           "leaf_pre_hooks", "tensor_pre_hooks", "retained", "post_acc_hooks",
            "call_hook", "call_prehook", "call_posthook", "call_post_acc_hook"]

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import heapq
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any, Optional
 
 import torch
@@ -58,7 +59,18 @@ REFUSED: dict[str, str] = {
 _SPECIAL_NAMES = {"torch::autograd::AccumulateGrad": ACCUMULATE, "AccumulateGrad": ACCUMULATE}
 
 
+_KINDS: dict[type, str] = {}   # node type -> kind (a node's kind depends on its type only)
+
+
 def node_kind(node: Any) -> str:
+    cls = type(node)
+    kind = _KINDS.get(cls)
+    if kind is None:
+        kind = _KINDS[cls] = _kind_of(node)
+    return kind
+
+
+def _kind_of(node: Any) -> str:
     name = node.name()
     kind = _SPECIAL_NAMES.get(name)
     if kind is not None:
@@ -85,16 +97,50 @@ def saved_attr_names(node: Any) -> tuple:
 
 
 def storage_key(t: torch.Tensor) -> tuple:
-    """Tensors with equal keys are the same values (same storage, view and dtype)."""
+    """Tensors with equal keys are the same values (same memory, view and dtype)."""
     try:
-        ptr = t.untyped_storage().data_ptr()
+        ptr = t.data_ptr()
     except (RuntimeError, NotImplementedError):
         ptr = ("id", id(t))
-    return (ptr, t.storage_offset(), tuple(t.shape), t.stride(), t.dtype, t.device)
+    return (ptr, t.shape, t.stride(), t.dtype, t.device)
 
 
 def tensor_meta(t: torch.Tensor) -> tuple:
-    return ("T", tuple(t.shape), t.stride(), t.dtype, t.device.type, t.layout)
+    """A tensor's metadata as a key part (sizes as ``torch.Size``, see :func:`structural`)."""
+    return ("T", t.shape, t.stride(), t.dtype, t.device, t.layout)
+
+
+def structural(key: Any) -> Any:
+    """``key`` without sizes: every ``torch.Size`` and node input metadata (``("M", sizes,
+    dtype, device)``) keeps its rank, every tensor's strides their order, every saved int
+    its type.  Plans with equal structural keys differ only
+    in sizes (and in size-like ints), the case of dynamic.py."""
+    if type(key) is torch.Size:
+        return ("rank", len(key))
+    if type(key) is tuple:
+        if len(key) == 6 and key[0] == "T":
+            _, shape, stride, dtype, dev, layout = key
+            order = tuple(sorted(range(len(stride)), key=lambda d: -stride[d]))
+            return ("T", len(shape), order, is_dense(_Meta(shape, stride)), dtype, dev, layout)
+        if len(key) == 4 and key[0] == "M":
+            return ("M", len(key[1]), key[2], key[3])
+        if len(key) == 2 and key[0] == "int" and type(key[1]) is int:
+            return ("int",)
+        return tuple(structural(k) for k in key)
+    return key
+
+
+class _Meta:
+    __slots__ = ("shape", "_stride")
+
+    def __init__(self, shape: Any, stride: tuple):
+        self.shape, self._stride = shape, stride
+
+    def dim(self) -> int:
+        return len(self.shape)
+
+    def stride(self, d: int) -> int:
+        return self._stride[d]
 
 
 def is_dense(t: torch.Tensor) -> bool:
@@ -114,24 +160,35 @@ _CONST_TYPES = (int, float, bool, str, type(None), torch.dtype, torch.device, to
                 torch.memory_format)
 
 
-@dataclass
+_EMPTY = MappingProxyType({})
+
+
 class NodeRec:
-    node: Any
-    kind: str
-    edges: list                    # per output: (index into Plan.recs, input_nr) or None
-    num_inputs: int
-    needed: bool = True
-    saved: list = field(default_factory=list)        # encoded saved values (inputs by index)
-    variable: Optional[torch.Tensor] = None          # AccumulateGrad's leaf
-    grad_input: Optional[int] = None                 # input index of the leaf's old .grad
-    var_input: Optional[int] = None                  # input index of the leaf itself
-    leaf: Optional[int] = None                       # index into Plan.leaves
-    tensor_pre_hooks: dict = field(default_factory=dict)   # slot -> [hook indices]
-    retains: dict = field(default_factory=dict)            # slot -> (retained index, old-grad input)
-    pre_hooks: list = field(default_factory=list)
-    post_hooks: list = field(default_factory=list)
-    post_acc_hooks: list = field(default_factory=list)
-    captures: list = field(default_factory=list)           # (slot, result index)
+    """One node of the plan.  NOTE: the hook fields default to shared empty values,
+    replaced (never mutated) when a node has any: most nodes have none, and this is built
+    per node per backward (a plain class with slots: cheaper than a dataclass)."""
+
+    __slots__ = ("node", "kind", "edges", "num_inputs", "needed", "saved", "variable", "grad_input",
+                 "var_input", "leaf", "tensor_pre_hooks", "retains", "pre_hooks", "post_hooks",
+                 "post_acc_hooks", "captures")
+
+    def __init__(self, node: Any, kind: str, edges: list, num_inputs: int, needed: bool = True):
+        self.node = node
+        self.kind = kind
+        self.edges = edges                  # per output: (index into Plan.recs, input_nr) or None
+        self.num_inputs = num_inputs
+        self.needed = needed
+        self.saved: Any = ()                # encoded saved values (inputs by index)
+        self.variable: Optional[torch.Tensor] = None  # AccumulateGrad's leaf
+        self.grad_input: Optional[int] = None         # input index of the leaf's old .grad
+        self.var_input: Optional[int] = None          # input index of the leaf itself
+        self.leaf: Optional[int] = None               # index into Plan.leaves
+        self.tensor_pre_hooks: Any = _EMPTY           # slot -> [hook indices]
+        self.retains: Any = _EMPTY                    # slot -> (retained index, old-grad input)
+        self.pre_hooks: Any = ()
+        self.post_hooks: Any = ()
+        self.post_acc_hooks: Any = ()
+        self.captures: Any = ()                       # (slot, result index)
 
 
 @dataclass
@@ -155,12 +212,15 @@ class _Collector:
         self.by_storage: dict = {}
         self.hooks: list = []
         self.key: list = []
+        self.n_saved = 0          # saved tensors read so far (a node that read one is released)
 
     def add_input(self, t: torch.Tensor, saved: bool = False) -> int:
         hit = self._by_id.get(id(t))
         i = hit[1] if hit is not None and hit[0] is t else None
+        sk = None
         if i is None and saved:
-            i = self.by_storage.get(storage_key(t))
+            sk = storage_key(t)
+            i = self.by_storage.get(sk)
         if i is None:
             if t.layout != torch.strided:
                 raise NotTraceable(f"a {t.layout} tensor takes part in the backward")
@@ -168,12 +228,13 @@ class _Collector:
                 raise NotTraceable("a nested tensor takes part in the backward")
             i = len(self.inputs)
             self.inputs.append(t)
-            self.key.append(("in", i) + tensor_meta(t))
+            self.key.append(("in", i, tensor_meta(t)))
         # NOTE: the tensor is kept alive with its id (an unpacked saved tensor is a new,
         # short-lived object: a freed one's id could be reused by the next).
         self._by_id[id(t)] = (t, i)
         if saved:
-            self.by_storage.setdefault(storage_key(t), i)
+            self.n_saved += 1
+            self.by_storage.setdefault(storage_key(t) if sk is None else sk, i)
         return i
 
     def add_hooks(self, hooks: list) -> list:
@@ -185,6 +246,9 @@ class _Collector:
 
     def encode(self, v: Any) -> Any:
         """A saved value as a key part; tensors become graph inputs."""
+        t = type(v)
+        if t is int or t is bool or t is float or v is None:
+            return (t.__name__, v)
         if isinstance(v, torch.Tensor):
             return ("saved", self.add_input(v, saved=True))
         if isinstance(v, (list, tuple)):
@@ -216,8 +280,10 @@ def collect(t_outputs: Any, grad_tensors: Any, inputs: Any, accumulate_grad: boo
     root_edges = _root_edges(t_outputs)
     grads = list(grad_tensors) if grad_tensors is not None else [None] * len(root_edges)
     # discovery
+    # NOTE: next_functions builds new tuples on every read: read once per node here.
     order: dict[Any, int] = {}
     nodes: list = []
+    nfs: list = []
     stack = [n for n, _ in root_edges]
     while stack:
         n = stack.pop()
@@ -225,7 +291,12 @@ def collect(t_outputs: Any, grad_tensors: Any, inputs: Any, accumulate_grad: boo
             continue
         order[n] = len(nodes)
         nodes.append(n)
-        stack.extend(m for m, _ in n.next_functions if m is not None)
+        nf = n.next_functions
+        nfs.append(nf)
+        for m, _ in nf:
+            if m is not None:
+                stack.append(m)
+    succ = [[-1 if m is None else order[m] for m, _ in nf] for nf in nfs]
     # which nodes run (autograd.grad runs only what leads to its inputs)
     targets: dict = {}
     if inputs is not None:
@@ -243,15 +314,15 @@ def collect(t_outputs: Any, grad_tensors: Any, inputs: Any, accumulate_grad: boo
     deps = [0] * len(nodes)
     for n, _ in root_edges:
         deps[order[n]] += 1
-    for i, n in enumerate(nodes):
+    for i, ks in enumerate(succ):
         if needed[i]:
-            for m, _ in n.next_functions:
-                if m is not None:
-                    deps[order[m]] += 1
+            for k in ks:
+                if k >= 0:
+                    deps[k] += 1
     heap: list = []
     counter = 0
     left = list(deps)
-    runs = [needed[i] or nodes[i] in targets for i in range(len(nodes))]
+    runs = [needed[i] or nodes[i] in targets for i in range(len(nodes))] if targets else needed
     for n, _ in root_edges:
         j = order[n]
         left[j] -= 1
@@ -264,17 +335,18 @@ def collect(t_outputs: Any, grad_tensors: Any, inputs: Any, accumulate_grad: boo
         exec_order.append(j)
         if not needed[j]:
             continue
-        for m, _ in nodes[j].next_functions:
-            if m is None:
+        for k in succ[j]:
+            if k < 0:
                 continue
-            k = order[m]
             left[k] -= 1
             if left[k] == 0 and runs[k]:
-                heapq.heappush(heap, (-m._sequence_nr(), counter, k))
+                heapq.heappush(heap, (-nodes[k]._sequence_nr(), counter, k))
                 counter += 1
     if len(exec_order) != sum(runs):
         raise NotTraceable("the autograd graph has nodes that never become ready")
-    pos = {j: p for p, j in enumerate(exec_order)}
+    pos = [-1] * len(nodes)
+    for p, j in enumerate(exec_order):
+        pos[j] = p
     # root gradients are the first inputs (as eager's engine receives them)
     roots = []
     for (n, nr), g in zip(root_edges, grads):
@@ -286,12 +358,14 @@ def collect(t_outputs: Any, grad_tensors: Any, inputs: Any, accumulate_grad: boo
     retained_list: list = []
     released: list = []
     num_results = len(inputs) if inputs is not None else 0
+    flags = (H.install_seq(), H.node_hooks_possible())
     for j in exec_order:
         n = nodes[j]
-        rec = _read_node(c, n, needed[j], order, pos, leaves, retained_list, released)
-        for nr, k in targets.get(n, []):
-            rec.captures.append((nr, k))
-        c.key.append(("captures", tuple(rec.captures)))
+        rec = _read_node(c, n, needed[j], nfs[j], succ[j], pos, leaves, retained_list, released, flags)
+        caps = targets.get(n) if targets else None
+        if caps:
+            rec.captures = list(caps)
+            c.key.append(("captures", tuple(caps)))
         recs.append(rec)
     c.key.append(("grad_mode", torch.is_grad_enabled(), accumulate_grad, num_results))
     return Plan(recs, roots, c.inputs, c.hooks, leaves, retained_list, num_results,
@@ -327,36 +401,59 @@ def _needed(nodes: list, order: dict, targets: dict, accumulate_grad: bool) -> l
         sys.setrecursionlimit(limit)
 
 
-def _read_node(c: _Collector, n: Any, needed: bool, order: dict, pos: dict, leaves: list,
-               retained_list: list, released: list) -> NodeRec:
-    if n.metadata.get(RELEASED_KEY):
-        raise RuntimeError(RELEASED_ERROR)
+def _read_node(c: _Collector, n: Any, needed: bool, nf: tuple, succ: list, pos: list, leaves: list,
+               retained_list: list, released: list, flags: tuple) -> NodeRec:
+    """``flags``: (autograd sequence number at hooks.install, whether nodes may hold hooks)."""
     kind = node_kind(n)
+    md = n.metadata
+    if md and md.get(RELEASED_KEY):
+        raise RuntimeError(RELEASED_ERROR)
+    if flags[0] and kind != ACCUMULATE and n._sequence_nr() < flags[0]:
+        raise NotTraceable(f"node {n.name()} was created before kiln was imported: hooks registered on "
+                           f"its tensors then cannot be seen (import kiln before building the graph)")
     edges = []
-    for m, nr in n.next_functions:
-        edges.append(None if m is None or order.get(m) not in pos else (pos[order[m]], nr))
+    for (_, nr), k in zip(nf, succ):
+        p = -1 if k < 0 else pos[k]
+        edges.append(None if p < 0 else (p, nr))
     metas = n._input_metadata
     rec = NodeRec(n, kind, edges, len(metas), needed)
-    key: list = [kind, n.name(), tuple(edges), needed,
-                 tuple((tuple(m.shape), m.dtype, m.device.type) for m in metas)]
-    variable = n.variable if kind == ACCUMULATE else None
+    key: list = [type(n), tuple(edges), needed,
+                 tuple([("M", tuple(m.shape), m.dtype, m.device) for m in metas])]
     # hooks, in the engine's order
-    for slot, hs in H.tensor_pre_hooks(n, variable).items():
-        rec.tensor_pre_hooks[slot] = c.add_hooks(hs)
-    for slot, t in H.retained(n).items():
-        gi = c.add_input(t.grad) if t.grad is not None else None
-        rec.retains[slot] = (len(retained_list), gi)
-        retained_list.append(t)
-    pre, post = H.node_hooks(n)
-    rec.pre_hooks = c.add_hooks(pre)
-    rec.post_hooks = c.add_hooks(post)
-    key += [tuple((s, len(h)) for s, h in rec.tensor_pre_hooks.items()),
-            tuple((s, gi is not None) for s, (_, gi) in rec.retains.items()),
-            len(rec.pre_hooks), len(rec.post_hooks)]
+    variable = n.variable if kind == ACCUMULATE else None
+    hook_key = _NO_HOOKS
+    if variable is not None:
+        tph = H.leaf_pre_hooks(variable)
+    else:
+        tph = H.tensor_pre_hooks(md) if md else None
+    if tph:
+        rec.tensor_pre_hooks = {slot: c.add_hooks(hs) for slot, hs in tph.items()}
+    ret = H.retained(md) if md else None
+    if ret:
+        retains = {}
+        for slot, t in ret.items():
+            gi = c.add_input(t.grad) if t.grad is not None else None
+            retains[slot] = (len(retained_list), gi)
+            retained_list.append(t)
+        rec.retains = retains
+    if flags[1]:
+        pre, post = H.node_hooks(n)
+        if pre:
+            rec.pre_hooks = c.add_hooks(pre)
+        if post:
+            rec.post_hooks = c.add_hooks(post)
+    if tph or ret or rec.pre_hooks or rec.post_hooks:
+        hook_key = (tuple((s, len(h)) for s, h in rec.tensor_pre_hooks.items()),
+                    tuple((s, gi is not None) for s, (_, gi) in rec.retains.items()),
+                    len(rec.pre_hooks), len(rec.post_hooks))
+    key.append(hook_key)
     if needed:
         _READERS[kind](c, n, rec, key, leaves, released)
     c.key.append(tuple(key))
     return rec
+
+
+_NO_HOOKS = ((), (), 0, 0)
 
 
 def _read_accumulate(c: _Collector, n: Any, rec: NodeRec, key: list, leaves: list,
@@ -369,28 +466,22 @@ def _read_accumulate(c: _Collector, n: Any, rec: NodeRec, key: list, leaves: lis
         if var.grad.layout != torch.strided:
             raise NotTraceable("a leaf's existing .grad is sparse")
         rec.grad_input = c.add_input(var.grad)
-    rec.post_acc_hooks = c.add_hooks(H.post_acc_hooks(var))
-    if rec.post_acc_hooks:
+    pah = H.post_acc_hooks(var)
+    if pah:
+        rec.post_acc_hooks = c.add_hooks(pah)
         rec.var_input = c.add_input(var)
-    key += [tensor_meta(var), is_dense(var), rec.grad_input is not None, len(rec.post_acc_hooks)]
+    key += [tensor_meta(var), rec.grad_input is not None, len(rec.post_acc_hooks)]
 
 
 def _read_cpp(c: _Collector, n: Any, rec: NodeRec, key: list, leaves: list, released: list) -> None:
-    names = saved_attr_names(n)
-    saved = []
-    for a in names:
-        if a.startswith("_saved_") and not a.startswith("_raw_"):
-            saved.append((a, c.encode(getattr(n, a))))
+    # NOTE: the attribute names are fixed by the node's type, which is in the key already.
+    before = c.n_saved
+    enc = c.encode
+    saved = tuple([enc(getattr(n, a)) for a in saved_attr_names(n)])
     rec.saved = saved
-    key.append(tuple(saved))
-    if any(_has_tensor(v) for _, v in saved):
+    key.append(saved)
+    if c.n_saved != before:
         released.append(n)
-
-
-def _has_tensor(enc: Any) -> bool:
-    if isinstance(enc, tuple) and enc and enc[0] == "saved":
-        return True
-    return isinstance(enc, tuple) and any(_has_tensor(x) for x in enc if isinstance(x, tuple))
 
 
 def _read_python(c: _Collector, n: Any, rec: NodeRec, key: list, leaves: list, released: list) -> None:

@@ -108,11 +108,12 @@ def _python_targets() -> dict:
 
 
 def _hop_targets() -> dict:
-    from kiln.ops import strict_mode, with_effects
+    from kiln.ops import cond, map_impl, strict_mode, while_loop, with_effects
     from kiln.ops.trace_wrapped import _trace_wrapped_op
 
     return {"kiln.ops.strict_mode": strict_mode, "kiln.ops.with_effects": with_effects,
-            "kiln.ops.trace_wrapped": _trace_wrapped_op}
+            "kiln.ops.trace_wrapped": _trace_wrapped_op,
+            "kiln.ops.while_loop": while_loop, "kiln.ops.map_impl": map_impl, "kiln.ops.cond": cond}
 
 
 _TABLES: Optional[dict] = None

@@ -107,6 +107,12 @@ class FunctionalizeMode(TorchDispatchMode):
         self.input_info[index].orig_meta = (tuple(t.shape), tuple(t.stride()), t.storage_offset())
         self.table[_key(t)] = Rec(t, base, (), t, 0)
 
+    def register_non_tensor_input(self, index: int) -> None:
+        """Input ``index`` is not a tensor (an int captured as a SymInt): no handle, no writes."""
+        while len(self.inputs) <= index:
+            self.inputs.append(None)
+            self.input_info.append(InputInfo())
+
     def rec(self, t: torch.Tensor) -> Rec:
         r = self.table.get(_key(t))
         if r is None or r.handle is not t and not _same_impl(r.handle, t):
@@ -378,6 +384,15 @@ def _to_meta(x: Any) -> Any:
 _META_DIFFERS = {
     torch.ops.aten.native_batch_norm.default:
         lambda args, kwargs: (1, 2) if not (args[5] if len(args) > 5 else kwargs.get("training")) else (),
+    # NOTE: ``native_layer_norm`` of a bf16/fp16 CPU input: its meta kernel run on the meta
+    # device gives float32 mean/rstd, its fake (CPU) result and decomposition the input's
+    # dtype, the real CPU kernel float32 when the weight is float32 (autocast's case).  Kept
+    # as an op, its graph says bf16 where the kernel writes float32 (the compiled backward
+    # read garbage); decomposed, the graph is one consistent computation (as PyTorch's
+    # inductor decomposes it).
+    torch.ops.aten.native_layer_norm.default:
+        lambda args, kwargs: (1, 2) if args[0].device.type == "cpu"
+        and args[0].dtype in (torch.bfloat16, torch.float16) else (),
 }
 
 

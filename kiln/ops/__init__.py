@@ -5,7 +5,8 @@ Out: results as eager PyTorch computes them; under kiln's tracer, one graph
      node per call (``with_effects``, ``trace_wrapped``'s ``self_invoke``,
      ``strict_mode`` with its body as a subgraph attribute; ``cond`` with both branches
      as subgraphs; ``wrap`` and ``checkpoint`` inlined, checkpointed nodes tagged
-     for recomputation).
+     for recomputation; ``while_loop`` with its cond and body as subgraphs; ``map``
+     recorded as ``map_impl`` with its body as a subgraph).
 """
 from kiln.ops.base import HigherOrderOperator
 from kiln.ops.cond import cond
@@ -19,12 +20,15 @@ from kiln.ops.effects import (
     unregister_effectful_op,
     with_effects,
 )
+from kiln.ops.map import map, map_impl
 from kiln.ops.strict_mode import strict_mode
 from kiln.ops.trace_wrapped import trace_wrapped
+from kiln.ops.while_loop import while_loop
 from kiln.ops.wrap import checkpoint, wrap
 
 __all__ = [
     "HigherOrderOperator", "EffectType", "get_effect", "has_aliasing", "is_effectful",
     "new_token", "register_effectful_op", "unregister_effectful_op", "with_effects",
     "strict_mode", "trace_wrapped", "cond", "wrap", "checkpoint",
+    "while_loop", "map", "map_impl",
 ]

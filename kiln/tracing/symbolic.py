@@ -64,6 +64,12 @@ class SymNodeBuilder:
                     if isinstance(expr, sympy.Symbol) and expr not in self._sources:
                         self._sources[expr] = (target, node, dim, s)
 
+    def register_symint_input(self, node: fx.Node, s: Any) -> None:
+        """A SymInt graph input (an int argument captured as a symbol): its symbol is the
+        placeholder itself."""
+        if isinstance(s, torch.SymInt) and isinstance(s.node.expr, sympy.Symbol):
+            self._sources[s.node.expr] = (None, node, -1, s)
+
     def node_for(self, s: Any) -> Any:
         expr = s.node.expr
         if not expr.free_symbols:
@@ -98,6 +104,8 @@ class SymNodeBuilder:
             if expr not in self._sources:
                 raise NotImplementedError(f"symbol {expr} does not come from a graph input")
             target, src, dim, val = self._sources[expr]
+            if target is None:
+                return src, val  # NOTE: a SymInt placeholder (register_symint_input)
             node = self.graph.call_function(target, (src, dim))
             node.meta["val"] = val
             return node, val

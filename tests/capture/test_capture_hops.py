@@ -133,7 +133,7 @@ def test_cond_nested():
         _check(f, (x.requires_grad_(),), "aot_eager")
 
 
-def test_cond_export():
+def test_cond_export(tmp_path):
     class M(torch.nn.Module):
         def __init__(self):
             super().__init__()
@@ -145,8 +145,13 @@ def test_cond_export():
     m = M()
     ep = kiln.export.export(m, (torch.randn(2, 3),))
     assert len(_calls(ep.graph_module, kiln.ops.cond)) == 1
+    path = tmp_path / "cond.kiln"
+    kiln.export.save(ep, str(path))
+    loaded = kiln.export.load(str(path))
+    assert len(_calls(loaded.graph_module, kiln.ops.cond)) == 1
     for x in (torch.rand(2, 3), -torch.rand(2, 3)):
         torch.testing.assert_close(ep.module()(x), m(x))
+        torch.testing.assert_close(loaded.module()(x), m(x))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -53,13 +53,46 @@ def _is_torch_callable(v: Any) -> bool:
 
 
 def wrap(tx, value: Any, source: Optional[Source], guard: bool = True) -> VT:
-    """A VT for ``value``; with ``guard``, record the guards that keep it valid."""
+    """A VT for ``value``; with ``guard``, record the guards that keep it valid.
+
+    A mutable object (list, dict, set, user object) read twice in one frame is one VT,
+    so that what the trace did to it through one read (``a.steps.append``) is seen by the
+    next (``len(a.steps)``); a second source of the same object is guarded to alias the first.
+    """
+    out = tx.output
+    known = out.wrapped_objects.get(id(value)) \
+        if type(value) in _SHARED_TYPES or isinstance(value, torch.nn.Module) or _is_user_object(value) else None
+    if known is not None and known[0] is value:
+        vt = known[1]
+        if guard and source is not None and vt.source is not None and vt.source.name() != source.name():
+            out.guards.alias(vt.source, source)
+        return vt
+    vt = _wrap_value(tx, value, source, guard)
+    if isinstance(vt, (ListVT, DictVT, UserObjectVT, NNModuleVT)) or type(vt).__name__ == "SetVT":
+        out.wrapped_objects[id(value)] = (value, vt)
+    return vt
+
+
+_SHARED_TYPES = (list, dict, collections.OrderedDict, collections.defaultdict, set)
+
+
+def _is_user_object(value: Any) -> bool:
+    return hasattr(value, "__dict__") and not isinstance(value, (type, types.ModuleType, types.FunctionType,
+                                                                 torch.nn.Module, torch.Tensor))
+
+
+def _wrap_value(tx, value: Any, source: Optional[Source], guard: bool) -> VT:
     out = tx.output
     g = out.guards if guard else None
     if source is None:
         source = out.objects.source(value)
     if isinstance(value, torch.Tensor):
         return out.add_tensor_input(value, source, from_module=isinstance(value, torch.nn.Parameter))
+    if type(value) is int and g:
+        # NOTE: automatic dynamic for ints: a symbolic graph input once its value changed.
+        sym = out.add_int_input(value, source)
+        if sym is not None:
+            return sym
     if is_const_value(value):
         if g:
             g.const(source, value)
@@ -163,6 +196,7 @@ def _wrap_object(tx, value: Any, source: Source) -> VT:
         return hop
 
     if isinstance(value, torch.nn.Module):
+        tx.output.module_sources.add(source.name())  # NOTE: its int attributes stay constants
         return NNModuleVT(value, source)
     if isinstance(value, types.ModuleType):
         return PyModuleVT(value, source)

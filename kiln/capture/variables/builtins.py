@@ -350,30 +350,12 @@ def _nullcontext(tx, enter_result: VT = None) -> VT:
     return NullContextVT(enter_result if enter_result is not None else ConstantVT(None))
 
 
-def _autocast(tx, *args: VT, **kwargs: VT) -> VT:
-    """``torch.autocast(...)``: with ``enabled=False`` while autocast is off it changes nothing
-    (the entry's autocast guard re-checks that); regions that turn autocast on break the graph."""
-    import inspect
-
-    import torch
-
-    from .objects import NullContextVT
-
-    try:
-        bound = inspect.signature(torch.autocast.__init__).bind(None, *args, **kwargs)
-    except TypeError as e:
-        unsupported(f"torch.autocast{tuple(args)}: {e}")
-    enabled = bound.arguments.get("enabled", ConstantVT(True))
-    if enabled.is_const() and enabled.const() is False and not torch._C._is_any_autocast_enabled():
-        return NullContextVT(ConstantVT(None))
-    unsupported("torch.autocast region that enables mixed precision",
-                why="autocast regions are not captured yet; the region runs eagerly")
-
-
 def _builtin_types() -> dict:
     import contextlib
 
     import torch
+
+    from .autocast import autocast_types
 
     return {
         range: _range, list: _list, tuple: _tuple, bool: _bool,
@@ -382,7 +364,8 @@ def _builtin_types() -> dict:
         torch.finfo: _static_ctor(torch.finfo), torch.iinfo: _static_ctor(torch.iinfo),
         torch.device: _static_ctor(torch.device),
         torch.Size: _size, slice: lambda tx, *a: const_vt(slice(*[x.const() for x in a])),
-        contextlib.nullcontext: _nullcontext, torch.autocast: _autocast,
+        contextlib.nullcontext: _nullcontext,
+        **autocast_types(),
     }
 
 
@@ -403,7 +386,12 @@ def _enum_lookup(tx, cls: type, value: VT = None, *rest: VT, **kwargs: VT) -> VT
 def _buildable_dataclass(cls: type) -> bool:
     import dataclasses
 
-    # NOTE: a class with its own __new__ may not be built from its fields alone.
+    from .new_objects import build_refusal, prefer_inlined_init
+
+    # NOTE: a class with its own __new__ may not be built from its fields alone; one whose
+    # construction runs code of its own (__post_init__, a custom __init__) is inlined instead.
+    if dataclasses.is_dataclass(cls) and prefer_inlined_init(cls) and build_refusal(cls) is None:
+        return False
     return dataclasses.is_dataclass(cls) and cls.__new__ in (object.__new__, dict.__new__)
 
 
@@ -421,6 +409,8 @@ def call_builtin_type(tx, cls: type, args: list, kwargs: dict) -> VT:
 
         return DataclassVT(cls, list(args), dict(kwargs))
     if handler is None:
-        unsupported(f"constructing an instance of {cls.__qualname__}",
-                    why="creating user-defined or torch objects is not captured")
+        from .new_objects import construct
+
+        # NOTE: a user class: __new__ / __init__ inlined, or a graph break saying why not.
+        return construct(tx, cls, args, kwargs)
     return handler(tx, *args, **kwargs)

@@ -67,7 +67,8 @@ class UserFunctionVT(VT):
     def getattr(self, tx, name: str) -> VT:
         if name in ("__name__", "__qualname__", "__module__", "__doc__", "__code__"):
             return ConstantVT(getattr(self.fn, name))
-        if name in ("__defaults__", "__kwdefaults__", "__wrapped__", "__dict__", "__globals__", "__annotations__"):
+        if name in ("__defaults__", "__kwdefaults__", "__wrapped__", "__dict__", "__globals__", "__annotations__",
+                    "__type_params__"):  # NOTE: functools.wraps copies __type_params__ since 3.12
             return tx.wrap_static(getattr(self.fn, name))
         return super().getattr(tx, name)
 
@@ -89,6 +90,11 @@ class UserMethodVT(VT):
         return types.MethodType
 
     def call(self, tx, args: list, kwargs: dict) -> VT:
+        from .new_objects import method_model
+
+        special = method_model(self.fn)  # NOTE: nn.Module.__init__ / __setattr__ of a module built in the region
+        if special is not None:
+            return special(tx, self.obj, *args, **kwargs)
         return tx.inline_function(self.fn, [self.obj] + list(args), kwargs)
 
     def reconstruct(self, cg) -> str:
@@ -158,6 +164,19 @@ class NestedFunctionVT(VT):
         # NOTE: the function exists only inside the region (it cannot be rebuilt in generated
         # code), so its attributes are only ever read while tracing.
         self.attrs[name] = value
+
+    def reconstruct(self, cg) -> str:
+        # NOTE: rebuilt (made again from its code, globals, defaults and cells, as MAKE_FUNCTION
+        # does) only when its cells are real ones of an enclosing function (shared, as in
+        # eager) and it has no keyword defaults or attributes set while tracing: cells of the
+        # traced frame do not exist as objects, and new ones would miss its later writes.
+        extra = [k for k, v in self.attrs.items() if k != "__annotations__" or getattr(v, "items", None)]
+        if not all(isinstance(c, RealCellVT) for c in self.closure) or self.kwdefaults is not None or extra:
+            return super().reconstruct(cg)
+        defaults = cg.expr(self.defaults) if self.defaults is not None else "None"
+        closure = "(" + "".join(f"{cg.expr(c)}, " for c in self.closure) + ")" if self.closure else "None"
+        return cg.container(self, f"{cg.obj(types.FunctionType)}({cg.obj(self.code)}, {cg.obj(self.fn_globals)}, "
+                                   f"{self.code.co_name!r}, {defaults}, {closure})")
 
     def __repr__(self) -> str:
         return f"NestedFunctionVT({self.qualname})"
@@ -363,6 +382,11 @@ class SuperVT(VT):
                 return dict_item(tx, obj, k)
             if name == "get":
                 return args[1] if len(args) > 1 else ConstantVT(None)
+        from .new_objects import super_call
+
+        out = super_call(tx, self, name, args, kwargs)  # NOTE: object's own methods on a new object
+        if out is not None:
+            return out
         unsupported(f"call to super().{name} (a builtin method)")
 
     def reconstruct(self, cg) -> str:

@@ -80,6 +80,8 @@ def hash_key(vt: VT) -> Any:
         return Ident(vt.fake)
     if isinstance(vt, TupleVT):
         return tuple(hash_key(i) for i in vt.items)
+    if getattr(vt, "built_in_region", False):
+        return vt.hash_key()  # NOTE: an object built in the region (new_objects.py)
     if hasattr(vt, "sym"):
         unsupported("a symbolic size used as a set member or dict key",
                     why="hashing it would specialise the size")

@@ -1,16 +1,22 @@
 """Higher-order ops in capture: PyTorch's entry points routed to kiln's own ops.
 
 In: a call of a function recognised by its qualified name (``torch.cond``,
-``torch.ops.higher_order.wrap``, ``torch.utils.checkpoint.checkpoint``, ...).  Out: one
+``torch.ops.higher_order.wrap``, ``torch.utils.checkpoint.checkpoint``, ``torch.while_loop``,
+``functorch.experimental.control_flow.map``, ...).  Out: one
 graph node calling the kiln op (``kiln.ops.cond``, ``kiln.ops.wrap``,
 ``kiln.ops.checkpoint``, ...) whose callables are subgraph modules captured by a nested
 trace (subgraph.py), with getitem nodes for its outputs; or a graph break with the reason
 (a body with side effects or a graph break, branches whose outputs differ).
 
-Two tables give ``handler(tx, fn, args, kwargs) -> VT``: ``PUBLIC`` by the public name
+Tables give ``handler(tx, fn, args, kwargs) -> VT``: ``PUBLIC`` by the public name
 of a function (matched by identity with the object that name resolves to, so
 ``torch.cond`` is recognised however the user reached it), ``HIGHER_ORDER`` by the name
-of a ``torch.ops.higher_order`` operator.
+of a ``torch.ops.higher_order`` operator; ``BESIDE_OPERATOR`` names a public function that
+lives in the module defining such an operator (``map`` beside ``map_impl``).
+
+Loops: ``torch.while_loop`` becomes ``kiln.ops.while_loop(cond_graph, body_graph, carried,
+additional)`` (tensor carries only; the body's outputs must match the carries), ``map``
+becomes ``kiln.ops.map_impl(body_graph, xs, args)`` with the body traced on one slice.
 """
 from __future__ import annotations
 
@@ -23,7 +29,7 @@ from ..sources import Source
 from .base import VT, ConstantVT, unsupported
 from .containers import ListVT, TupleVT
 from .dicts import DictVT
-from .subgraph import align, attach, rebuild, speculate
+from .subgraph import align, attach, rebuild, speculate, tree_leaves, tree_map
 from .symbolic import SymNodeVT
 from .tensor import TensorVT
 
@@ -223,15 +229,185 @@ def _checkpoint(tx, fn: Any, args: list, kwargs: dict) -> VT:
     return rebuild(sub.out_tree, outs)
 
 
+# --------------------------------------------------------------------------- while_loop
+def _while_loop(tx, fn: Any, args: list, kwargs: dict) -> VT:
+    from kiln.ops import while_loop as kiln_while_loop
+
+    names = ("cond_fn", "body_fn", "carried_inputs", "additional_inputs")
+    if not isinstance(fn, torch._ops.HigherOrderOperator):
+        names = names[:3]  # NOTE: the public torch.while_loop takes no additional_inputs
+    bound = _bind(names, args, kwargs, "torch.while_loop", {"additional_inputs": TupleVT([])})
+    cond_fn, body_fn, carried = bound[:3]
+    additional = bound[3] if len(bound) == 4 else TupleVT([])
+    c_items = _items(carried, "torch.while_loop's carried_inputs")
+    ops = c_items + _items(additional, "torch.while_loop's additional_inputs")
+    for i, c in enumerate(c_items):
+        if not isinstance(c, TensorVT):
+            unsupported(f"torch.while_loop: carried input {i} is {c}, not a tensor",
+                        why="kiln captures loops over tensor carries; an int's value after the loop is "
+                            "unknown while tracing",
+                        hint="carry it as a 0-d tensor (torch.tensor(n))")
+    subs = [speculate(tx, cond_fn, ops, {}, "torch.while_loop's cond_fn"),
+            speculate(tx, body_fn, ops, {}, "torch.while_loop's body_fn")]
+    _check_loop_pred(subs[0])
+    outs = _check_loop_body(subs[1], c_items)
+    args_nodes = align(subs, subs[0].n_explicit)
+    graph = tx.output.graph
+    nc = attach(tx.output, graph, subs[0].gm, "while_loop_cond")
+    nb = attach(tx.output, graph, subs[1].gm, "while_loop_body")
+    with tx.output.fake_mode:
+        fakes = [_like_carry(c.fake, o) for c, o in zip(c_items, outs)]
+    n = len(c_items)
+    res = _emit(tx, kiln_while_loop, (nc, nb, tuple(args_nodes[:n]), tuple(args_nodes[n:])), fakes)
+    return TupleVT(res)
+
+
+def _check_loop_pred(sub) -> None:
+    tree = sub.out_tree
+    if isinstance(tree, (TupleVT, ListVT)) and len(tree.items) == 1:
+        tree = tree.items[0]
+    ok = isinstance(tree, int) and not isinstance(tree, bool) and isinstance(sub.outputs[tree], TensorVT)
+    if ok:
+        p = sub.outputs[tree].fake
+        ok = p.dtype == torch.bool and p.numel() == 1
+    if not ok:
+        unsupported("torch.while_loop: cond_fn must return a boolean scalar tensor",
+                    why=f"cond_fn returns {tree}; a loop whose condition is a Python constant either never "
+                        "runs or never stops",
+                    hint="return a 0-d bool tensor computed from the carried values")
+
+
+def _check_loop_body(sub, carried: list) -> list:
+    """The body's output fakes, one per carry with its shape, dtype and device."""
+    tree = sub.out_tree
+    items = list(tree.items) if isinstance(tree, (TupleVT, ListVT)) else [tree]
+    if len(items) != len(carried):
+        unsupported(f"torch.while_loop: body_fn returns {len(items)} values but there are {len(carried)} "
+                    "carried inputs",
+                    why="each iteration's outputs are the next iteration's inputs",
+                    hint="return one value per carried input from body_fn")
+    outs = []
+    for i, (c, it) in enumerate(zip(carried, items)):
+        o = sub.outputs[it] if isinstance(it, int) and not isinstance(it, bool) else None
+        if not isinstance(o, TensorVT):
+            unsupported(f"torch.while_loop: body_fn output {i} is {it if o is None else o}, not a tensor",
+                        why="each iteration's outputs are the next iteration's inputs")
+        mc = (list(c.fake.shape), c.fake.dtype, c.fake.device)
+        mo = (list(o.fake.shape), o.fake.dtype, o.fake.device)
+        if mc != mo:
+            unsupported(f"torch.while_loop: body_fn output {i} has shape={mo[0]}, dtype={mo[1]} but carried "
+                        f"input {i} has shape={mc[0]}, dtype={mc[1]}",
+                        why="body_fn must return tensors of the same shape, dtype and device as the carried "
+                            "inputs (they are the next iteration's inputs)",
+                        hint="make body_fn keep the shapes and dtypes of its carried values")
+        outs.append(o.fake)
+    return outs
+
+
+def _like_carry(carry: torch.Tensor, body_out: torch.Tensor) -> torch.Tensor:
+    from kiln.ops.while_loop import _layout
+
+    # NOTE: every iteration's carry keeps the first one's layout (kiln.ops.while_loop).
+    out = torch.empty_strided(carry.shape, _layout(carry), dtype=carry.dtype, device=carry.device)
+    return out.requires_grad_(body_out.requires_grad) if body_out.requires_grad else out
+
+
+# --------------------------------------------------------------------------- map
+def _map(tx, fn: Any, args: list, kwargs: dict) -> VT:
+    if kwargs:
+        unsupported(f"map() got unexpected keyword arguments {', '.join(sorted(kwargs))}",
+                    why="map takes map(f, xs, *args)")
+    if len(args) < 2:
+        unsupported("map() needs a function and the xs to map over")
+    f, xs, rest = args[0], args[1], list(args[2:])
+    leaves = _mapped_leaves(xs)
+    return _map_call(tx, f, leaves, [_sliced(tx, xs)] + rest)
+
+
+def _map_impl(tx, fn: Any, args: list, kwargs: dict) -> VT:
+    f, xs, pos = _bind(("f", "xs", "pos_args"), args, kwargs, "map_impl")
+    x_items = _items(xs, "map_impl's xs")
+    leaves = _mapped_leaves(TupleVT(x_items))
+    sliced = _items(_sliced(tx, TupleVT(x_items)), "map_impl's xs")
+    return _map_call(tx, f, leaves, sliced + _items(pos, "map_impl's pos_args"))
+
+
+def _mapped_leaves(xs: VT) -> list:
+    leaves = tree_leaves(xs)
+    if not leaves or any(not isinstance(x, TensorVT) for x in leaves) or \
+            len(leaves) != _n_leaves(xs):
+        unsupported(f"map: the mapped xs can only consist of tensors, got {xs}",
+                    why="map slices every leaf of xs along dim 0")
+    sizes = [x.fake.shape[0] if x.fake.dim() else None for x in leaves]
+    if any(s is None for s in sizes):
+        unsupported("map: a mapped tensor is 0-d", why="map slices every leaf of xs along dim 0")
+    if any(str(s) != str(sizes[0]) for s in sizes) or str(sizes[0]) == "0":
+        unsupported(f"map: leading dimensions of mapped xs must be equal and non-zero, got "
+                    f"{[list(x.fake.shape) for x in leaves]}",
+                    why="map slices every leaf of xs along dim 0")
+    return leaves
+
+
+def _n_leaves(v: VT) -> int:
+    if isinstance(v, (TupleVT, ListVT)):
+        return sum(_n_leaves(i) for i in v.items)
+    if isinstance(v, DictVT):
+        return sum(_n_leaves(i) for i in v.items.values())
+    return 1
+
+
+def _sliced(tx, xs: VT) -> VT:
+    """``xs`` with each tensor replaced by one slice along dim 0 (a fresh fake with that
+    slice's strides, fed by the whole tensor's node)."""
+    def one(x: VT) -> VT:
+        t = x.fake
+        with tx.output.fake_mode:
+            s = torch.empty_strided(t.shape[1:], t.stride()[1:], dtype=t.dtype, device=t.device)
+        if t.requires_grad:
+            s.requires_grad_(True)
+        return TensorVT(x.node, s)
+
+    return tree_map(xs, one)
+
+
+def _map_call(tx, f: VT, leaves: list, call_args: list) -> VT:
+    from kiln.ops import map_impl
+
+    sub = speculate(tx, f, call_args, {}, "map's body")
+    n = len(leaves)
+    if not sub.outputs or len(sub.outputs) != _n_leaves(sub.out_tree) or \
+            any(not isinstance(o, TensorVT) for o in sub.outputs):
+        unsupported(f"map: the body must return tensors, got {sub.out_tree}",
+                    why="map stacks every output of its body along a new dim 0")
+    body = attach(tx.output, tx.output.graph, sub.gm, "map_body")
+    batch = leaves[0].fake.shape[0]
+    with tx.output.fake_mode:
+        fakes = [torch.empty((batch, *o.shape), dtype=o.dtype, device=o.device) for o in sub.fakes()]
+    fakes = [t.requires_grad_(True) if o.requires_grad else t for t, o in zip(fakes, sub.fakes())]
+    outs = _emit(tx, map_impl, (body, tuple(sub.args[:n]), tuple(sub.args[n:])), fakes)
+    return rebuild(sub.out_tree, outs)
+
+
 # --------------------------------------------------------------------------- table
 PUBLIC: dict = {
     "torch.cond": _cond,
     "torch.utils.checkpoint.checkpoint": _checkpoint,
+    "torch.while_loop": _while_loop,
 }
+from .functorch import PUBLIC as _FUNCTORCH_PUBLIC  # noqa: E402 - torch.func transforms (functorch.py)
+
+PUBLIC.update(_FUNCTORCH_PUBLIC)
 HIGHER_ORDER: dict = {
     "cond": _cond,
     "wrap": _wrap,
     "tag_activation_checkpoint": _checkpoint,
+    "while_loop": _while_loop,
+    "map_impl": _map_impl,
+}
+# NOTE: a public function living beside a torch.ops.higher_order operator, found through
+# the module that defines the operator's class (map's own module has no public path).
+BESIDE_OPERATOR: dict = {
+    ("map_impl", "map"): _map,
 }
 _RESOLVED: dict = {}   # id(object) -> (object, handler), from PUBLIC's names
 
@@ -245,7 +421,22 @@ def _resolved() -> dict:
             except (ImportError, AttributeError):  # NOTE: a torch without that entry point
                 continue
             _RESOLVED[id(obj)] = (obj, handler)
+        for (op_name, attr), handler in BESIDE_OPERATOR.items():
+            obj = _beside_operator(op_name, attr)
+            if obj is not None:
+                _RESOLVED[id(obj)] = (obj, handler)
     return _RESOLVED
 
 
-__all__ = ["HopFnVT", "hop_vt", "handler_for", "qualified_name", "PUBLIC", "HIGHER_ORDER"]
+def _beside_operator(op_name: str, attr: str) -> Any:
+    import sys
+
+    try:
+        op = getattr(torch.ops.higher_order, op_name)
+    except (AttributeError, RuntimeError):  # NOTE: a torch without that operator
+        return None
+    mod = sys.modules.get(type(op).__module__)
+    return getattr(mod, attr, None) if mod is not None else None
+
+
+__all__ = ["HopFnVT", "hop_vt", "handler_for", "qualified_name", "PUBLIC", "HIGHER_ORDER", "BESIDE_OPERATOR"]

@@ -74,8 +74,13 @@ class NNModuleVT(PendingAttrs, VT):
             raise AttributeError(f"'{type(self.mod).__name__}' object has no attribute '{name}'")
         unsupported(f"attribute '{name}' of module {type(self.mod).__name__}")
 
-    def children(self) -> list:
-        return [(k, NNModuleVT(m, self.source.attr("_modules").item(k))) for k, m in self.mod._modules.items()]
+    def children(self, tx) -> list:
+        # NOTE: through wrap's table of objects already read: one VT per module, so that an
+        # attribute written through one read (``self.layers[0].calls += 1``) is seen by the next.
+        from .builder import wrap
+
+        return [(k, wrap(tx, m, self.source.attr("_modules").item(k), guard=False))
+                for k, m in self.mod._modules.items()]
 
     def call(self, tx, args: list, kwargs: dict) -> VT:
         m = self.mod
@@ -83,7 +88,7 @@ class NNModuleVT(PendingAttrs, VT):
             unsupported(f"call to module {type(m).__name__} with hooks")
         if type(m) is torch.nn.Sequential:
             out = args[0]
-            for _, child in self.children():
+            for _, child in self.children(tx):
                 out = child.call(tx, [out], {})
             return out
         fwd = inspect.getattr_static(type(m), "forward")
@@ -93,7 +98,7 @@ class NNModuleVT(PendingAttrs, VT):
 
     def unpack(self, tx) -> list:
         if isinstance(self.mod, (torch.nn.Sequential, torch.nn.ModuleList)):
-            return [c for _, c in self.children()]
+            return [c for _, c in self.children(tx)]
         if isinstance(self.mod, torch.nn.ModuleDict):
             return [ConstantVT(k) for k in self.mod._modules]
         return super().unpack(tx)
@@ -102,7 +107,7 @@ class NNModuleVT(PendingAttrs, VT):
         if name == "__getitem__" and isinstance(self.mod, (torch.nn.Sequential, torch.nn.ModuleList,
                                                            torch.nn.ModuleDict)):
             k = args[0].const()
-            kids = self.children()
+            kids = self.children(tx)
             if isinstance(self.mod, torch.nn.ModuleDict):
                 return dict(kids)[k]
             if isinstance(k, slice):
@@ -201,6 +206,17 @@ class UserObjectVT(PendingAttrs, VT):
             return tx.inline_function(call, [self] + list(args), kwargs)
         unsupported(f"call to object of {type(self.obj).__name__}")
 
+    def binop(self, tx, op, other: VT) -> Optional[VT]:
+        """``self <op> other`` through the class's Python operator methods (user_operators.py)."""
+        from .user_operators import user_binop
+
+        return user_binop(tx, self, type(self.obj), op, other, reflected=False)
+
+    def rbinop(self, tx, op, other: VT) -> Optional[VT]:
+        from .user_operators import user_binop
+
+        return user_binop(tx, self, type(self.obj), op, other, reflected=True)
+
     def truthy(self, tx) -> bool:
         cls = type(self.obj)
         if not hasattr(cls, "__bool__") and not hasattr(cls, "__len__"):
@@ -220,8 +236,11 @@ class UserObjectVT(PendingAttrs, VT):
     def unpack(self, tx) -> list:
         """Iteration through a Python ``__iter__`` of the class (inlined)."""
         from .containers import iterate
+        from .new_objects import ITER_MODELS
 
         method = inspect.getattr_static(type(self.obj), "__iter__", None)
+        if method in ITER_MODELS:
+            return ITER_MODELS[method](tx, self)
         if isinstance(method, types.FunctionType):
             out = tx.inline_function(method, [self], {})
             if isinstance(out, UserObjectVT):
@@ -301,10 +320,19 @@ def _null_exit(*exc) -> None:
 
 
 def _make_exit(prev: bool):
+    # NOTE: one function per mode: a resume function receiving it is guarded on its identity,
+    # which a new closure per call would fail every time (a recompile per call).
+    return _GRAD_EXITS[bool(prev)]
+
+
+def _grad_exit(prev: bool):
     def __exit__(*exc) -> None:
         torch._C._set_grad_enabled(prev)
 
     return __exit__
+
+
+_GRAD_EXITS = {False: _grad_exit(False), True: _grad_exit(True)}
 
 
 class ReplayableExitVT(VT):

@@ -23,6 +23,9 @@ def _load() -> None:
     from .sets import build_set, wrap_set
 
     _FUNCTIONS.update(functools_vt.FUNCTIONS)
+    from .new_objects import library_functions
+
+    _FUNCTIONS.update(library_functions())
     _FUNCTIONS.update(itertools_vt.ITERTOOLS)
     for cls in (dict, collections.OrderedDict, collections.defaultdict):
         # NOTE: ``dict.fromkeys`` is a new bound method object at each access; equal ones
@@ -40,6 +43,9 @@ def _load() -> None:
         collections.deque: collections_vt.wrap_deque,
         functools._lru_cache_wrapper: lambda tx, v, src, guard: functools_vt.wrap_lru_cache(tx, v, src),
     })
+    from .autocast import autocast_wrappers
+
+    _WRAPPERS.update(autocast_wrappers())
     from .numpy_vt import np, wrap_ndarray
 
     if np is not None:

@@ -183,6 +183,9 @@ def speculate(tx, fn: VT, args: list, kwargs: dict, what: str, *, prune: bool = 
     snap = _snapshot(tx)
     n_inputs = len(out.inputs)
     grad_before = out.grad_enabled
+    from .autocast import depth as autocast_depth
+
+    autocast_before = autocast_depth(out)
     out.graph = sub
     try:
         ret = fn.call(tx, new_args, new_kwargs)
@@ -201,6 +204,9 @@ def speculate(tx, fn: VT, args: list, kwargs: dict, what: str, *, prune: bool = 
     if out.grad_enabled != grad_before:
         unsupported(f"{what}: the body leaves grad mode changed",
                     why="a subgraph must restore the grad mode it started with")
+    if autocast_depth(out) != autocast_before:
+        unsupported(f"{what}: the body leaves the autocast state changed",
+                    why="a subgraph must leave every autocast region it enters")
     # new graph inputs read inside the body: a placeholder in the enclosing graph feeds the body's
     for src, value, vt, *_ in out.inputs[n_inputs:]:
         inner = vt.node

@@ -82,6 +82,10 @@ class TensorVT(VT):
             return tensor_numpy(tx, self, bool(kwargs["force"].const()) if kwargs else False)
         if name == "register_hook" and self.source is not None and not kwargs and len(args) == 1:
             return tx.output.side_effects.register_hook(self, args[0])
+        if name == "register_hook" and self.source is None and not kwargs and len(args) == 1:
+            from .tensor_hooks import register_intermediate_hook
+
+            return register_intermediate_hook(tx, self, args[0])
         if name in _BREAKING_METHODS:
             unsupported(f"call to Tensor.{name}", why=_BREAKING_METHODS[name])
         if name == "type" and not args and not kwargs:

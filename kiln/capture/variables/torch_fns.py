@@ -79,9 +79,17 @@ def _special() -> dict:
         torch.jit.is_tracing: _const(False),
         torch.compiler.is_compiling: _const(True),
         torch.inference_mode: _break("torch.inference_mode", "inference mode is not captured"),
+        # NOTE: forward-AD levels are process state; run on fakes they would stay entered.
+        torch._C._enter_dual_level: _break("torch.autograd.forward_ad.dual_level",
+                                           "forward-mode AD levels are not captured"),
+        torch._C._exit_dual_level: _break("torch.autograd.forward_ad.dual_level",
+                                          "forward-mode AD levels are not captured"),
         torch.from_numpy: _array_to_tensor(torch.from_numpy),
         torch.as_tensor: _array_to_tensor(torch.as_tensor),
     }
+    from .autocast import autocast_functions
+
+    table.update(autocast_functions())
     dyn = getattr(torch, "_dynamo", None)
     if dyn is not None and "graph_break" in getattr(dyn, "__dict__", {}):
         table[dyn.__dict__["graph_break"]] = table[graph_break]

@@ -139,6 +139,11 @@ def index_str(e) -> str:
     if isinstance(e, sympy.floor) and e.args[0].is_Mul:
         num, den = sympy.fraction(e.args[0])
         return f"({index_str(num)} / {index_str(den)})"
+    if type(e).__name__ == "FloorDiv" and type(e).__module__.startswith("torch."):
+        # NOTE: the ShapeEnv's FloorDiv (``x.view(n, -1)`` with an int input n) is Python's
+        # floor division: C++ ``/`` truncates, so negative quotients are corrected.
+        a, b = (index_str(x) for x in e.args)
+        return f"(({a}) / ({b}) - ((({a}) % ({b}) != 0) && ((({a}) < 0) != (({b}) < 0))))"
     raise ValueError(f"cannot print index {e}")
 
 
@@ -318,6 +323,7 @@ class Body:
             self.cse[e] = s
             return s
         if isinstance(e, IndexValue):
+            self.p._note(e.expr)  # NOTE: a size symbol used as a value (an int input) is a kernel argument
             s = f"static_cast<{cpp_type(e.dtype)}>({index_str(e.expr)})"
         elif isinstance(e, Load):
             s = self.p.load(self, e)
