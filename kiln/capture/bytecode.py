@@ -368,6 +368,12 @@ _LOCAL_READS = ("LOAD_FAST", "LOAD_FAST_CHECK", "LOAD_FAST_AND_CLEAR", "DELETE_F
 _PAIR_READS = ("LOAD_FAST_LOAD_FAST", "STORE_FAST_LOAD_FAST")
 
 
+def in_loop_body(insts: list[Inst], offset: int) -> bool:
+    """Whether ``offset`` lies between a backward jump's target and the jump (a loop body)."""
+    return any((ins.opname.startswith("JUMP_BACKWARD") or ins.opname.startswith("POP_JUMP_BACKWARD"))
+               and isinstance(ins.argval, int) and ins.argval <= offset < ins.offset for ins in insts)
+
+
 def loads_after(insts: list[Inst], offset: int) -> Optional[set]:
     """Names possibly read at or after ``offset``; None when the code loops
     (then every local is treated as live)."""
@@ -385,7 +391,7 @@ def loads_after(insts: list[Inst], offset: int) -> Optional[set]:
 __all__ = [
     "handles", "build_dispatch", "Inst", "decode", "ExcEntry", "parse_exception_table",
     "assemble_exception_table", "in_try_block", "ResumeSpec", "make_resume_code",
-    "ResumeCodeError", "loads_after", "PY", "UNSUPPORTED_FLAGS", "OLDEST_TESTED", "NEWEST_TESTED",
+    "ResumeCodeError", "loads_after", "in_loop_body", "PY", "UNSUPPORTED_FLAGS", "OLDEST_TESTED", "NEWEST_TESTED",
     "unsupported_version_reason", "is_method_load", "StackLayout", "stack_layout", "LAYOUT",
     "compare_symbol",
 ]

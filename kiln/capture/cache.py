@@ -168,6 +168,7 @@ class CompileContext:
         self.enabled = True
         self._wrappers: dict = {}
         self._resumes: dict = {}
+        self._resume_depth: dict = {}   # resume code object -> how many resumes deep it is
         self.break_reasons: list = []
         self.eager_frames: list[str] = []  # why a whole function runs uncompiled (explain shows them)
         self._hooked_warned: set[int] = set()  # modules with hooks already recorded as running eagerly
@@ -218,6 +219,10 @@ class CompileContext:
     def kcall_star(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
         return self.kcall(fn, args, kwargs)
 
+    def resume_depth(self, code: types.CodeType) -> int:
+        """0 for the compiled function's own code, n for a resume function n levels deep."""
+        return self._resume_depth.get(code, 0)
+
     def resume_function(self, root_fn: types.FunctionType, spec: bc.ResumeSpec, compiled: bool) -> Callable:
         # NOTE: keyed by the closure tuple's id; the cached value keeps that tuple alive
         # (so the id cannot be reused) and is checked by identity.
@@ -227,6 +232,7 @@ class CompileContext:
         if hit is not None and hit[0] is root_fn.__closure__ and hit[1] is root_fn.__globals__:
             return hit[2]
         code = bc.make_resume_code(spec)
+        self._resume_depth[code] = self.resume_depth(spec.code) + 1
         stats.resume_created(spec.name)
         raw = types.FunctionType(code, root_fn.__globals__, spec.name, None, root_fn.__closure__)
         fn = self.wrapper_for(raw) if compiled else raw

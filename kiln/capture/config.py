@@ -21,6 +21,11 @@ automatic_dynamic_shapes: bool = True
 # optimize_ddp); False: one graph per capture, all-reduces after its whole backward.
 optimize_ddp: bool = True
 
+# A graph break inside a loop body resumes compiled, but each later iteration breaks again
+# inside the resume function, whose resume is one more frame: after this many nested resumes
+# of one loop the rest of the loop runs eagerly (PyTorch runs the whole frame eagerly).
+loop_resume_limit: int = 8
+
 
 def get_config_copy() -> dict:
     """The current value of every option."""

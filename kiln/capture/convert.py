@@ -18,7 +18,7 @@ from kiln.exc import KilnError, Unsupported
 from kiln.fallbacks import record_fallback
 
 from . import bytecode as bc
-from . import stats
+from . import config, stats
 from .entry_source import EntryWriter, base_namespace, build_entry
 from .interpreter import LazyLocal, Translator, internal_error
 from .handlers_control import COND_JUMPS
@@ -144,7 +144,14 @@ class RootTranslator(Translator):
         # Grad-mode and no-op `with` blocks are the exception: their cleanup is replayed around it.
         self.with_exits = _grad_with_exits(self.code, self.insts, self.idx, inst.offset, stack)
         in_try = bc.in_try_block(self.code, inst.offset) and self.with_exits is None
-        if inst.opname in COND_JUMPS and isinstance(stack[-1], TensorVT):
+        # NOTE: a break inside a loop body: each iteration breaks again inside the resume
+        # function, whose own resume is a new frame -- one compile per iteration (100 frames
+        # for 100 iterations).  Past config.loop_resume_limit nested resumes the rest of the
+        # loop runs eagerly (PyTorch runs such a frame eagerly from its start).
+        if bc.in_loop_body(self.insts, inst.offset) and \
+                self.ctx.resume_depth(self.code) >= config.loop_resume_limit:
+            in_try = True
+        if inst.opname in COND_JUMPS and isinstance(stack[-1], TensorVT) and not in_try:
             self._break_jump(inst, stack, reason)
         elif inst.opname in _CALL_OPS and not in_try:
             self._break_call(inst, stack, reason)

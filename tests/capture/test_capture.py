@@ -562,6 +562,36 @@ def test_iterator_passed_to_resume_and_module_list_slices():
     assert cc.frame_count == 3
 
 
+def test_break_in_a_long_loop_compiles_a_bounded_number_of_frames():
+    """Each iteration's break would resume inside the last resume function: one more frame
+    per iteration.  After config.loop_resume_limit nested resumes the loop runs eagerly."""
+    from kiln.capture import config
+
+    def f(x):
+        x = x.sin()
+        for _ in range(100):
+            x = x + 1
+            kiln.graph_break()
+            x = x * 0.5
+        return x
+
+    def g(x):
+        for _ in range(40):
+            x = x - 1 if x.sum() > 0 else x + 2     # a data-dependent branch in the loop
+        return x
+
+    for fn in (f, g):
+        cc = CompileCounter()
+        cf = kiln.compile(fn, backend=cc)
+        for _ in range(2):
+            torch.testing.assert_close(cf(X), fn(X))
+        assert cc.frame_count == config.loop_resume_limit + 1
+    with config.patch(loop_resume_limit=2):
+        cc = CompileCounter()
+        torch.testing.assert_close(kiln.compile(f, backend=cc)(X), f(X))
+        assert cc.frame_count == 3
+
+
 def test_star_calls_and_unary_positive():
     def g(a, *rest, **kw):
         return a + sum(rest) + kw.get("k", 0)
