@@ -137,13 +137,18 @@ def _fast_apply(fn: type) -> Callable:
     unwrap_if_dead = torch._C._functorch.unwrap_if_dead
 
     def unwrap(a):
-        # NOTE: an int input (a dynamic int) is no functorch wrapper.
         return unwrap_if_dead(a) if isinstance(a, torch.Tensor) else a
 
     def apply(*args):
         if active():
             return py_apply(*args)
-        return c_apply(*map(unwrap, args))
+        try:
+            inputs = list(map(unwrap_if_dead, args))
+        except TypeError:
+            # NOTE: an int input (a dynamic int) is no tensor; the C map stays the
+            # per-call path of the all-tensor graphs (hundreds of parameters)
+            inputs = list(map(unwrap, args))
+        return c_apply(*inputs)
     return apply
 
 

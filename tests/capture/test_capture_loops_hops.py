@@ -9,16 +9,9 @@ import kiln.ops
 from kiln.codegen import metrics
 from kiln.testing import CompileCounterWithBackend
 
+from test_capture_hops import _calls, _grads, check_against  # noqa: E402
+
 BACKENDS = ["aot_eager", "inductor"]
-
-
-def _calls(gm, target):
-    return [n for n in gm.graph.nodes if n.op == "call_function" and n.target is target]
-
-
-def _grads(out, leaves):
-    gs = torch.autograd.grad(out.sum(), leaves, allow_unused=True)
-    return tuple(torch.zeros_like(w) if g is None else g for g, w in zip(gs, leaves))
 
 
 def _check(fn, ref_fn, args, backend, fullgraph=True):
@@ -26,16 +19,7 @@ def _check(fn, ref_fn, args, backend, fullgraph=True):
 
     NOTE: the eager reference is the loop written out (``ref_fn``): torch 2.13 runs its own
     eager while_loop / map through torch.compile, which would make these tests slow."""
-    kiln.reset()
-    cnt = CompileCounterWithBackend(backend)
-    compiled = kiln.compile(fn, backend=cnt, fullgraph=fullgraph)
-    leaves = [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad]
-    out = compiled(*args)
-    ref = ref_fn(*args)
-    torch.testing.assert_close(out, ref)
-    if leaves:
-        torch.testing.assert_close(_grads(out, leaves), _grads(ref, leaves))
-    return cnt
+    return check_against(fn, ref_fn, args, backend, fullgraph)[0]
 
 
 def _recorded(fn, args, **kw):

@@ -2,10 +2,11 @@
 import pytest
 import torch
 
-from kiln.aot import aot_function, make_boxed_func
 from kiln.aot.partition import min_cut_rematerialization_partition
 from kiln.ops import checkpoint, cond, wrap
 from kiln.tracing import make_fx
+
+from hop_helpers import _aot, _calls  # noqa: E402
 
 MODES = ["real", "fake", "symbolic"]
 
@@ -17,9 +18,6 @@ def _t(a, b):
 def _f(a, b):
     return (a.cos() + b,)
 
-
-def _calls(gm, target):
-    return [n for n in gm.graph.nodes if n.op == "call_function" and n.target is target]
 
 
 def test_eager_picks_the_branch():
@@ -71,16 +69,6 @@ def test_branches_must_match():
     with pytest.raises(Exception, match="differs between branches"):
         make_fx(f, tracing_mode="fake")(torch.tensor(True), torch.randn(3))
 
-
-def _aot(fn, partition=None):
-    graphs = []
-
-    def compiler(gm, example):
-        graphs.append(gm)
-        return make_boxed_func(gm.forward)
-
-    kw = {"partition_fn": partition} if partition else {}
-    return aot_function(fn, fw_compiler=compiler, bw_compiler=compiler, **kw), graphs
 
 
 @pytest.mark.parametrize("partition", [None, min_cut_rematerialization_partition])

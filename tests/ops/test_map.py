@@ -3,12 +3,13 @@ backward) and through codegen."""
 import pytest
 import torch
 
-from kiln.aot import aot_function, make_boxed_func
 from kiln.aot.partition import min_cut_rematerialization_partition
 from kiln.codegen import compile_fx, metrics
 from kiln.ops import map as kmap
 from kiln.ops import map_impl
 from kiln.tracing import make_fx
+
+from hop_helpers import _aot, _calls  # noqa: E402
 
 MODES = ["real", "fake", "symbolic"]
 
@@ -20,9 +21,6 @@ def _body(a, b):
 def _ref(xs, y):
     return torch.stack([_body(x, y) for x in xs])
 
-
-def _calls(gm, target):
-    return [n for n in gm.graph.nodes if n.op == "call_function" and n.target is target]
 
 
 def test_eager_values_and_pytrees():
@@ -82,16 +80,6 @@ def test_closure_tensor_is_lifted_into_args():
     assert len(node.args[2]) == 1
     torch.testing.assert_close(gm(xs, y), xs + y * 2)
 
-
-def _aot(fn, partition=None):
-    graphs = []
-
-    def compiler(gm, example):
-        graphs.append(gm)
-        return make_boxed_func(gm.forward)
-
-    kw = {"partition_fn": partition} if partition else {}
-    return aot_function(fn, fw_compiler=compiler, bw_compiler=compiler, **kw), graphs
 
 
 @pytest.mark.parametrize("partition", [None, min_cut_rematerialization_partition])

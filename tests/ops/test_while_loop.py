@@ -4,11 +4,12 @@ import pytest
 import torch
 
 import kiln
-from kiln.aot import aot_function, make_boxed_func
 from kiln.aot.partition import min_cut_rematerialization_partition
 from kiln.codegen import compile_fx, metrics
 from kiln.ops import while_loop
 from kiln.tracing import make_fx
+
+from hop_helpers import _aot, _calls  # noqa: E402
 
 MODES = ["real", "fake", "symbolic"]
 
@@ -30,9 +31,6 @@ def _unrolled(x, w, n=3):
 def _loop(i, x, w):
     return while_loop(_cond, _body, (i, x), (w,))
 
-
-def _calls(gm, target):
-    return [n for n in gm.graph.nodes if n.op == "call_function" and n.target is target]
 
 
 def test_eager_runs_until_cond_is_false():
@@ -126,16 +124,6 @@ def test_same_tensor_as_carry_and_additional_input():
     gm = make_fx(_loop, tracing_mode="fake")(torch.tensor(0), x, x)
     torch.testing.assert_close(gm(torch.tensor(0), x, x)[1], _unrolled(x, x))
 
-
-def _aot(fn, partition=None):
-    graphs = []
-
-    def compiler(gm, example):
-        graphs.append(gm)
-        return make_boxed_func(gm.forward)
-
-    kw = {"partition_fn": partition} if partition else {}
-    return aot_function(fn, fw_compiler=compiler, bw_compiler=compiler, **kw), graphs
 
 
 def _grads(out, wrt):
