@@ -106,12 +106,12 @@ class FunctionCache:
         if out is MISS:
             # NOTE: guards that fail right after compiling mean an unguardable input; stay correct.
             self.entries.pop(0)
-            self.whys.pop(0)
+            failed = self.whys.pop(0)(*args, **kwargs)
             self.skip = True
             fallbacks.record_fallback("capture", _frame_name(fn),
                                       "the guards of the new entry fail on the inputs it was compiled for "
-                                      "(an input kiln cannot guard on); the function runs eagerly from now on",
-                                      where=_frame_where(fn))
+                                      f"(an input kiln cannot guard on: {failed}); the function runs eagerly "
+                                      "from now on", where=_frame_where(fn))
             return fn(*args, **kwargs)
         return out
 

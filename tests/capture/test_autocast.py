@@ -287,6 +287,27 @@ def test_default_dtype_is_guarded():
     assert cnt.frame_count == 2
 
 
+def test_nested_region_without_dtype_takes_the_outer_regions_dtype():
+    # NOTE: the inner region's default dtype is the one the outer region set inside the graph,
+    # not the caller's (a guard on the caller's failed on the call it was compiled for).
+    def f(x):
+        with torch.autocast("cpu", dtype=torch.float16):
+            with torch.autocast("cpu", enabled=False):
+                a = x @ x
+            with torch.autocast("cpu"):
+                b = x @ x
+        return a, b
+
+    x = torch.randn(4, 4)
+    cnt = CompileCounter()
+    cf = kiln.compile(f, backend=cnt)
+    for _ in range(2):
+        out, ref = cf(x), f(x)
+        assert [t.dtype for t in out] == [t.dtype for t in ref] == [torch.float32, torch.float16]
+        assert all(torch.equal(a, b) for a, b in zip(out, ref))
+    assert cnt.frame_count == 1
+
+
 def test_fullgraph_and_raw_state_setters():
     def f(x):
         with torch.autocast("cpu", dtype=BF16):

@@ -77,6 +77,13 @@ class AutocastRegions:
         self.ops.append(("exit", done, None))
         self.live.append(("exit", done, None))
 
+    def sets_dtype_of(self, device: str) -> bool:
+        """Whether a change this graph made (and has not undone) fixes ``device``'s autocast
+        dtype: a region entered here, or an outer one left here (its earlier state is guarded)."""
+        # NOTE: then the dtype a nested ``autocast(device)`` defaults to is the graph's own,
+        # not the caller's: a guard on the caller's would fail on every call.
+        return any((what.values[0] if op == "enter" else what.device) == device for op, what, _ in self.ops)
+
     def close_graph(self, graph) -> None:
         """Nodes at the end of ``graph`` that undo what is still open (innermost first)."""
         for op, what, node in reversed(self.ops):
@@ -251,7 +258,8 @@ def build_region(tx, cls: type, args: list, kwargs: dict) -> VT:
         # entry's autocast guard re-checks that autocast is off).
         return NullContextVT(ConstantVT(None))
     dtype_param = inspect.signature(cls.__init__).parameters.get("dtype")
-    if consts.get("dtype", getattr(dtype_param, "default", None)) is None:
+    if consts.get("dtype", getattr(dtype_param, "default", None)) is None and \
+            not regions_of(tx.output).sets_dtype_of(obj.device):
         _guard_default_dtype(tx, obj.device, obj.fast_dtype)
     return AutocastVT(values, cls)
 
