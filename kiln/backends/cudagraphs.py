@@ -4,8 +4,10 @@ In:  an ``fx.GraphModule`` and example inputs.
 Out: a callable.  With CUDA inputs, each distinct input signature (shapes, strides,
      dtypes, devices, non-tensor values) is captured into a ``torch.cuda.CUDAGraph``
      over static input buffers; a call copies its inputs in, replays, copies back the
-     inputs the graph mutates, and returns fresh copies of the outputs (so a later call
-     never overwrites an earlier result).  When autograd is needed the forward and
+     inputs the graph mutates, and returns the outputs in the recording's memory, with
+     no copy.  A later call never overwrites an earlier result: while one is still
+     referenced (its storage's use count says so), calls run the graph's code directly,
+     without the CUDA graph, into fresh memory.  When autograd is needed the forward and
      backward graphs come from AOT autograd and each is captured the same way.
      Without CUDA inputs there is nothing to capture: the graph runs eagerly, and that
      is recorded as a fallback (kiln.fallbacks; warned once).
@@ -69,6 +71,15 @@ class _Recorded:
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph, pool=pool):
             self.static_outputs = fn(*self.static_inputs)
+        self.flat_outputs, self.spec = pytree.tree_flatten(self.static_outputs)
+        # NOTE: the memory a replay writes: the outputs' storages.  Their use counts now are
+        # ours alone; any more at a later call means a result handed out is still alive.
+        self.storages = [t.untyped_storage() for t in self.flat_outputs if isinstance(t, torch.Tensor)]
+        self.base_uses = [_uses(st) for st in self.storages]
+
+    def results_alive(self) -> bool:
+        """Whether a result of an earlier replay (or a view of one) is still referenced."""
+        return any(_uses(st) != n for st, n in zip(self.storages, self.base_uses))
 
     def _warm_up(self, fn: Callable) -> list[int]:
         # NOTE: a warm-up run on a side stream (as CUDA graph capture requires) also tells
@@ -83,6 +94,10 @@ class _Recorded:
         return [i for i, a in tensors if a._version != before[i]]
 
     def __call__(self, args: Sequence[Any]) -> Any:
+        """Replay for ``args``; returns the outputs, in the recording's memory (no copy), or
+        MISSING while an earlier replay's results are alive (a replay would overwrite them)."""
+        if self.results_alive():
+            return MISSING
         static = self.static_inputs
         for i in self.copied:
             if args[i].data_ptr() != static[i].data_ptr():
@@ -91,7 +106,17 @@ class _Recorded:
         for i in self.mutated:
             if args[i] is not static[i]:
                 args[i].copy_(static[i])
-        return pytree.tree_map_only(torch.Tensor, lambda t: t.clone(), self.static_outputs)
+        # NOTE: fresh tensor objects over the recording's memory (``detach`` is no view and
+        # copies nothing); their references are what results_alive counts.
+        return pytree.tree_unflatten([t.detach() if isinstance(t, torch.Tensor) else t
+                                      for t in self.flat_outputs], self.spec)
+
+
+MISSING = object()
+
+
+def _uses(storage: Any) -> int:
+    return torch._C._storage_Use_Count(storage._cdata)
 
 
 def _symbolic(example_inputs: Sequence[Any]) -> bool:
@@ -137,7 +162,13 @@ def cudagraphify(fn: Callable, example_inputs: Sequence[Any], static_input_indic
             if not pool:
                 pool.append(torch.cuda.graph_pool_handle())
             entry = recorded[key] = _record_or_none(fn, args, static, pool[0], label, mutated)
-        return fn(*args) if entry is None else entry(list(args))
+        if entry is None:
+            return fn(*args)
+        out = entry(list(args))
+        # NOTE: results of an earlier replay still held (``out = f(x)`` in a loop holds the
+        # last one while the next call runs): this call runs the compiled code directly, as
+        # without CUDA graphs, into fresh memory, so nothing a caller holds is overwritten.
+        return fn(*args) if out is MISSING else out
 
     run.recordings = recorded  # type: ignore[attr-defined]  # NOTE: for tests and explain
     _all.add(recorded)

@@ -67,6 +67,32 @@ def test_outputs_of_earlier_calls_are_not_overwritten():
 
 
 @cuda
+def test_results_are_not_copied_and_held_ones_survive_the_next_call():
+    """A replay hands out its outputs in the recording's memory (no copy per call); while a
+    result, or a view of one, is still held, the next call runs without the CUDA graph."""
+    m = MLP().cuda().eval()
+    c = kiln.compile(m, mode="reduce-overhead", dynamic=False)
+    x1, x2 = torch.randn(4, 16, device="cuda"), torch.randn(4, 16, device="cuda")
+    with torch.no_grad():
+        c(x1)
+        ptrs = set()
+        for x in (x1, x2, x1):
+            out = c(x)
+            torch.testing.assert_close(out, m(x))
+            ptrs.add(out.data_ptr())
+            del out
+        assert len(ptrs) == 1
+        row = c(x1)[1]             # a view keeps the recording's memory alive
+        o2 = c(x2)
+        assert o2.data_ptr() not in ptrs
+        torch.testing.assert_close(row, m(x1)[1])
+        torch.testing.assert_close(o2, m(x2))
+        del row, o2
+        assert c(x2).data_ptr() in ptrs
+    assert _recordings() == 1
+
+
+@cuda
 def test_training_step_matches_eager():
     m, ref = MLP().cuda(), MLP().cuda()
     ref.load_state_dict(m.state_dict())
