@@ -95,10 +95,20 @@ def compile_flat(flat_fn: Callable, args: list, options: AOTOptions) -> Compiled
         torch._C._set_mkldnn_enabled(prev)
 
 
+def _is_leaf(a: Any) -> bool:
+    """``a.is_leaf``, also for a view out of a multi-output op (split, unbind) written in
+    place under no_grad, whose ``is_leaf`` (its grad_fn) raises: such a view is a leaf
+    exactly when it does not require grad."""
+    try:
+        return bool(getattr(a, "is_leaf", True))
+    except RuntimeError:
+        return not a.requires_grad
+
+
 def _compile_flat(flat_fn: Callable, args: list, options: AOTOptions) -> CompiledArtifact:
     decompositions = options.decompositions
     fake_mode, fakes = fake_mode_for(args)
-    is_leaf = [bool(getattr(a, "is_leaf", True)) for a in args]
+    is_leaf = [_is_leaf(a) for a in args]
     try:
         meta = collect_metadata(flat_fn, fakes, fake_mode, decompositions, is_leaf)
     except RuntimeError as e:

@@ -313,6 +313,13 @@ class ResumeSpec:
         return list(self.code.co_varnames) + self.stack_args + self.cell_args
 
 
+def _parameter_names(varnames: list, cellvars: tuple) -> list:
+    """The resume function's parameters are the frame's varnames; a name that is no Python
+    identifier (pytest's rewritten asserts make ``@py_assert1`` locals) is renamed, which
+    changes nothing else: locals are read by index."""
+    return [n if n.isidentifier() or n in cellvars else f"___local{i}" for i, n in enumerate(varnames)]
+
+
 def make_resume_code(spec: ResumeSpec) -> types.CodeType:
     """A code object that rebuilds the stack from arguments and jumps to ``target``."""
     code = spec.code
@@ -348,7 +355,7 @@ def make_resume_code(spec: ResumeSpec) -> types.CodeType:
         e.target += plen
     return code.replace(
         co_code=bytes(pre) + body,
-        co_varnames=tuple(varnames),
+        co_varnames=tuple(_parameter_names(varnames, code.co_cellvars)),
         co_argcount=nvar,
         co_posonlyargcount=0,
         co_kwonlyargcount=0,

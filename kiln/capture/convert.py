@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import inspect
 import types
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -86,7 +86,7 @@ class RootTranslator(Translator):
     # ---------------------------------------------------------- return
     def on_return(self, value):
         reason = GraphCompileReason("return", self.user_stack(), graph_break=False)
-        self._emit_graph([value], reason)
+        self._emit_graph([value], reason, live_cells=set())
         self.export_info = ([(s, v) for s, v, *_ in self.output.inputs], value, self.out_nodes)
         self.cg.line(f"___ret = {self.cg.expr(value)}")
         self._emit_side_effects()
@@ -94,10 +94,14 @@ class RootTranslator(Translator):
         self.body = self.cg.lines
         raise Done()
 
-    def _emit_graph(self, values: list, reason: GraphCompileReason) -> None:
+    def _emit_graph(self, values: list, reason: GraphCompileReason, live_cells: Optional[set] = None) -> None:
         """Compile the graph with the tensors ``values`` need, emit its call."""
         out = self.output
+        if live_cells is None:
+            # NOTE: at a graph break the frame's own cells go on in its resume function.
+            live_cells = {id(c) for c in self.cells.values() if isinstance(c, CellVT)}
         collect = EntryWriter(out.objects, symbols=out.symbols)
+        collect.live_cells = live_cells
         for v in values + out.side_effects.values():
             if not isinstance(v, NullVT):
                 collect.expr(v)
@@ -109,6 +113,7 @@ class RootTranslator(Translator):
         self.compiled = compiled
         self.out_nodes = nodes
         self.cg = EntryWriter(out.objects, {n: i for i, n in enumerate(nodes)}, symbols=out.symbols)
+        self.cg.live_cells = live_cells
         # NOTE: the graph call itself is written by build_entry, right after the guard,
         # so that it reads the access chains the guard has bound (guard_cse.py).
         self.graph_args = [s for s, *_ in out.inputs] if compiled is not None else None
@@ -210,9 +215,10 @@ class RootTranslator(Translator):
                 cg.line(f"___s{i} = {cg.expr(v)}")
                 stack_names.append(f"___s{i}")
         local_names = {}
-        for name, v in locals_.items():
-            cg.line(f"___l_{name} = {cg.expr(v)}")
-            local_names[name] = f"___l_{name}"
+        for i, (name, v) in enumerate(locals_.items()):
+            tmp = f"___l_{name}" if name.isidentifier() else f"___l{i}"
+            cg.line(f"{tmp} = {cg.expr(v)}")
+            local_names[name] = tmp
         cell_names = {}
         for name, v in cells.items():
             if v is None:

@@ -36,6 +36,10 @@ class EntryWriter:
         self.needed: list = []
         self.lines: list[str] = []
         self._memo: dict[int, str] = {}
+        # NOTE: ids of the traced frames' cells (CellVT) that live on after this code (cells
+        # of the root frame at a graph break, which its resume function carries on); None:
+        # every traced cell may (closures over them are not rebuilt).
+        self.live_cells: Optional[set] = None
 
     def expr(self, vt: VT) -> str:
         from .interpreter import LazyLocal

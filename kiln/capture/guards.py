@@ -52,6 +52,7 @@ class GuardKind(str, enum.Enum):
     GRAD_MODE = "GRAD_MODE"
     AUTOCAST = "AUTOCAST"
     SHAPE_ENV = "SHAPE_ENV"
+    STORAGE_OVERLAP = "STORAGE_OVERLAP"
 
     def __str__(self) -> str:
         return self.value
@@ -252,6 +253,23 @@ class GuardSet:
                 parts += [", " if i else "", "id(", s, ")"]
             fast = tuple(parts + [f"}}) == {len(srcs)}"])
         self.add(Guard(GuardKind.DUPLICATE_INPUTS, None, checks, fast=fast), key=(GuardKind.DUPLICATE_INPUTS,))
+
+    def storage_overlap(self, overlapping: list, non_overlapping: list) -> None:
+        """Which of these aliased inputs overlap in memory (PyTorch's StorageOverlap guard):
+        exactly ``overlapping``, as when the graph was compiled (capture/overlap.py)."""
+        from .overlap import storage_overlap_holds
+
+        srcs = list(overlapping) + list(non_overlapping)
+        if len(srcs) < 2:
+            return
+        parts: list = [f"{self.objects.name_of(storage_overlap_holds)}(("]
+        for s in srcs:
+            parts += [s, ", "]
+        parts.append(f"), {len(overlapping)})")
+        names = f"overlapping=[{', '.join(s.name() for s in overlapping)}], " \
+                f"non_overlapping=[{', '.join(s.name() for s in non_overlapping)}]"
+        self._one(GuardKind.STORAGE_OVERLAP, None, tuple(parts), f"storage overlap changed: expected {names}",
+                  detail=names, key=(GuardKind.STORAGE_OVERLAP, tuple(s.name() for s in srcs)))
 
     # ------------------------------------------------------------ global state
     def grad_mode(self, mode: bool) -> None:

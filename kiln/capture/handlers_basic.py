@@ -150,11 +150,12 @@ class BasicHandlers:
         if isinstance(cell, CellVT):
             cell.value = value
             return
-        if self.parent is not None or cell is None:
-            unsupported(f"write to closure variable '{inst.argval}' of an outer function")
+        if cell is None:
+            unsupported(f"write to unknown closure variable '{inst.argval}'")
+        # NOTE: a real cell (of the compiled frame or of any function inlined): the write is
+        # a side effect replayed after the graph, seen by every later read of that cell.
         src = self.output.objects.source(cell)
-        self.output.side_effects.track_attr(_CellObj(src), "cell_contents", value)
-        self.cells[inst.argval] = CellVT(value)
+        self.output.side_effects.store_cell(cell, _CellObj(src), value)
 
     # ---------------------------------------------------------- globals
     @handles("LOAD_GLOBAL", max_version=(3, 12))

@@ -95,6 +95,10 @@ class CallHandlers:
         value = self.pop()
         obj.setattr(self, inst.argval, value)
 
+    @handles("DELETE_ATTR")
+    def DELETE_ATTR(self, inst):
+        self.pop().delattr(self, inst.argval)
+
     # ---------------------------------------------------------- calls
     @handles("KW_NAMES", max_version=(3, 12))
     def KW_NAMES(self, inst):

@@ -126,18 +126,22 @@ class ControlHandlers:
     # ---------------------------------------------------------- generators (inlined, fully unrolled)
     @handles("RETURN_GENERATOR")
     def RETURN_GENERATOR(self, inst):
-        if self.generator_values is None:
+        if self.generator_values is None and not self.suspend_on_yield:
             unsupported("generator frame compiled on its own")
         self.push(ConstantVT(None))
 
     @handles("YIELD_VALUE")
     def YIELD_VALUE(self, inst):
-        if self.generator_values is None:
+        if self.generator_values is None and not self.suspend_on_yield:
             unsupported("yield outside an inlined generator")
         v = self.pop()
         _disown(v)
-        self.generator_values.append(v)
         self.push(ConstantVT(None))  # the value sent back in: next() sends None
+        if self.suspend_on_yield:
+            from .interpreter import YieldSignal
+
+            raise YieldSignal(v)  # a generator run step by step (Translator.run_to_yield)
+        self.generator_values.append(v)
 
     # ---------------------------------------------------------- yield from (inlined generators)
     @handles("GET_YIELD_FROM_ITER")
@@ -203,7 +207,7 @@ class ControlHandlers:
 
     @handles("GET_AWAITABLE", "SETUP_ANNOTATIONS",
              "LOAD_BUILD_CLASS", "PUSH_EXC_INFO", "RERAISE",
-             "DELETE_GLOBAL", "DELETE_ATTR", "DELETE_DEREF", "SETUP_FINALLY")
+             "DELETE_GLOBAL", "DELETE_DEREF", "SETUP_FINALLY")
     def UNSUPPORTED_OP(self, inst):
         unsupported(f"opcode {inst.opname}", why="this construct is not captured")
 

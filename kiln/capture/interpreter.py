@@ -47,6 +47,13 @@ class ReturnSignal(Exception):
     pass
 
 
+class YieldSignal(Exception):
+    """A generator run step by step reached a yield (``value``)."""
+
+    def __init__(self, value: VT):
+        self.value = value
+
+
 class BreakSignal(Exception):
     """Raised by the root translator once it has generated its break code."""
 
@@ -73,6 +80,7 @@ class Translator(BasicHandlers, CallHandlers, ControlHandlers):
         self.library = is_library_module(types.SimpleNamespace(__name__=f_globals.get("__name__", "")))
         self.dispatch = _DISPATCH
         self.generator_values: Optional[list] = None
+        self.suspend_on_yield = False  # a generator run step by step (run_to_yield)
         self.budget = MAX_STEPS
 
     # ------------------------------------------------------------ helpers
@@ -138,6 +146,8 @@ class Translator(BasicHandlers, CallHandlers, ControlHandlers):
                 self.step()
         except ReturnSignal:
             return self.return_value
+        except YieldSignal:
+            raise
         except Unsupported as e:
             if not e.where:
                 e.where = self.where()
@@ -149,6 +159,29 @@ class Translator(BasicHandlers, CallHandlers, ControlHandlers):
             err = internal_error(self, e)
             raise err from e
 
+
+    def run_to_yield(self) -> tuple:
+        """Run a generator's frame on to its next yield: ``(True, value)``, or ``(False,
+        return value)`` when it returns; the frame's state stays for the next step."""
+        # NOTE: no generator_values: the frame runs in eager's order (not unrolled ahead),
+        # so its mutations are not restricted as an unrolled generator's are.
+        self.suspend_on_yield = True
+        try:
+            return False, self.run()
+        except YieldSignal as y:
+            return True, y.value
+
+    def start_generator(self, fn: types.FunctionType, args: list, kwargs: dict) -> "Translator":
+        """A translator for a call of generator function ``fn``, not yet run (see run_to_yield)."""
+        if fn.__code__.co_flags & bc.UNSUPPORTED_FLAGS & ~bc.CO_GENERATOR or not fn.__code__.co_flags & bc.CO_GENERATOR:
+            unsupported(f"{fn.__qualname__} is not a plain generator function")
+        if self.depth >= MAX_INLINE_DEPTH:
+            unsupported("inlining too deep (recursion)", why=f"more than {MAX_INLINE_DEPTH} nested calls")
+        defaults = [self.wrap_static(d) for d in fn.__defaults__ or ()]
+        kwdefaults = {k: self.wrap_static(v) for k, v in (fn.__kwdefaults__ or {}).items()}
+        locals_ = bind_args(fn.__code__, fn.__qualname__, args, kwargs, defaults, kwdefaults)
+        cells = dict(zip(fn.__code__.co_freevars, fn.__closure__ or ()))
+        return Translator(fn.__code__, fn.__globals__, self.output, locals_, cells, parent=self)
 
     # ------------------------------------------------------------ inlining
     def inline_function(self, fn: types.FunctionType, args: list, kwargs: dict) -> VT:
@@ -216,6 +249,9 @@ class Translator(BasicHandlers, CallHandlers, ControlHandlers):
             return cell.value
         if cell is None:
             unsupported(f"closure variable {name}")
+        pending = self.output.side_effects.pending_cell(cell)
+        if pending is not None:
+            return pending
         try:
             value = cell.cell_contents
         except ValueError:

@@ -23,8 +23,9 @@ from . import stats
 from .dynamic import (NO_DYNAMIC_INT_BACKENDS, FrameState, SymbolTable, fake_with_dims, int_may_be_dynamic,
                       new_fake_mode, symbolic_int, tensor_shape_checks)
 from .guards import GuardSet
+from .overlap import backend_tracing_context
 from .sources import ObjectTable, SizeSource, Source
-from .variables.base import VT, ConstantVT, const_vt, unsupported
+from .variables.base import VT, ConstantVT, DeletedVT, const_vt, unsupported
 from .variables.containers import ListVT, TupleVT
 from .variables.symbolic import SYM_TYPES, SymNodeVT, concrete, is_symbolic
 from .variables.tensor import TensorVT, fake_value, node_value
@@ -48,6 +49,8 @@ class SideEffects:
         self.attrs: list = []  # (obj_vt, name, value_vt)
         self.globals: dict = {}  # name -> (source, vt)
         self.hooks: list = []  # (tensor_vt, fn_vt, handle_name)
+        self.cells: dict = {}  # id(real cell) -> (cell, index of its write in attrs)
+        self.cell_writes = 0  # every cell write counts in size(), a rewrite too
 
     def track(self, vt: VT) -> None:
         if all(c is not vt for c in self.containers):
@@ -55,6 +58,21 @@ class SideEffects:
 
     def track_attr(self, obj: VT, name: str, value: VT) -> None:
         self.attrs.append((obj, name, value))
+
+    def store_cell(self, cell, target, value: VT) -> None:
+        """A write to a real closure cell (``nonlocal x; x = ...`` in any traced frame):
+        replayed as ``cell.cell_contents = value``; later reads see ``value``."""
+        self.cell_writes += 1
+        entry = self.cells.get(id(cell))
+        if entry is None:
+            self.cells[id(cell)] = (cell, len(self.attrs))
+            self.attrs.append((target, "cell_contents", value))
+        else:
+            self.attrs[entry[1]] = (target, "cell_contents", value)
+
+    def pending_cell(self, cell) -> Optional[VT]:
+        entry = self.cells.get(id(cell))
+        return None if entry is None else self.attrs[entry[1]][2]
 
     def store_global(self, source: Source, name: str, value: VT) -> None:
         self.globals[name] = (source, value)
@@ -68,7 +86,7 @@ class SideEffects:
 
     def size(self) -> tuple:
         return (len(self.containers), len(self.attrs), len(self.globals), len(self.hooks),
-                sum(len(c.items) for c in self.containers))
+                sum(len(c.items) for c in self.containers), self.cell_writes)
 
     def values(self) -> list:
         vals = [v for _, _, v in self.attrs] + [v for _, v in self.globals.values()]
@@ -103,8 +121,11 @@ class SideEffects:
                 cg.line(c.replay_apply(tgt, new))
             else:
                 cg.line(f"{tgt}[:] = {new}")
-        for obj, name, value in attrs:
-            cg.line(f"setattr({obj}, {name!r}, {value})")
+        for (obj, name, value), (_, _, vt) in zip(attrs, self.attrs):
+            if isinstance(vt, DeletedVT):
+                cg.line(f"delattr({obj}, {name!r})")
+            else:
+                cg.line(f"setattr({obj}, {name!r}, {value})")
         for expr, value in globs:
             cg.line(f"{expr} = {value}")
         for t, fn, h in hooks:
@@ -373,7 +394,16 @@ class OutputGraph:
         prior = torch.is_grad_enabled()
         torch._C._set_grad_enabled(self.initial_grad)
         try:
-            return self.ctx.run_backend(gm, example)
+            if not self.has_symbols():
+                return self.ctx.run_backend(gm, example)
+            # NOTE: symbolic shapes: the backend runs in a TracingContext as under PyTorch's
+            # capture; for views of one storage, torch's AOT autograd then decides which
+            # overlap under one StorageOverlap guard, not a shape guard per pair of views.
+            with backend_tracing_context(gm, self.fake_mode, {s.name(): s for s, *_ in self.inputs}) as got:
+                compiled = self.ctx.run_backend(gm, example)
+            for over, non_over in got:
+                self.guards.storage_overlap(over, non_over)
+            return compiled
         finally:
             torch._C._set_grad_enabled(prior)
 

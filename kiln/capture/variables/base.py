@@ -46,6 +46,9 @@ class VT:
     def setattr(self, tx, name: str, value: "VT") -> None:
         unsupported(f"setting attribute '{name}' on {self}")
 
+    def delattr(self, tx, name: str) -> None:
+        unsupported(f"deleting attribute '{name}' of {self}")
+
     def call(self, tx, args: list, kwargs: dict) -> "VT":
         unsupported(f"call to {self}")
 
@@ -111,6 +114,17 @@ class ConstantVT(VT):
 
     def __repr__(self) -> str:
         return f"ConstantVT({self.value!r})"
+
+
+class DeletedVT(VT):
+    """The pending value of an attribute deleted while tracing (``del obj.name``):
+    replayed as ``delattr``."""
+
+    def reconstruct(self, cg) -> str:
+        return "None"
+
+    def __repr__(self) -> str:
+        return "DELETED"
 
 
 class NullVT(VT):

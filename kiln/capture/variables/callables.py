@@ -62,6 +62,11 @@ class UserFunctionVT(VT):
         special = _py_special().get(self.fn) or library_function(self.fn)
         if special is not None:
             return special(tx, *args, **kwargs)
+        from .generator_cm import CODE_MODELS
+
+        by_code = CODE_MODELS.get(getattr(self.fn, "__code__", None))
+        if by_code is not None:
+            return by_code(tx, self.fn, args, kwargs)
         return tx.inline_function(getattr(self.fn, "_kiln_orig", self.fn), args, kwargs)
 
     def getattr(self, tx, name: str) -> VT:
@@ -109,6 +114,16 @@ class CellVT(VT):
 
     def __init__(self, value: Optional[VT] = None):
         self.value = value
+
+    def reconstruct(self, cg) -> str:
+        # NOTE: a new cell object holding the value, shared by every closure rebuilt in the
+        # same code; only for a cell no traced frame goes on using (see EntryWriter.live_cells).
+        live = getattr(cg, "live_cells", None)
+        if live is None or id(self) in live:
+            unsupported("a closure over a cell of the frame that goes on after the graph break",
+                        why="the rebuilt closure would not see the resumed frame's later writes")
+        body = "" if self.value is None else cg.expr(self.value)
+        return cg.container(self, f"{cg.obj(types.CellType)}({body})")
 
 
 class RealCellVT(VT):
@@ -170,13 +185,25 @@ class NestedFunctionVT(VT):
         # does) only when its cells are real ones of an enclosing function (shared, as in
         # eager) and it has no keyword defaults or attributes set while tracing: cells of the
         # traced frame do not exist as objects, and new ones would miss its later writes.
-        extra = [k for k, v in self.attrs.items() if k != "__annotations__" or getattr(v, "items", None)]
-        if not all(isinstance(c, RealCellVT) for c in self.closure) or self.kwdefaults is not None or extra:
+        # Cells made by traced frames that have returned are rebuilt as new cells (CellVT).
+        if not all(isinstance(c, (RealCellVT, CellVT)) for c in self.closure):
             return super().reconstruct(cg)
+        done = cg.built(self)
+        if done is not None:
+            return done
         defaults = cg.expr(self.defaults) if self.defaults is not None else "None"
         closure = "(" + "".join(f"{cg.expr(c)}, " for c in self.closure) + ")" if self.closure else "None"
-        return cg.container(self, f"{cg.obj(types.FunctionType)}({cg.obj(self.code)}, {cg.obj(self.fn_globals)}, "
-                                   f"{self.code.co_name!r}, {defaults}, {closure})")
+        extra = {k: cg.expr(v) for k, v in self.attrs.items()
+                 if k != "__annotations__" or getattr(v, "items", None)}
+        kwdefaults = cg.expr(self.kwdefaults) if self.kwdefaults is not None else None
+        name = cg.container(self, f"{cg.obj(types.FunctionType)}({cg.obj(self.code)}, {cg.obj(self.fn_globals)}, "
+                                  f"{self.code.co_name!r}, {defaults}, {closure})")
+        cg.line(f"{name}.__qualname__ = {self.qualname!r}")
+        if kwdefaults is not None:
+            cg.line(f"{name}.__kwdefaults__ = {kwdefaults}")
+        for k, v in extra.items():
+            cg.line(f"setattr({name}, {k!r}, {v})")
+        return name
 
     def __repr__(self) -> str:
         return f"NestedFunctionVT({self.qualname})"

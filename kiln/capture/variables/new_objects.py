@@ -451,7 +451,7 @@ def _object_delattr(tx, obj: VT, name: VT) -> VT:
 
 
 def _delattr_builtin(tx, obj: VT, name: VT) -> VT:
-    _new_only("delattr")(obj).delattr(tx, name.const())
+    obj.delattr(tx, name.const())
     return ConstantVT(None)
 
 

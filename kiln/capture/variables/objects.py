@@ -11,7 +11,9 @@ from typing import Any, Optional
 import torch
 
 from ..sources import DictItemSource, Source
-from .base import VT, ConstantVT, unsupported
+from .base import VT, ConstantVT, DeletedVT, unsupported
+
+_NO_ATTR = object()
 from .callables import ClassVT, UserFunctionVT, UserMethodVT
 
 
@@ -45,6 +47,28 @@ class PendingAttrs:
             unsupported(f"setting attribute '{name}' on an object created in the compiled region")
         self._pending()[name] = value
         tx.output.side_effects.track_attr(self, name, value)
+
+    def delattr(self, tx, name: str) -> None:
+        """``del obj.name`` of an instance attribute of an object from outside the region
+        (``object.__delattr__``; replayed after the graph, like a write)."""
+        obj = getattr(self, "obj", None)
+        cls = type(obj)
+        if self.source is None or not isinstance(self, UserObjectVT):
+            unsupported(f"deleting attribute '{name}' of {self}")
+        if cls.__delattr__ is not object.__delattr__ or _custom_getattr(cls) \
+                or inspect.getattr_static(cls, name, _NO_ATTR) is not _NO_ATTR:
+            unsupported(f"deleting attribute '{name}' of a {cls.__name__}",
+                        why="the class defines it, or customizes attribute access")
+        pend = self._pending()
+        if name in pend:
+            present = not isinstance(pend[name], DeletedVT)
+        else:
+            present = name in getattr(obj, "__dict__", {})
+            tx.output.guards.attr_presence(self.source, name, present)
+        if not present:
+            unsupported(f"deleting the missing attribute {name}", why="eager raises AttributeError")
+        pend[name] = DeletedVT()
+        tx.output.side_effects.track_attr(self, name, pend[name])
 
 
 class NNModuleVT(PendingAttrs, VT):
@@ -143,6 +167,9 @@ class UserObjectVT(PendingAttrs, VT):
     def getattr(self, tx, name: str) -> VT:
         pend = self._pending()
         if name in pend:
+            if isinstance(pend[name], DeletedVT):
+                # NOTE: delattr only deletes names the class does not define (see delattr).
+                raise AttributeError(f"'{type(self.obj).__name__}' object has no attribute '{name}'")
             return pend[name]
         cls = type(self.obj)
         if _custom_getattr(cls):
@@ -258,10 +285,12 @@ class GradModeVT(VT):
     def __init__(self, mode: bool):
         self.mode = mode
         self.prev: Optional[bool] = None
+        self.called = False  # made by calling set_grad_enabled(mode) (which switches at once)
 
     @classmethod
     def entered_now(cls, tx, mode: bool) -> "GradModeVT":
         vt = cls(mode)
+        vt.called = True
         vt.prev = tx.output.grad_enabled
         tx.output.set_grad_enabled(mode)
         return vt
@@ -285,7 +314,11 @@ class GradModeVT(VT):
         unsupported(f"attribute {name} of a grad-mode context manager")
 
     def reconstruct(self, cg) -> str:
-        return f"{cg.obj(torch.set_grad_enabled)}({self.mode})" if self.prev is None else cg.const_expr(None)
+        # NOTE: a ``set_grad_enabled(mode)`` object (already switched: its __exit__ goes back to
+        # ``prev``), or a fresh no_grad() / enable_grad() (switching only when entered).
+        if self.called:
+            return f"{cg.obj(_made_set_grad_enabled)}({self.mode}, {self.prev})"
+        return f"{cg.obj(torch.enable_grad if self.mode else torch.no_grad)}()"
 
 
 class NullContextVT(VT):
@@ -358,6 +391,13 @@ class GradExitVT(ReplayableExitVT):
 
     def reconstruct(self, cg) -> str:
         return f"{cg.obj(_make_exit)}({self.prev})"
+
+
+def _made_set_grad_enabled(mode: bool, prev: bool) -> torch.set_grad_enabled:
+    """The ``torch.set_grad_enabled(mode)`` object a traced call made, grad mode ``prev`` before it."""
+    ctx = torch.set_grad_enabled(mode)
+    ctx.prev = prev
+    return ctx
 
 
 class HandleVT(VT):
