@@ -10,6 +10,8 @@ import kiln
 from kiln.capture.guards import GuardKind
 from kiln.capture.overlap import overlapping, storage_overlap_holds
 
+from entry_helpers import _entries  # noqa: E402
+
 aot_autograd = pytest.importorskip("torch._dynamo.backends.common").aot_autograd
 
 
@@ -17,13 +19,6 @@ aot_autograd = pytest.importorskip("torch._dynamo.backends.common").aot_autograd
 def _reset():
     kiln.reset()
     yield
-
-
-def _entries(compiled):
-    cache = getattr(compiled, "_kiln_cache", None)
-    if cache is None:
-        cache = compiled.__dict__["_kiln_fwd"].func._kiln_cache
-    return cache.entries
 
 
 def _add_all(*args):

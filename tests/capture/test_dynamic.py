@@ -12,18 +12,13 @@ import torch
 import kiln
 from kiln.testing import CompileCounter, CompileCounterWithBackend
 
+from entry_helpers import _entries  # noqa: E402
+
 
 @pytest.fixture(autouse=True)
 def _reset():
     kiln.reset()
     yield
-
-
-def _entries(compiled):
-    cache = getattr(compiled, "_kiln_cache", None)
-    if cache is None:
-        cache = compiled.__dict__["_kiln_fwd"].func._kiln_cache
-    return cache.entries
 
 
 def _sym_placeholders(gm):
