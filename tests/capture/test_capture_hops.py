@@ -220,3 +220,76 @@ def test_checkpoint_unknown_option_breaks():
 
     with pytest.raises(kiln.exc.Unsupported, match="context_fn"):
         kiln.compile(f, backend="eager", fullgraph=True)(torch.randn(3))
+
+
+# --------------------------------------------------------------------------- kiln's own ops in user code
+def _recording():
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm
+
+    return graphs, backend
+
+
+def test_kiln_wrap_called_by_user_code_is_one_node():
+    graphs, backend = _recording()
+
+    def f(x):
+        return kiln.ops.wrap(lambda y: torch.sin(y) + 1, x)
+
+    kiln.reset()
+    x = torch.randn(3)
+    torch.testing.assert_close(kiln.compile(f, backend=backend, fullgraph=True)(x), torch.sin(x) + 1)
+    assert len(graphs) == 1
+    (node,) = _calls(graphs[0], kiln.ops.wrap)
+    assert len(node.args) == 2  # the body and x
+
+
+def test_kiln_cond_called_by_user_code():
+    graphs, backend = _recording()
+
+    def f(p, x):
+        return kiln.ops.cond(p, lambda x: x.sin(), lambda x: x.cos(), (x,))
+
+    kiln.reset()
+    x = torch.randn(3)
+    c = kiln.compile(f, backend=backend, fullgraph=True)
+    torch.testing.assert_close(c(torch.tensor(True), x), x.sin())
+    torch.testing.assert_close(c(torch.tensor(False), x), x.cos())
+    assert len(_calls(graphs[0], kiln.ops.cond)) == 1
+
+
+def test_nested_subgraph_names_are_unique_over_the_frame():
+    graphs, backend = _recording()
+
+    def inner(x, y):
+        z = x + y
+        return kiln.ops.wrap(lambda x: kiln.ops.wrap(lambda x: x + z, x), x)
+
+    def f(x, y):
+        return kiln.ops.wrap(inner, x, y)
+
+    kiln.reset()
+    x, y = torch.randn(3, 3), torch.randn(3, 3)
+    torch.testing.assert_close(kiln.compile(f, backend=backend, fullgraph=True)(x, y), x + y + x)
+    names = {n for n, _ in graphs[0].named_modules()}
+    assert names == {"", "wrap_body_2", "wrap_body_2.wrap_body_1", "wrap_body_2.wrap_body_1.wrap_body_0"}
+
+
+def test_nested_cond_branch_names():
+    graphs, backend = _recording()
+
+    def f(p, q, x):
+        def false_fn(q, x):
+            return torch.cond(q, lambda x: x.sin(), lambda x: x.cos(), (x,))
+
+        return torch.cond(p, lambda q, x: x + 1, false_fn, (q, x))
+
+    kiln.reset()
+    x = torch.randn(3)
+    out = kiln.compile(f, backend=backend, fullgraph=True)(torch.tensor(False), torch.tensor(True), x)
+    torch.testing.assert_close(out, x.sin())
+    names = {n for n, _ in graphs[0].named_modules()}
+    assert names == {"", "cond_true_1", "cond_false_1", "cond_false_1.cond_true_0", "cond_false_1.cond_false_0"}

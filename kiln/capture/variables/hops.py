@@ -74,8 +74,24 @@ def handler_for(value: Any) -> Optional[Callable]:
     """The capture handler of ``value`` (None: not a higher-order entry point)."""
     if isinstance(value, torch._ops.HigherOrderOperator):
         return HIGHER_ORDER.get(value.name())
+    kiln_handler = _kiln_op_handler(value)
+    if kiln_handler is not None:
+        return kiln_handler
     entry = _resolved().get(id(value))
     return entry[1] if entry is not None and entry[0] is value else None
+
+
+def _kiln_op_handler(value: Any) -> Optional[Callable]:
+    """The handler of one of kiln's own higher-order ops (``kiln.ops.wrap``, ...) called by user code."""
+    from kiln.ops import base as ops_base
+
+    if not isinstance(value, ops_base.HigherOrderOperator):
+        return None
+    import kiln.ops as kops
+
+    if getattr(kops, value.__name__, None) is not value:
+        return None
+    return KILN_OPS.get(value.__name__)
 
 
 def hop_vt(value: Any, source: Optional[Source]) -> Optional[VT]:
@@ -134,6 +150,24 @@ def _bind(names: tuple, args: list, kwargs: dict, what: str, defaults: dict = No
     return [bound[n] for n in names]
 
 
+def _tag_source(subs: list, name: str, op: Any) -> None:
+    """``meta["source_fn_stack"]`` of the bodies' call nodes: ``(name, op)`` of this
+    higher-order op in front of what they had (their own ``(node name, target)`` at the
+    end), through nested bodies too, as PyTorch records it (``['wrap', 'wrap', 'linear']``)."""
+    seen: set = set()
+    for sub in subs:
+        for mod in sub.gm.modules():
+            graph = getattr(mod, "graph", None)
+            if not isinstance(graph, torch.fx.Graph) or id(graph) in seen:
+                continue
+            seen.add(id(graph))
+            for node in graph.nodes:
+                if not node.op.startswith("call"):
+                    continue
+                stack = node.meta.get("source_fn_stack") or [(node.name, node.target)]
+                node.meta["source_fn_stack"] = [(name, op)] + list(stack)
+
+
 # --------------------------------------------------------------------------- cond
 def _cond(tx, fn: Any, args: list, kwargs: dict) -> VT:
     from kiln.ops import cond as kiln_cond
@@ -154,6 +188,7 @@ def _cond(tx, fn: Any, args: list, kwargs: dict) -> VT:
     subs = [speculate(tx, true_fn, ops, {}, "torch.cond's true_fn", prefix_names=""),
             speculate(tx, false_fn, ops, {}, "torch.cond's false_fn", prefix_names="")]
     _check_branches(subs)
+    _tag_source(subs, "cond", kiln_cond)
     args_nodes = align(subs, subs[0].n_explicit)
     graph = tx.output.graph
     nt = attach(tx.output, graph, subs[0].gm, "cond_true")
@@ -204,6 +239,7 @@ def _wrap(tx, fn: Any, args: list, kwargs: dict) -> VT:
         unsupported("wrap() needs a callable")
     body, rest = args[0], args[1:]
     sub = speculate(tx, body, rest, kwargs, "wrap", prune=True)
+    _tag_source([sub], "wrap", kiln_wrap)
     node = attach(tx.output, tx.output.graph, sub.gm, "wrap_body")
     outs = _emit(tx, kiln_wrap, (node, *sub.args), _fakes(tx, sub))
     return rebuild(sub.out_tree, outs)
@@ -224,6 +260,7 @@ def _checkpoint(tx, fn: Any, args: list, kwargs: dict) -> VT:
                     hint="drop the option, or let this call run eagerly")
     body, rest = args[0], args[1:]
     sub = speculate(tx, body, rest, {}, "torch.utils.checkpoint.checkpoint", prune=True)
+    _tag_source([sub], "checkpoint", kiln_checkpoint)
     node = attach(tx.output, tx.output.graph, sub.gm, "wrap_body")
     outs = _emit(tx, kiln_checkpoint, (node, *sub.args), _fakes(tx, sub))
     return rebuild(sub.out_tree, outs)
@@ -251,6 +288,7 @@ def _while_loop(tx, fn: Any, args: list, kwargs: dict) -> VT:
             speculate(tx, body_fn, ops, {}, "torch.while_loop's body_fn")]
     _check_loop_pred(subs[0])
     outs = _check_loop_body(subs[1], c_items)
+    _tag_source(subs, "while_loop", kiln_while_loop)
     args_nodes = align(subs, subs[0].n_explicit)
     graph = tx.output.graph
     nc = attach(tx.output, graph, subs[0].gm, "while_loop_cond")
@@ -374,6 +412,7 @@ def _map_call(tx, f: VT, leaves: list, call_args: list) -> VT:
     from kiln.ops import map_impl
 
     sub = speculate(tx, f, call_args, {}, "map's body")
+    _tag_source([sub], "map", map_impl)
     n = len(leaves)
     if not sub.outputs or len(sub.outputs) != _n_leaves(sub.out_tree) or \
             any(not isinstance(o, TensorVT) for o in sub.outputs):
@@ -401,6 +440,14 @@ HIGHER_ORDER: dict = {
     "cond": _cond,
     "wrap": _wrap,
     "tag_activation_checkpoint": _checkpoint,
+    "while_loop": _while_loop,
+    "map_impl": _map_impl,
+}
+# kiln's own ops, by name, when user code calls them (``kiln.ops.wrap(body, x)``)
+KILN_OPS: dict = {
+    "cond": _cond,
+    "wrap": _wrap,
+    "checkpoint": _checkpoint,
     "while_loop": _while_loop,
     "map_impl": _map_impl,
 }

@@ -100,10 +100,16 @@ def _registry(output) -> dict:
 
 
 def attach(output, graph: fx.Graph, gm: fx.GraphModule, prefix: str) -> fx.Node:
-    """A get_attr node in ``graph`` naming ``gm`` (stored for that graph's module)."""
-    mods = _registry(output).setdefault(graph, {})
+    """A get_attr node in ``graph`` naming ``gm`` (stored for that graph's module).
+
+    Names are numbered over the whole frame, not per graph (as PyTorch names them): a body
+    nested in another gets the lower number (``wrap_body_1.wrap_body_0``), so every
+    module path of the root names one subgraph only once."""
+    registry = _registry(output)
+    mods = registry.setdefault(graph, {})
+    used = {n for m in registry.values() for n in m}
     i = 0
-    while f"{prefix}_{i}" in mods:
+    while f"{prefix}_{i}" in used:
         i += 1
     name = f"{prefix}_{i}"
     mods[name] = gm
