@@ -30,20 +30,41 @@ def _storage_key(t: torch.Tensor) -> Optional[tuple]:
         return None
 
 
-def overlapping(tensors: tuple) -> frozenset:
-    """Positions in ``tensors`` whose memory overlaps another one's (torch's own test,
-    as PyTorch's StorageOverlap guard uses), tensors of other storages never overlapping."""
-    from torch._C._dynamo.guards import compute_overlapping_tensors  # NOTE: C extension, not torch._dynamo
+def _extent(t: torch.Tensor) -> Optional[tuple]:
+    """[first, last] element offsets ``t`` touches in its storage (None: no elements)."""
+    if t.numel() == 0:
+        return None
+    first = t.storage_offset()
+    return first, first + sum((n - 1) * abs(st) for n, st in zip(t.shape, t.stride()))
 
+
+def overlapping(tensors: tuple) -> frozenset:
+    """Positions in ``tensors`` whose memory may overlap another one's; tensors of other
+    storages never overlap.
+
+    NOTE: two tensors overlap when the spans of storage they touch intersect: never
+    "disjoint" for tensors that share memory; interleaved strided views count as
+    overlapping (a pattern that differs from AOT's finer answer fails the guard: the
+    entry recompiles or runs eagerly, never wrong)."""
     groups: dict = {}
     for i, t in enumerate(tensors):
         key = _storage_key(t)
-        if key is not None:
-            groups.setdefault(key, []).append(i)
+        span = _extent(t) if key is not None else None
+        if span is not None:
+            groups.setdefault(key, []).append((span, i))
     out: set = set()
-    for idx in groups.values():
-        if len(idx) > 1:
-            out.update(idx[j] for j in compute_overlapping_tensors([tensors[i] for i in idx], symbolic=False))
+    for spans in groups.values():
+        # NOTE: in a run of spans sorted by start, each starting before the run's furthest
+        # end, every member overlaps another one: a run of two or more all overlap.
+        spans.sort()
+        run, end = [], -1
+        for (lo, hi), i in spans + [((float("inf"), 0), None)]:
+            if lo > end:
+                if len(run) > 1:
+                    out.update(run)
+                run, end = [], -1
+            run.append(i)
+            end = max(end, hi)
     return frozenset(out)
 
 
