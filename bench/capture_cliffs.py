@@ -5,7 +5,9 @@ Run ``python -m bench.capture_cliffs`` from the repository root. Out: a table on
 and ``bench/results/cpu/capture_cliffs.json``.
 
 Cases (each: first call of the compiled function, frames compiled, output checked):
-- ``loop_break``: a 100-iteration loop with a graph break in its body (backend eager).
+- ``loop_break``: a 100-iteration loop with a graph break in its body (backend eager). Both
+  compilers run that frame eagerly (0 frames: a break inside a loop skips the frame); the
+  time is the one attempt to trace it.
 - ``aliased_views``: 100 views of one tensor (``x.split(10)``), each written in place, with
   ``dynamic=True`` under torch's own AOT autograd (``aot_autograd(fw_compiler=...)``: kiln's
   AOT runs graphs that mutate aliased inputs eagerly), as PyTorch's

@@ -24,14 +24,20 @@ Invariants:
   function with repeated access chains bound once (guard_cse.py).
 - Guards cover tensor dtype/device/shape/stride/requires_grad and type,
   aliasing between input tensors, constants, object identity, types, list
-  lengths, dict keys, globals and closure cells read, and grad mode.  Failure
+  lengths, dict keys, globals and closure cells read, and grad mode.  A user
+  function read from an input is guarded by its code object (PyTorch's
+  CLOSURE_MATCH), its cells and defaults by what they hold.  Failure
   reasons use PyTorch's words (``tensor 'L['y']' requires_grad mismatch.
   expected requires_grad=1``, ``L['a'] is L['b']``).
 - No C eval-frame hook: compiling happens when a wrapper is called; callees
   that break inside inlining are compiled as frames of their own when the
   generated code calls them; resume functions are real code objects (the
   original bytecode with a prefix that rebuilds the stack) compiled on their
-  first call.
+  first call.  A frame that runs eagerly because of a graph break inside one
+  of its loops (as PyTorch skips such a frame), an eager remainder, and a
+  ``disable(recursive=False)`` frame run a copy of their code whose every call
+  goes through ``CompileContext.kwrap`` first (routed_calls.py), so the
+  functions they call are compiled, as PyTorch's eval-frame callback does.
 
 CPython versions: 3.11, 3.12 and 3.13.  Each opcode handler declares the versions it
 was tested on (``bytecode.handles``), and the stack conventions the graph-break code
@@ -81,15 +87,20 @@ NumPy (numpy_vt.py) is traced as torch ops, as PyTorch's capture does: arrays re
 from the caller are graph inputs (``torch.as_tensor``, same memory), ``Tensor.numpy()``
 is the same tensor, NumPy functions, methods and operators are graph nodes running
 ``torch._numpy``; arrays that leave the region are rebuilt with ``.numpy()``.
-``numpy.random``, data reads (``tolist``, ``item``) and NumPy scalars entering a graph
-are graph breaks.
+``numpy.random``, ``item`` and NumPy scalars entering a graph are graph breaks;
+``ndarray.tolist`` is the tensor's ``tolist``; ``min``/``max`` of arrays are ``np.minimum`` /
+``np.maximum`` (as in PyTorch).
 
 Graph breaks (the rest runs eagerly, then capture resumes): a data-dependent
 ``if`` on a tensor (both branches become resume functions), ``print``,
 ``.item()``/``.tolist()``, ``kiln.graph_break()``, calls that fail on fake
 tensors, unknown C functions, construction of non-dataclass objects,
 ``raise``.  A call, attribute read, subscript or operator that breaks is run by
-the generated code, then a compiled resume function continues.  Inside a
+the generated code, then a compiled resume function continues.  A call or
+tensor-dependent jump that breaks inside a loop body (a jump back follows it
+before any return: PyTorch's heuristic) makes the whole frame run eagerly
+instead, its callees compiled; another break there compiles the graph so far
+and runs the rest of the frame eagerly.  Inside a
 ``try``/``with`` region the rest of that frame runs eagerly instead (so the
 frame's own exception handling stays in charge), but a breaking call's
 callee is still compiled as a frame of its own.
@@ -120,7 +131,7 @@ clears it.
 
 Global state guarded on every entry: grad mode and autocast (off, or the exact
 per-device state seen), so that ``torch.is_autocast_enabled()`` read while tracing
-stays true.  A function that cannot be captured at all runs eagerly, recorded as a
+stays true; deterministic algorithms (and warn-only), cuBLAS TF32 and the default dtype.  A function that cannot be captured at all runs eagerly, recorded as a
 fallback (``kiln.fallbacks.record_fallback``, a ``kiln.exc.FallbackWarning``), and
 ``explain`` lists it under "Eager Frames" and "Fallbacks" with the reason.  An
 unexpected exception inside an opcode handler (a kiln bug) is a graph break
@@ -131,6 +142,13 @@ line, and its traceback keeps only the user's frames and the compiled wrapper.
 On CUDA, ``nn.LSTM``/``GRU`` calls break the graph and run eagerly (cuDNN): their
 C++ kernel packs weights by data pointer, which fake tensors do not have (on CPU
 they are captured; PyTorch's capture skips RNN modules altogether).
+
+Other context managers: ``torch.profiler.profile`` / ``record_function`` are ignored
+(variables/profiler.py), ``torch.autograd.graph.disable_saved_tensors_hooks`` is graph nodes
+switching the hooks (variables/saved_hooks.py); a graph break inside the with-block of a
+user-defined context manager runs the frame eagerly, its callees compiled (as in PyTorch).
+Graph nodes are named after the local they are first stored to (``x = a + 1`` is node ``x``)
+and carry ``meta["stack_trace"]`` (the user's frames), as PyTorch's capture makes them.
 
 ``torch.autocast`` regions (variables/autocast.py) are ``torch.amp._enter_autocast`` /
 ``_exit_autocast`` nodes, entered for real while tracing; a break inside one keeps the

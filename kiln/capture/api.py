@@ -141,7 +141,10 @@ def optimize_assert(backend: Union[str, Callable], *, dynamic: Optional[bool] = 
 
 
 def disable(fn: Optional[Callable] = None, recursive: bool = True) -> Callable:
-    """Run ``fn`` eagerly even when called from compiled code (a graph break there)."""
+    """Run ``fn`` eagerly even when called from compiled code (a graph break there).
+
+    ``recursive=False``: only ``fn``'s own frame runs eagerly; the functions it calls are
+    compiled as frames of their own (as PyTorch's ``disable(recursive=False)``)."""
     if fn is None:
         return lambda f: disable(f, recursive)
     orig = getattr(fn, "_kiln_orig", fn)
@@ -151,6 +154,8 @@ def disable(fn: Optional[Callable] = None, recursive: bool = True) -> Callable:
         return orig(*args, **kwargs)
 
     kiln_disabled._kiln_disable = True
+    if not recursive:
+        kiln_disabled._kiln_disable_frame_only = orig
     return kiln_disabled
 
 

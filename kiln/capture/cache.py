@@ -51,6 +51,9 @@ class FunctionCache:
         self.whys: list = []
         self.skip = False
         self.warned = False
+        # NOTE: what a skipped frame runs: the function itself, or (a graph break in a loop, as
+        # PyTorch skips such a frame) a copy whose callees are compiled frames (routed_calls.py).
+        self.eager: Callable = fn
         _ALL_CACHES.add(self)
 
     def clear(self) -> None:
@@ -59,11 +62,14 @@ class FunctionCache:
         self.whys.clear()
         self.skip = False
         self.warned = False
+        self.eager = self.fn
 
     def miss(self, args: tuple, kwargs: dict) -> Any:
         fn = self.fn
-        if self.skip or not self.ctx.enabled:
+        if not self.ctx.enabled:
             return fn(*args, **kwargs)
+        if self.skip:
+            return self.eager(*args, **kwargs)
         reason = self.whys[0](*args, **kwargs) if self.whys else None
         if reason is not None and self.ctx.guard_fail_fn is not None:
             self.ctx.guard_fail_fn(GuardFail(reason, fn.__code__))
@@ -98,7 +104,9 @@ class FunctionCache:
                 fallbacks.record_fallback("capture", _frame_name(fn), why_text,
                                           where=(getattr(e, "where", "") or _frame_where(fn)).splitlines()[0])
             self.skip = True
-            return fn(*args, **kwargs)
+            if getattr(e, "skip_frame", False):
+                self.eager = self.ctx.eager_with_compiled_calls(fn)
+            return self.eager(*args, **kwargs)
         stats.frame_ok()
         self.entries.insert(0, entry)
         self.whys.insert(0, why)
@@ -168,7 +176,7 @@ class CompileContext:
         self.enabled = True
         self._wrappers: dict = {}
         self._resumes: dict = {}
-        self._resume_depth: dict = {}   # resume code object -> how many resumes deep it is
+        self._routed: dict = {}  # function -> its copy whose calls are compiled (eager_with_compiled_calls)
         self.break_reasons: list = []
         self.eager_frames: list[str] = []  # why a whole function runs uncompiled (explain shows them)
         self._hooked_warned: set[int] = set()  # modules with hooks already recorded as running eagerly
@@ -192,6 +200,11 @@ class CompileContext:
 
     def kcall(self, fn: Any, args: tuple, kwargs: dict) -> Any:
         """Call ``fn`` from generated code; Python callees are compiled frames."""
+        frame_only = _disabled_frame_only(fn)
+        if frame_only is not None:
+            func, bound_self = frame_only
+            run = self.eager_with_compiled_calls(func)
+            return run(bound_self, *args, **kwargs) if bound_self is not None else run(*args, **kwargs)
         target = _compilable(fn)
         if target is None:
             if isinstance(fn, torch.nn.Module) and _has_forward_hooks(fn) and id(fn) not in self._hooked_warned:
@@ -219,9 +232,16 @@ class CompileContext:
     def kcall_star(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
         return self.kcall(fn, args, kwargs)
 
-    def resume_depth(self, code: types.CodeType) -> int:
-        """0 for the compiled function's own code, n for a resume function n levels deep."""
-        return self._resume_depth.get(code, 0)
+    def eager_with_compiled_calls(self, fn: types.FunctionType) -> Callable:
+        """``fn`` run eagerly, each function it calls compiled as a frame of its own (what
+        PyTorch's eval-frame callback does for a frame it skips); ``fn`` itself where its code
+        cannot be rewritten (routed_calls.py)."""
+        from .routed_calls import routed_function
+
+        out = self._routed.get(fn)
+        if out is None:
+            out = self._routed[fn] = routed_function(fn, self.kwrap) or fn
+        return out
 
     def resume_function(self, root_fn: types.FunctionType, spec: bc.ResumeSpec, compiled: bool) -> Callable:
         # NOTE: keyed by the closure tuple's id; the cached value keeps that tuple alive
@@ -232,10 +252,10 @@ class CompileContext:
         if hit is not None and hit[0] is root_fn.__closure__ and hit[1] is root_fn.__globals__:
             return hit[2]
         code = bc.make_resume_code(spec)
-        self._resume_depth[code] = self.resume_depth(spec.code) + 1
         stats.resume_created(spec.name)
         raw = types.FunctionType(code, root_fn.__globals__, spec.name, None, root_fn.__closure__)
-        fn = self.wrapper_for(raw) if compiled else raw
+        # NOTE: an eager remainder still compiles the functions it calls (as PyTorch's callback does).
+        fn = self.wrapper_for(raw) if compiled else self.eager_with_compiled_calls(raw)
         self._resumes[key] = (root_fn.__closure__, root_fn.__globals__, fn)
         return fn
 
@@ -254,6 +274,25 @@ class CompileContext:
 
     def record_break(self, reason) -> None:
         self.break_reasons.append(reason)
+
+
+def _disabled_frame_only(fn: Any):
+    """(function, bound self) of a callable disabled for its own frame only (``kiln.disable`` /
+    ``torch.compiler.disable`` with ``recursive=False``): it runs eagerly, its callees compiled."""
+    bound_self = None
+    if isinstance(fn, torch.nn.Module):
+        fn, bound_self = type(fn).forward, fn
+    elif isinstance(fn, types.MethodType):
+        fn, bound_self = fn.__func__, fn.__self__
+    inner = getattr(fn, "_kiln_disable_frame_only", None)
+    if inner is None and getattr(fn, "_torchdynamo_disable", False) \
+            and getattr(fn, "_torchdynamo_disable_recursive", True) is False:
+        inner = getattr(fn, "_torchdynamo_orig_callable", None)
+    if not isinstance(inner, types.FunctionType) or _skip(inner):
+        return None
+    if bound_self is not None and isinstance(bound_self, torch.nn.Module) and _has_forward_hooks(bound_self):
+        return None
+    return inner, bound_self
 
 
 def _compilable(fn: Any):

@@ -16,15 +16,14 @@ cache_size_limit: int = 8
 # symbolic size (PyTorch's automatic_dynamic_shapes).  False: dynamic=None is static.
 automatic_dynamic_shapes: bool = True
 
+# nn.Parameter inputs keep static shapes (PyTorch's force_parameter_static_shapes); False: their
+# dims follow the same rules as other tensors' (dynamic=True, or automatic after a size change).
+force_parameter_static_shapes: bool = True
+
 # Inside DistributedDataParallel's forward, split captured graphs at DDP's gradient-bucket
 # boundaries so each bucket's all-reduce overlaps the backward of the rest (PyTorch's
 # optimize_ddp); False: one graph per capture, all-reduces after its whole backward.
 optimize_ddp: bool = True
-
-# A graph break inside a loop body resumes compiled, but each later iteration breaks again
-# inside the resume function, whose resume is one more frame: after this many nested resumes
-# of one loop the rest of the loop runs eagerly (PyTorch runs the whole frame eagerly).
-loop_resume_limit: int = 8
 
 
 def get_config_copy() -> dict:

@@ -18,13 +18,15 @@ from kiln.exc import KilnError, Unsupported
 from kiln.fallbacks import record_fallback
 
 from . import bytecode as bc
-from . import config, stats
+from . import stats
 from .entry_source import EntryWriter, base_namespace, build_entry
 from .interpreter import LazyLocal, Translator, internal_error
 from .handlers_control import COND_JUMPS
 from .output import GraphCompileReason, OutputGraph
+from .routed_calls import maybe_has_backedge
 from .sources import LocalSource
 from .variables.autocast import replay_after_graph as replay_autocast, unwind as unwind_autocast
+from .variables.saved_hooks import replay_after_graph as replay_saved_hooks
 from .variables.base import NullVT, unsupported
 from .variables.callables import CellVT
 from .variables.tensor import TensorVT
@@ -46,7 +48,10 @@ class RootTranslator(Translator):
     def __init__(self, ctx, fn: types.FunctionType, bound: inspect.BoundArguments, break_step, break_error):
         code = fn.__code__
         output = OutputGraph(ctx, fn.__globals__, ctx.frame_state(code))
-        locals_ = {n: LazyLocal(v, LocalSource(n)) for n, v in bound.arguments.items()}
+        # NOTE: a comprehension's iterator argument is ``.0`` in its code, ``implicit0`` in its signature.
+        names = {n: f".{n[8:]}" for n in bound.signature.parameters
+                 if n.startswith("implicit") and f".{n[8:]}" in code.co_varnames}
+        locals_ = {names.get(n, n): LazyLocal(v, LocalSource(names.get(n, n))) for n, v in bound.arguments.items()}
         cells = dict(zip(code.co_freevars, fn.__closure__ or ()))
         super().__init__(code, fn.__globals__, output, locals_, cells)
         self.ctx = ctx
@@ -68,7 +73,7 @@ class RootTranslator(Translator):
             except (Done, Restart):
                 raise
             except Exception as e:  # noqa: BLE001
-                if isinstance(e, KilnError) and not isinstance(e, Unsupported):
+                if isinstance(e, KilnError) and not isinstance(e, Unsupported) or getattr(e, "skip_frame", False):
                     raise
                 if not isinstance(e, Unsupported):
                     e = internal_error(self, e)
@@ -126,6 +131,7 @@ class RootTranslator(Translator):
         if out.grad_enabled != out.initial_grad:
             self.cg.line(f"___set_grad({out.grad_enabled})")
         replay_autocast(out, self.cg)
+        replay_saved_hooks(out, self.cg)
 
     # ---------------------------------------------------------- breaks
     def on_tensor_branch(self, inst, v):
@@ -138,9 +144,19 @@ class RootTranslator(Translator):
         self.break_at(inst, err)
 
     def break_at(self, inst: bc.Inst, err: Unsupported) -> None:
+        stack = list(self.stack)
+        # NOTE: as in PyTorch: a break inside a loop body (a jump back to or before it follows,
+        # before any return) would break again on every iteration: the whole frame runs
+        # eagerly instead, and the functions it calls are compiled as frames of their own.
+        # A break of another kind in a loop compiles the graph so far, the rest runs eagerly.
+        in_loop = maybe_has_backedge(self.code, inst.offset)
+        if in_loop and (inst.opname in _CALL_OPS or inst.opname in _RESUMABLE_OPS or (
+                inst.opname in COND_JUMPS and stack and isinstance(stack[-1], TensorVT))):
+            raise loop_break(self.code, err)
+        if _generic_with_exits(self.code, inst.offset, stack):
+            raise generic_ctx_break(self.code, err)
         reason = GraphCompileReason(err.what, getattr(err, "user_stack", []) or self.user_stack())
         self.ctx.record_break(reason)
-        stack = list(self.stack)
         # NOTE: as in PyTorch, a jump on a tensor is not counted as a graph break.
         stats.graph_break(err.what, data_dependent_jump=inst.opname in COND_JUMPS and bool(stack)
                           and isinstance(stack[-1], TensorVT))
@@ -148,14 +164,7 @@ class RootTranslator(Translator):
         # exception table can catch what it raises: the rest of the frame runs eagerly.
         # Grad-mode and no-op `with` blocks are the exception: their cleanup is replayed around it.
         self.with_exits = _grad_with_exits(self.code, self.insts, self.idx, inst.offset, stack)
-        in_try = bc.in_try_block(self.code, inst.offset) and self.with_exits is None
-        # NOTE: a break inside a loop body: each iteration breaks again inside the resume
-        # function, whose own resume is a new frame -- one compile per iteration (100 frames
-        # for 100 iterations).  Past config.loop_resume_limit nested resumes the rest of the
-        # loop runs eagerly (PyTorch runs such a frame eagerly from its start).
-        if bc.in_loop_body(self.insts, inst.offset) and \
-                self.ctx.resume_depth(self.code) >= config.loop_resume_limit:
-            in_try = True
+        in_try = (bc.in_try_block(self.code, inst.offset) and self.with_exits is None) or in_loop
         if inst.opname in COND_JUMPS and isinstance(stack[-1], TensorVT) and not in_try:
             self._break_jump(inst, stack, reason)
         elif inst.opname in _CALL_OPS and not in_try:
@@ -338,7 +347,51 @@ def _grad_with_exits(code, insts: list, idx: dict, offset: int, stack: list):
     return slots
 
 
+def _generic_with_exits(code, offset: int, stack: list) -> bool:
+    """Whether ``offset`` lies inside a with-block of a context manager of a user class
+    (its ``__exit__`` is a user method on the stack): PyTorch's generic context managers."""
+    from .variables.callables import UserMethodVT
+
+    for e in bc.parse_exception_table(code.co_exceptiontable):
+        if e.start <= offset <= e.end and 1 <= e.depth <= len(stack):
+            v = stack[e.depth - 1]
+            if isinstance(v, UserMethodVT) and v.fn.__name__ == "__exit__":
+                return True
+    return False
+
+
+def generic_ctx_break(code: types.CodeType, err: Unsupported) -> Unsupported:
+    """The error that makes a frame run eagerly: ``err`` broke the graph inside the with-block
+    of a user-defined context manager, whose ``__exit__`` kiln cannot replay around a break."""
+    out = Unsupported(f"graph break under a user-defined context manager: {err.what}",
+                      why=f"the with-block in {code.co_name} cannot be resumed after a graph break, so "
+                          "the frame runs eagerly (as in PyTorch); the functions it calls (the context "
+                          "manager's __enter__ / __exit__ too) are compiled as frames of their own",
+                      where=err.where, hint="move the context manager out of the compiled region, or "
+                                            "the graph break out of the with-block")
+    out.user_stack = getattr(err, "user_stack", None)
+    out.skip_frame = True
+    return out
+
+
 _CALL_OPS = ("CALL", "CALL_KW", "CALL_FUNCTION_EX")
+# NOTE: the other instructions PyTorch resumes after (its break_graph_if_unsupported ones).
+_RESUMABLE_OPS = ("STORE_ATTR", "STORE_SUBSCR", "COMPARE_OP")
+
+
+def loop_break(code: types.CodeType, err: Unsupported) -> Unsupported:
+    """The error that makes a frame run eagerly: ``err`` broke the graph inside a loop of ``code``."""
+    out = Unsupported(f"graph break in loop: {err.what}",
+                      why=f"a graph break inside a loop of {code.co_name} would break again on every "
+                          "iteration, so the frame runs eagerly (as in PyTorch); the functions it calls "
+                          "are compiled as frames of their own",
+                      where=err.where, hint="move the loop body into a function of its own, or the "
+                                            "graph break out of the loop")
+    out.user_stack = getattr(err, "user_stack", None)
+    out.skip_frame = True
+    return out
+
+
 _TRUTH_JUMPS = {op for op in COND_JUMPS if op.endswith(("IF_TRUE", "IF_FALSE"))}
 
 

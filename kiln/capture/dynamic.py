@@ -67,6 +67,12 @@ class FrameState:
 
         if not config.automatic_dynamic_shapes:
             return False
+        if name in self.sizes:
+            # NOTE: a tensor before, an int now: dynamic at once (PyTorch merges the two kinds
+            # of entry of one source into an unknown scalar and unknown sizes).
+            self.sizes[name] = None
+            self.ints[name] = DYNAMIC_INT
+            return True
         seen = self.ints.get(name, _UNSEEN)
         if seen is _UNSEEN:
             self.ints[name] = value
@@ -78,15 +84,22 @@ class FrameState:
 
     def dynamic_dims(self, mode: Optional[bool], name: str, t: torch.Tensor, is_param: bool) -> Optional[list]:
         """Which dims of ``t`` (at ``name``) to make symbolic; None: all static."""
-        if mode is False or is_param:
+        from . import config
+
+        if mode is False or (is_param and config.force_parameter_static_shapes):
             return None
         shape = list(t.shape)
         if mode is True:
             return [True] * len(shape)
-        from . import config
 
         if not config.automatic_dynamic_shapes:
             return None
+        if name in self.ints:
+            # NOTE: an int before, a tensor now: every dim dynamic (see int_is_dynamic).
+            self.ints[name] = DYNAMIC_INT
+            self.sizes[name] = None
+        if name in self.sizes and self.sizes[name] is None:
+            return [True] * len(shape)
         seen = self.sizes.get(name)
         if seen is None or len(seen) != len(shape):
             # NOTE: automatic dynamic starts static; a rank change is not a size change.

@@ -43,6 +43,7 @@ class GuardKind(str, enum.Enum):
     TENSOR_MATCH = "TENSOR_MATCH"
     CONSTANT_MATCH = "CONSTANT_MATCH"
     ID_MATCH = "ID_MATCH"
+    CLOSURE_MATCH = "CLOSURE_MATCH"
     TYPE_MATCH = "TYPE_MATCH"
     SEQUENCE_LENGTH = "SEQUENCE_LENGTH"
     DICT_KEYS = "DICT_KEYS"
@@ -50,6 +51,7 @@ class GuardKind(str, enum.Enum):
     OBJECT_ALIASING = "OBJECT_ALIASING"
     DUPLICATE_INPUTS = "DUPLICATE_INPUTS"
     GRAD_MODE = "GRAD_MODE"
+    GLOBAL_STATE = "GLOBAL_STATE"
     AUTOCAST = "AUTOCAST"
     SHAPE_ENV = "SHAPE_ENV"
     STORAGE_OVERLAP = "STORAGE_OVERLAP"
@@ -187,6 +189,14 @@ class GuardSet:
         self._one(GuardKind.ID_MATCH, src, _t(src, f" is {self.objects.name_of(obj)}"),
                   f"{src.name()} is not the object seen at compile time")
 
+    def closure_match(self, src: Source, fn: Any) -> None:
+        """A function by its code object (PyTorch's CLOSURE_MATCH): closures made anew from one
+        ``def`` share an entry; what they capture is guarded where the trace reads it."""
+        self._one(GuardKind.CLOSURE_MATCH, src,
+                  _t("type(", src, f") is {self.objects.name_of(type(fn))} and ", src,
+                     f".__code__ is {self.objects.name_of(fn.__code__)}"),
+                  f"{src.name()}.__code__ is not the code object seen at compile time")
+
     def type_of(self, src: Source, obj: Any) -> None:
         t = type(obj)
         self._one(GuardKind.TYPE_MATCH, src, _t("type(", src, f") is {self.objects.name_of(t)}"),
@@ -286,6 +296,20 @@ class GuardSet:
         state = autocast_state()
         self._one(GuardKind.AUTOCAST, None, _t(f"___autocast_state() == {state!r}"),
                   f"GLOBAL_STATE changed: autocast (expected {state})", detail=str(state))
+
+    def global_state(self) -> None:
+        """The other process-wide switches PyTorch's global-state guard checks: deterministic
+        algorithms (and warn-only), cuBLAS TF32, the default dtype (factory calls in the graph
+        were traced with it)."""
+        for fn, name in ((torch._C._get_deterministic_algorithms, "deterministic_algorithms"),
+                         (torch._C._get_deterministic_algorithms_warn_only, "deterministic_algorithms_warn_only"),
+                         (torch._C._get_cublas_allow_tf32, "allow_tf32"),
+                         (torch.get_default_dtype, "default_dtype")):
+            value = fn()
+            rhs = repr(value) if isinstance(value, bool) else self.objects.name_of(value)
+            self._one(GuardKind.GLOBAL_STATE, None, _t(f"{self.objects.name_of(fn)}() is {rhs}"),
+                      f"GLOBAL_STATE changed: {name} (expected {value})", detail=f"{name} {value}",
+                      key=(GuardKind.GLOBAL_STATE, name))
 
     def shape(self, code: str, reason: str) -> None:
         """A ShapeEnv guard, printed over the inputs' sizes (dynamic.shape_guards).

@@ -108,6 +108,7 @@ class BasicHandlers:
         if isinstance(v, NullVT):
             self.locals.pop(name, None)
         else:
+            _name_hint(v, name)
             self.locals[name] = v
 
     @handles("DELETE_FAST")
@@ -154,7 +155,7 @@ class BasicHandlers:
             unsupported(f"write to unknown closure variable '{inst.argval}'")
         # NOTE: a real cell (of the compiled frame or of any function inlined): the write is
         # a side effect replayed after the graph, seen by every later read of that cell.
-        src = self.output.objects.source(cell)
+        src = self.cell_sources.get(inst.argval) or self.output.objects.source(cell)
         self.output.side_effects.store_cell(cell, _CellObj(src), value)
 
     # ---------------------------------------------------------- globals
@@ -432,3 +433,13 @@ class _CellObj:
 
     def __init__(self, source):
         self.source = source
+
+
+def _name_hint(v, name: str) -> None:
+    """A graph tensor first stored to a local is named after it (``x = a + 1`` is node ``x``,
+    a later ``x = x * 2`` node ``x_1``), as in PyTorch's capture; inputs keep their names."""
+    node = getattr(v, "node", None)
+    if isinstance(v, TensorVT) and node is not None and node.op in ("call_function", "call_method", "call_module") \
+            and not node.meta.get("kiln_named") and name.isidentifier():
+        node._rename(name)
+        node.meta["kiln_named"] = True

@@ -82,6 +82,9 @@ class Translator(BasicHandlers, CallHandlers, ControlHandlers):
         self.generator_values: Optional[list] = None
         self.suspend_on_yield = False  # a generator run step by step (run_to_yield)
         self.budget = MAX_STEPS
+        # NOTE: closure cells of a function read from a source (guarded by its code object, not
+        # its identity): name -> source of the cell, so reads and writes go through it.
+        self.cell_sources: dict = {}
 
     # ------------------------------------------------------------ helpers
     def push(self, v: VT) -> None:
@@ -138,7 +141,36 @@ class Translator(BasicHandlers, CallHandlers, ControlHandlers):
         name = self.dispatch.get(inst.opname)
         if name is None:
             unsupported(f"opcode {inst.opname}", why="this bytecode instruction has no capture handler")
-        getattr(self, name)(inst)
+        try:
+            getattr(self, name)(inst)
+        finally:
+            graph = getattr(self.output, "graph", None)
+            last = graph._root._prev if graph is not None else None
+            if last is not None and last.op not in ("root", "placeholder") and last.meta.get("stack_trace") is None:
+                self._stamp_stack_trace(graph)
+
+    def _stamp_stack_trace(self, graph) -> None:
+        """``meta["stack_trace"]`` of the nodes this instruction added: the user's frames
+        (innermost last), as PyTorch's capture records them (printed graphs show each
+        node's file:line, and AOT copies it onto the ATen nodes)."""
+        # NOTE: a node made with ``stack_trace`` None has none on purpose (grad-mode and
+        # saved-tensors-hooks switches, as PyTorch's ``create_node`` makes them).
+        key, t = [], self
+        while t is not None:
+            key.append((t.code, t.current.lineno if t.current else t.code.co_firstlineno))
+            t = t.parent
+        cache = self.output.__dict__.setdefault("_stack_traces", {})
+        trace = cache.get(tuple(key))
+        if trace is None:
+            trace = cache[tuple(key)] = "".join(traceback.format_list(self.user_stack()))
+        n = graph._root._prev
+        while n.op not in ("root", "placeholder"):
+            if "stack_trace" in n.meta:
+                if n.meta["stack_trace"] is not None:
+                    break
+            else:
+                n.meta["stack_trace"] = trace
+            n = n._prev
 
     def run(self) -> Optional[VT]:
         try:
@@ -184,16 +216,26 @@ class Translator(BasicHandlers, CallHandlers, ControlHandlers):
         return Translator(fn.__code__, fn.__globals__, self.output, locals_, cells, parent=self)
 
     # ------------------------------------------------------------ inlining
-    def inline_function(self, fn: types.FunctionType, args: list, kwargs: dict) -> VT:
+    def inline_function(self, fn: types.FunctionType, args: list, kwargs: dict,
+                        source: Optional[Source] = None) -> VT:
+        """Inline a call of ``fn``.  ``source``: where ``fn`` was read, when it is guarded by its
+        code object (a closure passed in): its defaults and cells are read through it, guarded."""
         if fn.__code__.co_flags & (bc.UNSUPPORTED_FLAGS & ~bc.CO_GENERATOR):
             unsupported(f"call to coroutine function {fn.__qualname__}")
-        defaults = [self.wrap_static(d) for d in fn.__defaults__ or ()]
-        kwdefaults = {k: self.wrap_static(v) for k, v in (fn.__kwdefaults__ or {}).items()}
+        if source is None:
+            defaults = [self.wrap_static(d) for d in fn.__defaults__ or ()]
+            kwdefaults = {k: self.wrap_static(v) for k, v in (fn.__kwdefaults__ or {}).items()}
+        else:
+            defaults = [self.wrap(d, source.attr("__defaults__").item(i)) for i, d in enumerate(fn.__defaults__ or ())]
+            kwdefaults = {k: self.wrap(v, source.attr("__kwdefaults__").item(k))
+                          for k, v in (fn.__kwdefaults__ or {}).items()}
         locals_ = bind_args(fn.__code__, fn.__qualname__, args, kwargs, defaults, kwdefaults)
         cells = {}
         for name, cell in zip(fn.__code__.co_freevars, fn.__closure__ or ()):
             cells[name] = cell
-        return self._inline(fn.__code__, fn.__globals__, locals_, cells)
+        cell_sources = {} if source is None else {
+            name: source.attr("__closure__").item(i) for i, name in enumerate(fn.__code__.co_freevars)}
+        return self._inline(fn.__code__, fn.__globals__, locals_, cells, cell_sources)
 
     def inline_nested(self, nf: NestedFunctionVT, args: list, kwargs: dict) -> VT:
         code = nf.code
@@ -206,10 +248,11 @@ class Translator(BasicHandlers, CallHandlers, ControlHandlers):
     def _as_vt(self, v: Any) -> VT:
         return self.resolve(v) if isinstance(v, VT) else self.wrap_static(v)
 
-    def _inline(self, code, f_globals, locals_, cells) -> VT:
+    def _inline(self, code, f_globals, locals_, cells, cell_sources: Optional[dict] = None) -> VT:
         if self.depth >= MAX_INLINE_DEPTH:
             unsupported("inlining too deep (recursion)", why=f"more than {MAX_INLINE_DEPTH} nested calls")
         sub = Translator(code, f_globals, self.output, locals_, cells, parent=self)
+        sub.cell_sources = cell_sources or {}
         if code.co_flags & bc.CO_GENERATOR:
             # NOTE: a generator is run to completion here; its values become an iterator.
             # That is only equal to lazy iteration when running it has no side effects.
@@ -256,7 +299,8 @@ class Translator(BasicHandlers, CallHandlers, ControlHandlers):
             value = cell.cell_contents
         except ValueError:
             unsupported(f"free variable '{name}' referenced before assignment")
-        src = ClosureSource(self.output.objects.name_of(cell), name)
+        src = self.cell_sources[name].attr("cell_contents") if name in self.cell_sources \
+            else ClosureSource(self.output.objects.name_of(cell), name)
         if self.library:
             return self.wrap_static(value)
         return self.wrap(value, src)

@@ -19,6 +19,23 @@ def _int_valued(op: Callable, a: VT, b: VT) -> bool:
     return all(isinstance(v, SymNodeVT) and v.python_type() is int
                or (isinstance(v, ConstantVT) and type(v.value) in (int, bool)) for v in (a, b))
 
+
+def _numpy_int_as_python(v: VT) -> VT:
+    """A NumPy integer scalar next to a symbolic int, as the Python int (so ``n % np.int64(8)``
+    stays symbolic instead of specialising ``n``).
+
+    NOTE: the result is a Python int where eager gives an np.int64 (PyTorch's capture too:
+    it passes such scalars as 0-d tensors and reads results back with ``.item()``)."""
+    from .variables.base import is_numpy_scalar
+
+    if isinstance(v, ConstantVT) and is_numpy_scalar(v.value):
+        import numpy as np
+
+        if isinstance(v.value, np.integer):
+            return ConstantVT(int(v.value))
+    return v
+
+
 _SYMBOLS: dict[str, Callable] = {
     "+": operator.add, "&": operator.and_, "//": operator.floordiv, "<<": operator.lshift,
     "@": operator.matmul, "*": operator.mul, "%": operator.mod, "|": operator.or_,
@@ -106,6 +123,8 @@ def binary_op(tx, op: Callable, a: VT, b: VT) -> VT:
         if not isinstance(a, TensorVT) and op in _INPLACE:
             op = _INPLACE[op]  # NOTE: `n += t` with a Python number rebinds n: a plain op
         return tx.output.call_graph("call_function", op, [a, b], {})
+    if isinstance(a, SymNodeVT) or isinstance(b, SymNodeVT):
+        a, b = _numpy_int_as_python(a), _numpy_int_as_python(b)
     if (isinstance(a, SymNodeVT) or isinstance(b, SymNodeVT)) and _int_valued(op, a, b):
         # NOTE: size arithmetic stays symbolic; comparisons are decided (and guarded) by the ShapeEnv.
         return tx.output.call_graph("call_function", _INPLACE.get(op, op), [a, b], {})

@@ -171,6 +171,7 @@ class OutputGraph:
         self.grad_enabled = self.initial_grad
         self.guards.grad_mode(self.initial_grad)
         self.guards.autocast()
+        self.guards.global_state()
         self.module_params: set = set()
 
     # ------------------------------------------------------------ inputs
@@ -293,7 +294,7 @@ class OutputGraph:
             return
         self.grad_enabled = mode
         torch._C._set_grad_enabled(mode)
-        self.graph.call_function(torch._C._set_grad_enabled, (mode,))
+        self.graph.call_function(torch._C._set_grad_enabled, (mode,)).meta["stack_trace"] = None
 
     # ------------------------------------------------------------ calls
     def call_graph(self, kind: str, target: Any, args: list, kwargs: dict) -> VT:
@@ -366,6 +367,7 @@ class OutputGraph:
             self.graph.call_function(torch._C._set_grad_enabled, (self.initial_grad,))
         self.graph.output(tuple(o.node for o in outputs))
         self._drop_unused_sizes()
+        self._drop_grad_flips()
         if self.op_count() == 0 and not outputs:
             return None
         from .variables.subgraph import attached
@@ -406,6 +408,20 @@ class OutputGraph:
             return compiled
         finally:
             torch._C._set_grad_enabled(prior)
+
+    def _drop_grad_flips(self) -> None:
+        """Two adjacent grad-mode switches that undo each other (``_set_grad_enabled(False)``
+        then ``(True)``), as PyTorch's capture drops them: a region that only enters and
+        leaves ``no_grad`` has no graph."""
+        grad = self.initial_grad
+        nodes = list(self.graph.nodes)
+        for a, b in zip(nodes, nodes[1:]):
+            if a.target is torch._C._set_grad_enabled and a.args == (not grad,) and not a._erased:
+                grad = a.args[0]
+                if b.target is torch._C._set_grad_enabled and b.args == (not grad,) and not b._erased:
+                    grad = b.args[0]
+                    self.graph.erase_node(a)
+                    self.graph.erase_node(b)
 
     def _drop_unused_sizes(self) -> None:
         """Size reads and size arithmetic whose values were only used in Python (specialised)."""

@@ -86,7 +86,8 @@ class LocalSource(Source):
         return f"L[{self.local!r}]"
 
     def render(self, base_code: Optional[str]) -> str:
-        return self.local
+        # NOTE: a comprehension's ``.0`` is the entry's parameter ``implicit0`` (its signature's name).
+        return self.local if self.local.isidentifier() else f"implicit{self.local[1:]}"
 
 
 @dataclass(frozen=True)

@@ -448,6 +448,8 @@ class _Loader:
             op = _resolve_op(meta["original_aten"])
             if op is not None:
                 node.meta["original_aten"] = op
+        if isinstance(meta.get("stack_trace"), str):
+            node.meta["stack_trace"] = meta["stack_trace"]
 
     # ------------------------------------------------------------------ tensors
     def tensors(self, weights: bytes) -> tuple[dict, dict, dict]:

@@ -225,6 +225,8 @@ class _Saver:
                 meta["seq_nr"] = n.meta["seq_nr"]
             if isinstance(n.meta.get("original_aten"), torch._ops.OpOverload):
                 meta["original_aten"] = _op_name(n.meta["original_aten"])
+            if isinstance(n.meta.get("stack_trace"), str):
+                meta["stack_trace"] = n.meta["stack_trace"]  # NOTE: text only (the printed program shows it)
             nodes.append({"op": n.op, "name": n.name, "target": target,
                           "args": [self.value(a) for a in n.args],
                           "kwargs": {k: self.value(v) for k, v in n.kwargs.items()}, "meta": meta})

@@ -118,7 +118,9 @@ def test_invoke_in_pt2_compiled_autograd():
         # The structure is the seed's: clone of the incoming gradient (y's fresh .grad),
         # the hook's trace_wrapped body inlined (grad * grad), clone of that (x's .grad).
         assert "torch.clone(l_inputs_0_)" in actual and "l_inputs_0_ * l_inputs_0_" in actual, actual
-        assert "torch.clone(mul)" in actual and "return (clone, clone_1)" in actual, actual
+        # Nodes are named after the locals they are stored to (as in the seed: ``result``, ``new_grad``).
+        assert "result: \"f32[s" in actual and "torch.clone(result)" in actual, actual
+        assert "return (new_grad, new_grad_1)" in actual, actual
         graph = None
 
 

@@ -12,7 +12,7 @@ import torch
 from ..sources import Source
 from .base import ConstantVT, VT, is_const_value
 from .callables import BuiltinVT, ClassVT, PartialVT, WeakRefVT, PyModuleVT, TorchFnVT, UserFunctionVT, UserMethodVT
-from .containers import DictVT, ListVT, TupleVT
+from .containers import DictVT, IteratorVT, ListVT, TupleVT
 from .objects import NNModuleVT, UserObjectVT
 from .pylib import wrapper_for
 
@@ -30,6 +30,8 @@ def _is_library_function(fn: Any) -> bool:
     root = mod.split(".")[0]
     if root not in ("torch", "math", "operator", "_operator", "functorch"):
         return False
+    if mod.startswith("torch._C._dynamo"):
+        return False  # NOTE: PyTorch's eval-frame helpers (e.g. its test helper ``unsupported``) are no ops
     if isinstance(fn, types.FunctionType):
         return mod.startswith(_GRAPH_PY_MODULES)
     return True
@@ -176,14 +178,34 @@ def _wrap_dict(tx, value: dict, source: Source, guard: bool) -> VT:
 
 
 def _identity_guard(g, source: Source, value: Any) -> None:
-    if isinstance(value, (torch.nn.Module, types.ModuleType, type, types.FunctionType,
-                          types.BuiltinFunctionType)) or _is_torch_callable(value):
+    if _guarded_by_code(value):
+        g.closure_match(source, value)
+    elif isinstance(value, (torch.nn.Module, types.ModuleType, type, types.FunctionType,
+                            types.BuiltinFunctionType)) or _is_torch_callable(value):
         g.ident(source, value)
     elif isinstance(value, types.MethodType):
         g.ident(source.attr("__func__"), value.__func__)
         g.ident(source.attr("__self__"), value.__self__)
     else:
         g.type_of(source, value)
+
+
+def _guarded_by_code(value: Any) -> bool:
+    """A user's function (a closure made anew on each call of its maker, say) is guarded by its
+    code object, as PyTorch's CLOSURE_MATCH does; its cells and defaults are read through its
+    source when inlined (interpreter.inline_function), so they are guarded as what they hold."""
+    from ..cache import is_library_code
+    from .pylib import library_function
+
+    if type(value) is not types.FunctionType or is_library_code(value.__code__) or _is_torch_callable(value):
+        return False
+    if any(hasattr(value, a) for a in ("_kiln_disable", "_kiln_orig", "_torchdynamo_disable", "__wrapped__")):
+        return False
+    from .callables import _py_special
+    from .generator_cm import CODE_MODELS
+
+    return _py_special().get(value) is None and library_function(value) is None \
+        and CODE_MODELS.get(value.__code__) is None
 
 
 def _wrap_object(tx, value: Any, source: Source) -> VT:
@@ -205,7 +227,9 @@ def _wrap_object(tx, value: Any, source: Source) -> VT:
     if isinstance(value, type):
         return ClassVT(value, source)
     if isinstance(value, types.FunctionType):
-        return UserFunctionVT(value, source)
+        vt = UserFunctionVT(value, source)
+        vt.by_code = source is not None and _guarded_by_code(value)
+        return vt
     if isinstance(value, types.MethodType) and isinstance(value.__func__, types.FunctionType):
         return UserMethodVT(value.__func__, wrap(tx, value.__self__, source.attr("__self__"), guard=False))
     if isinstance(value, functools.partial):
@@ -213,7 +237,8 @@ def _wrap_object(tx, value: Any, source: Source) -> VT:
                          [wrap(tx, a, source.attr("args").item(i), guard=False) for i, a in enumerate(value.args)],
                          {k: wrap(tx, v, source.attr("keywords").item(k), guard=False)
                           for k, v in value.keywords.items()}, source)
-    if type(value).__name__ in ("tuple_iterator", "list_iterator") and type(value).__module__ == "builtins":
+    if type(value).__name__ in ("tuple_iterator", "list_iterator", "range_iterator") \
+            and type(value).__module__ == "builtins":
         return _wrap_iterator(tx, value, source)
     if isinstance(value, weakref.ReferenceType):
         return WeakRefVT(value, source)
@@ -227,12 +252,46 @@ def _wrap_object(tx, value: Any, source: Source) -> VT:
 
 
 def _wrap_iterator(tx, it: Any, source: Source) -> VT:
-    """A live tuple/list iterator (e.g. a loop's iterator passed to a resume function):
+    """A live tuple/list/range iterator (e.g. a loop's iterator passed to a resume function):
     its remaining items, read without advancing it."""
-    from .containers import IteratorVT
-
     _, (seq,), pos = it.__reduce__()
     tx.output.guards.iterator(source, it, pos, len(seq))
     items_src = source.method_call("__reduce__").item(1).item(0)
+    if isinstance(seq, range):
+        # NOTE: e.g. the ``.0`` argument of a comprehension's own frame (3.11) over a range.
+        tx.output.guards.const(items_src, seq)
+        return InputIteratorVT([ConstantVT(v) for v in seq[pos:]], source, pos)
     items = [wrap(tx, v, items_src.item(pos + i)) for i, v in enumerate(seq[pos:])]
-    return IteratorVT(items)
+    return InputIteratorVT(items, source, pos)
+
+
+class InputIteratorVT(IteratorVT):
+    """A live iterator read from the frame's inputs: as far as the trace advanced it, the
+    real iterator is advanced after the graph (``it.__setstate__(position)``)."""
+
+    def __init__(self, items: list, source: Source, start: int):
+        super().__init__(items)
+        self.source = source
+        self.start = start
+        self.tracked = False
+
+    def _advanced(self, tx) -> None:
+        if not self.tracked:
+            self.tracked = True
+            tx.output.side_effects.track(self)
+
+    def next(self, tx):
+        v = super().next(tx)
+        self._advanced(tx)
+        return v
+
+    def unpack(self, tx) -> list:
+        out = super().unpack(tx)
+        self._advanced(tx)
+        return out
+
+    def replay_value(self, cg) -> str:
+        return str(self.start + self.pos)
+
+    def replay_apply(self, target: str, value: str) -> str:
+        return f"{target}.__setstate__({value})"

@@ -45,6 +45,11 @@ def _getattr(tx, obj: VT, name: VT, default: VT = None) -> VT:
     except (AttributeError, KeyError):
         if default is None:
             raise
+        from .objects import UserObjectVT
+
+        if isinstance(obj, UserObjectVT) and obj.source is not None:
+            # NOTE: the default was taken: an attribute added later must recompile (as hasattr).
+            tx.output.guards.attr_presence(obj.source, name.const(), False)
         return default
 
 

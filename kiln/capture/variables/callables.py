@@ -57,6 +57,9 @@ class UserFunctionVT(VT):
     def call(self, tx, args: list, kwargs: dict) -> VT:
         if getattr(self.fn, "_kiln_disable", False):
             unsupported(f"call to {self.fn.__qualname__}, disabled by kiln.disable")
+        if getattr(self.fn, "_torchdynamo_disable", False):
+            # NOTE: torch.compiler.disable / torch._dynamo.disable marks the function the same way.
+            unsupported(f"call to {self.fn.__qualname__}, disabled by torch.compiler.disable")
         from .pylib import library_function
 
         special = _py_special().get(self.fn) or library_function(self.fn)
@@ -67,6 +70,8 @@ class UserFunctionVT(VT):
         by_code = CODE_MODELS.get(getattr(self.fn, "__code__", None))
         if by_code is not None:
             return by_code(tx, self.fn, args, kwargs)
+        if getattr(self, "by_code", False):
+            return tx.inline_function(self.fn, args, kwargs, source=self.source)
         return tx.inline_function(getattr(self.fn, "_kiln_orig", self.fn), args, kwargs)
 
     def getattr(self, tx, name: str) -> VT:

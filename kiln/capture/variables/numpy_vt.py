@@ -13,9 +13,10 @@ NumPy functions read from ``numpy`` / ``numpy.linalg`` / ``numpy.fft``.
 Out: arrays returned or stored are rebuilt with ``tensor.numpy()``.
 
 NOTE: what is not traced breaks the graph, with a reason: ``numpy.random`` (torch's
-generator would give other numbers than NumPy's), data reads (``item``, ``tolist``),
-NumPy functions ``torch._numpy`` lacks.  Reductions give 0-d arrays where NumPy gives
-NumPy scalars (equal values; PyTorch's capture does the same).
+generator would give other numbers than NumPy's), data reads (``item``; ``tolist`` is the
+tensor's ``tolist``, as in PyTorch), NumPy functions ``torch._numpy`` lacks.  Reductions
+give 0-d arrays where NumPy gives NumPy scalars (equal values; PyTorch's capture does the
+same).  ``Tensor.numpy()`` is a ``view_as`` node (the array is a view of the tensor's memory).
 """
 from __future__ import annotations
 
@@ -132,6 +133,11 @@ class NdarrayVT(VT):
         unsupported(f"ndarray.{name}", why="torch._numpy has no such attribute")
 
     def call_method(self, tx, name: str, args: list, kwargs: dict) -> VT:
+        if name == "tolist":
+            # NOTE: as in PyTorch's capture, the tensor's own tolist (its rules on data reads).
+            from .tensor import TensorVT
+
+            return TensorVT(self.node, self.fake, self.tensor_source).call_method(tx, name, args, kwargs)
         if name in _BREAKING:
             unsupported(f"ndarray.{name}()", why=_BREAKING[name])
         if name == "__len__":
@@ -146,8 +152,8 @@ class NdarrayVT(VT):
         return [call(tx, "op", operator.getitem, [self, ConstantVT(i)]) for i in range(self.fake.shape[0])]
 
     def reconstruct(self, cg) -> str:
-        if self.node.op == "placeholder" and self.np_source is not None:
-            return self.np_source.code()
+        # NOTE: always a new array over the tensor's memory, also for an array read from the
+        # caller (as in PyTorch's capture): so a read-only input comes back writeable.
         from .tensor import TensorVT
 
         return f"{cg.obj(_to_numpy)}({cg.tensor_expr(TensorVT(self.node, self.fake, self.tensor_source))})"
@@ -179,7 +185,6 @@ def _to_numpy(t: torch.Tensor):
 
 _BREAKING = {
     "item": "it reads the array's data",
-    "tolist": "it reads the array's data",
     "tobytes": "it reads the array's data",
     "__array_interface__": "it exposes the array's memory",
     "ctypes": "it exposes the array's memory",
@@ -404,6 +409,10 @@ def tensor_numpy(tx, t, force: bool = False) -> VT:
         unsupported("Tensor.numpy() of a tensor that requires grad", why="eager raises RuntimeError")
     if t.fake.device.type != "cpu":
         unsupported("Tensor.numpy() of a tensor not on the CPU", why="eager raises TypeError")
+    if not force:
+        # NOTE: the array is a view of the tensor's memory, so in the graph it is a view of
+        # the tensor (as in PyTorch's capture): a region whose only op is ``.numpy()`` compiles.
+        t = tx.output.call_graph("call_method", "view_as", [t, t], {})
     return NdarrayVT(t.node, t.fake, tensor_source=t.source)
 
 

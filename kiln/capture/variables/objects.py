@@ -118,6 +118,9 @@ class NNModuleVT(PendingAttrs, VT):
         fwd = inspect.getattr_static(type(m), "forward")
         if not isinstance(fwd, types.FunctionType):
             unsupported(f"module {type(m).__name__} without a Python forward")
+        if getattr(fwd, "_kiln_disable", False) or getattr(fwd, "_torchdynamo_disable", False):
+            unsupported(f"call to module {type(m).__name__} whose forward is disabled (kiln.disable / "
+                        "torch.compiler.disable)")
         return tx.inline_function(fwd, [self] + list(args), kwargs)
 
     def unpack(self, tx) -> list:

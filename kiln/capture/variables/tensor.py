@@ -99,15 +99,18 @@ class TensorVT(VT):
         read by graph nodes (``x.size(0)``) when the dims are dynamic."""
         value = getattr(self.fake, name)(*args)
         graph = tx.output.graph
+        whole: list = []  # NOTE: one ``x.stride()`` node for the items read of this call (as PyTorch)
 
         def make(i=None):
             if i is None:
                 return graph.call_method(name, (self.node, *args))
-            if name in ("size", "stride") and not args:
+            if name == "size" and not args:
                 return graph.call_method(name, (self.node, i))
             import operator
 
-            return graph.call_function(operator.getitem, (graph.call_method(name, (self.node, *args)), i))
+            if not whole:
+                whole.append(graph.call_method(name, (self.node, *args)))
+            return graph.call_function(operator.getitem, (whole[0], i))
 
         return tx.output.sym_vt(value, make)
 

@@ -34,6 +34,12 @@ def minmax_fold(tx, op: Callable, items: list) -> VT:
 
 
 def _pair(tx, op: Callable, a: VT, b: VT) -> VT:
+    from .numpy_vt import NdarrayVT
+
+    if isinstance(a, NdarrayVT) or isinstance(b, NdarrayVT):
+        # NOTE: as in PyTorch's capture, ``min(arr, 3)`` of a NumPy array is ``np.minimum``
+        # (eager raises for arrays of more than one element).
+        return _numpy_pair(tx, op, a, b)
     if isinstance(a, TensorVT) and isinstance(b, TensorVT):
         if a.fake.dtype != b.fake.dtype or a.fake.shape != b.fake.shape:
             unsupported(f"builtin {op.__name__} of tensors with different dtypes or shapes",
@@ -52,6 +58,16 @@ def _pair(tx, op: Callable, a: VT, b: VT) -> VT:
     if a.is_const() and b.is_const():
         return ConstantVT(op(a.const(), b.const()))
     unsupported(f"builtin {op.__name__} of {a} and {b}")
+
+
+def _numpy_pair(tx, op: Callable, a: VT, b: VT) -> VT:
+    from .numpy_vt import NdarrayVT, call, _tnp
+
+    for v in (a, b):
+        if not (isinstance(v, NdarrayVT) or (isinstance(v, ConstantVT) and type(v.value) in (int, float, bool))
+                or hasattr(v, "sym")):
+            unsupported(f"builtin {op.__name__} of a NumPy array and {v}")
+    return call(tx, "function", _tnp().maximum if op is builtins.max else _tnp().minimum, [a, b])
 
 
 __all__ = ["minmax_fold"]

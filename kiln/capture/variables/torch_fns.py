@@ -28,7 +28,12 @@ def _grad_ctx(mode: bool) -> Callable:
 
 
 def _raw_set_grad(tx, mode: VT) -> VT:
-    tx.output.set_grad_enabled(bool(mode.const()))
+    mode = bool(mode.const())
+    if mode == tx.output.grad_enabled:
+        # NOTE: a call the code makes itself is a graph node even when it changes nothing (as
+        # in PyTorch's capture; only the grad-mode context managers' switches are coalesced).
+        tx.output.graph.call_function(torch._C._set_grad_enabled, (mode,))
+    tx.output.set_grad_enabled(mode)
     return ConstantVT(None)
 
 
@@ -78,6 +83,8 @@ def _special() -> dict:
         torch.jit.is_scripting: _const(False),
         torch.jit.is_tracing: _const(False),
         torch.compiler.is_compiling: _const(True),
+        torch.compiler.is_dynamo_compiling: _const(True),
+        torch._utils.is_compiling: _const(True),
         torch.inference_mode: _break("torch.inference_mode", "inference mode is not captured"),
         # NOTE: forward-AD levels are process state; run on fakes they would stay entered.
         torch._C._enter_dual_level: _break("torch.autograd.forward_ad.dual_level",
@@ -87,12 +94,20 @@ def _special() -> dict:
         torch.from_numpy: _array_to_tensor(torch.from_numpy),
         torch.as_tensor: _array_to_tensor(torch.as_tensor),
     }
+    from .saved_hooks import saved_hooks_functions
+
+    table.update(saved_hooks_functions())
+    from .profiler import profiler_functions
+
+    table.update(profiler_functions())
     from .autocast import autocast_functions
 
     table.update(autocast_functions())
     dyn = getattr(torch, "_dynamo", None)
     if dyn is not None and "graph_break" in getattr(dyn, "__dict__", {}):
         table[dyn.__dict__["graph_break"]] = table[graph_break]
+    if dyn is not None and callable(getattr(dyn, "__dict__", {}).get("is_compiling")):
+        table[dyn.__dict__["is_compiling"]] = _const(True)
     return table
 
 
