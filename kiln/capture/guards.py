@@ -216,6 +216,12 @@ class GuardSet:
         self._one(GuardKind.CONSTANT_MATCH, src, test, f"hasattr({src.name()}, {name!r}) != {present}",
                   key=(GuardKind.CONSTANT_MATCH, "hasattr", src, name))
 
+    def not_in_instance_dict(self, src: Source, name: str) -> None:
+        """``name`` is not an instance attribute of ``src`` (a method of its class is used)."""
+        self._one(GuardKind.CONSTANT_MATCH, src, _t(f"{name!r} not in ", src, ".__dict__"),
+                  f"{src.name()}.{name} was set on the instance",
+                  key=(GuardKind.CONSTANT_MATCH, "not_in_dict", src, name))
+
     def set_contents(self, src: Source, value: Any) -> None:
         """A set or frozenset: its exact type and members (equal to a snapshot of them)."""
         snap = frozenset(value)

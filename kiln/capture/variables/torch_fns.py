@@ -98,12 +98,26 @@ def _special() -> dict:
 
 _SPECIAL: dict = {}
 
+# NOTE: PyTorch callables that are graph breaks, named by (module, qualified name) so that
+# kiln needs not import their modules.
+_BREAK_BY_NAME = {
+    ("torch._C._dynamo.eval_frame", "unsupported"):
+        _break("call to torch._dynamo's unsupported()", "the function is a graph break by design"),
+}
+
+
+def _by_name(fn: Any):
+    try:
+        return _BREAK_BY_NAME.get((getattr(fn, "__module__", None), getattr(fn, "__qualname__", None)))
+    except TypeError:
+        return None
+
 
 def is_special(fn: Any) -> bool:
     if not _SPECIAL:
         _SPECIAL.update(_special())
     try:
-        return fn in _SPECIAL
+        return fn in _SPECIAL or _by_name(fn) is not None
     except TypeError:
         return False
 
@@ -115,6 +129,8 @@ def call_torch(tx, fn: Any, args: list, kwargs: dict) -> VT:
         handler = _SPECIAL.get(fn)
     except TypeError:
         handler = None
+    if handler is None:
+        handler = _by_name(fn)
     if handler is not None:
         return handler(tx, *args, **kwargs)
     return tx.output.call_graph("call_function", fn, list(args), dict(kwargs))
