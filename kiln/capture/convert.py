@@ -20,7 +20,8 @@ from kiln.fallbacks import record_fallback
 from . import bytecode as bc
 from . import config, stats
 from .entry_source import EntryWriter, base_namespace, build_entry
-from .interpreter import LazyLocal, Translator, internal_error
+from .marked_dims import check_constraints, has_marks
+from .interpreter import LazyLocal, Translator, internal_error, is_users_error
 from .handlers_control import COND_JUMPS
 from .output import GraphCompileReason, OutputGraph
 from .sources import LocalSource
@@ -45,7 +46,7 @@ class Done(Exception):
 class RootTranslator(Translator):
     def __init__(self, ctx, fn: types.FunctionType, bound: inspect.BoundArguments, break_step, break_error):
         code = fn.__code__
-        output = OutputGraph(ctx, fn.__globals__, ctx.frame_state(code))
+        output = OutputGraph(ctx, fn.__globals__, ctx.frame_state(code), marked=has_marks(bound.arguments.values()))
         locals_ = {n: LazyLocal(v, LocalSource(n)) for n, v in bound.arguments.items()}
         cells = dict(zip(code.co_freevars, fn.__closure__ or ()))
         super().__init__(code, fn.__globals__, output, locals_, cells)
@@ -68,7 +69,7 @@ class RootTranslator(Translator):
             except (Done, Restart):
                 raise
             except Exception as e:  # noqa: BLE001
-                if isinstance(e, KilnError) and not isinstance(e, Unsupported):
+                if (isinstance(e, KilnError) and not isinstance(e, Unsupported)) or is_users_error(e):
                     raise
                 if not isinstance(e, Unsupported):
                     e = internal_error(self, e)
@@ -437,6 +438,8 @@ def _finish(ctx, fn, tx: RootTranslator):
     ns = base_namespace(tx.output, ctx)
     ns["___graph"] = tx.compiled
     guards = tx.output.guards
+    if tx.output.marked_dims:
+        check_constraints(tx.output.fake_mode.shape_env, tx.output.marked_dims, tx.output.symbols.human)
     if tx.output.fake_mode.shape_env is not None:
         from .dynamic import shape_guards
 

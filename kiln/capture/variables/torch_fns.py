@@ -106,11 +106,23 @@ _BREAK_BY_NAME = {
 }
 
 
+def _forbidden(tx, *args, **kwargs):
+    from kiln.exc import ForbiddenCallError
+
+    raise ForbiddenCallError("Attempt to trace forbidden callable: a dim-marking function "
+                             "(mark_dynamic, mark_static...) called inside the compiled region",
+                             why="dims are marked on an input before it is passed to a compiled function",
+                             hint="call it on the tensor before calling the compiled function")
+
+
 def _by_name(fn: Any):
+    from ..marked_dims import is_marking_function
+
     try:
-        return _BREAK_BY_NAME.get((getattr(fn, "__module__", None), getattr(fn, "__qualname__", None)))
+        found = _BREAK_BY_NAME.get((getattr(fn, "__module__", None), getattr(fn, "__qualname__", None)))
     except TypeError:
         return None
+    return _forbidden if found is None and is_marking_function(fn) else found
 
 
 def is_special(fn: Any) -> bool:
