@@ -22,6 +22,9 @@ _LAZY = {
     "reset": ("kiln.capture", "reset"),
     "graph_break": ("kiln.capture", "graph_break"),
     "explain": ("kiln.capture", "explain"),
+    "mark_dynamic": ("kiln.capture", "mark_dynamic"),
+    "maybe_mark_dynamic": ("kiln.capture", "maybe_mark_dynamic"),
+    "mark_static": ("kiln.capture", "mark_static"),
     # backends
     "list_backends": ("kiln.backends", "list_backends"),
     "register_backend": ("kiln.backends", "register_backend"),

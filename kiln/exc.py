@@ -182,8 +182,13 @@ class ExportError(KilnError, RuntimeError):
 
 
 class ConstraintViolationError(ExportError):
-    """The program does not allow the dynamic shapes it was exported with; the hint
-    lists suggested fixes."""
+    """The program does not allow the dynamic shapes it was exported (or, with dims marked by
+    mark_dynamic, compiled) with; the hint lists suggested fixes."""
+
+
+class ForbiddenCallError(KilnError, AssertionError):
+    """A function that must run before compiling (``mark_dynamic``...) was called inside the
+    compiled region (an AssertionError, as PyTorch's)."""
 
 
 class ExportInputError(ExportError, ValueError):

@@ -174,6 +174,7 @@ _LAZY = {
     "graph_break": "api", "OptimizedModule": "api", "DEFAULT_BACKEND": "api",
     "explain": "explain_export", "export": "explain_export",
     "counters": "stats",
+    "mark_dynamic": "marked_dims", "maybe_mark_dynamic": "marked_dims", "mark_static": "marked_dims",
 }
 
 

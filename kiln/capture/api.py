@@ -57,6 +57,14 @@ class OptimizedModule(torch.nn.Module):
                 del mod.forward
         return self._kiln_fwd(*args, **kwargs)
 
+    def __reduce__(self):
+        # NOTE: compiled code is not pickled: the module is, with how it was compiled.
+        spec = getattr(self._kiln_ctx, "spec", None)
+        if spec is None:
+            raise TypeError("this compiled module was not made by kiln.compile/kiln.optimize; "
+                            "pickle its _orig_mod instead")
+        return (_rebuild_optimized, (self._orig_mod, spec))
+
     def __getattr__(self, name: str) -> Any:
         try:
             return super().__getattr__(name)
@@ -111,7 +119,16 @@ def _context(backend, fullgraph=False, guard_fail_fn=None, dynamic=None, mode=No
     from .cache import CompileContext
 
     fn, name = _resolve_backend(backend, mode, options)
-    return CompileContext(fn, name, fullgraph=fullgraph, guard_fail_fn=guard_fail_fn, dynamic=dynamic)
+    ctx = CompileContext(fn, name, fullgraph=fullgraph, guard_fail_fn=guard_fail_fn, dynamic=dynamic)
+    # NOTE: what made it, so that a pickled compiled module is compiled the same way when loaded.
+    ctx.spec = dict(backend=backend, fullgraph=fullgraph, guard_fail_fn=guard_fail_fn, dynamic=dynamic,
+                    mode=mode, options=options)
+    return ctx
+
+
+def _rebuild_optimized(mod: torch.nn.Module, spec: dict) -> torch.nn.Module:
+    """Unpickling an OptimizedModule: the module, compiled again with the same arguments."""
+    return _apply(_context(**spec), mod)
 
 
 def compile(fn_or_module: Any = None, *, backend: Union[str, Callable] = DEFAULT_BACKEND, fullgraph: bool = False,

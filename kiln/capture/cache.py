@@ -21,6 +21,7 @@ import torch
 from kiln import fallbacks
 from kiln.exc import KilnError, Unsupported, user_traceback
 
+from .interpreter import is_users_error
 from . import bytecode as bc
 from . import config, stats
 
@@ -91,7 +92,7 @@ class FunctionCache:
         except Exception as e:  # noqa: BLE001 - capture failure: run eagerly (never crash)
             if isinstance(e, Unsupported):
                 stats.unimplemented(e.what)
-            if self.ctx.fullgraph:
+            if self.ctx.fullgraph or is_users_error(e):
                 raise
             if not isinstance(e, KilnError) and fallbacks.strict():
                 raise  # NOTE: KILN_STRICT=1: a kiln bug, not a limitation to paper over

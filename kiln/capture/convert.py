@@ -20,7 +20,8 @@ from kiln.fallbacks import record_fallback
 from . import bytecode as bc
 from . import stats
 from .entry_source import EntryWriter, base_namespace, build_entry
-from .interpreter import LazyLocal, Translator, internal_error
+from .interpreter import LazyLocal, Translator, internal_error, is_users_error
+from .marked_dims import check_constraints, has_marks
 from .handlers_control import COND_JUMPS
 from .output import GraphCompileReason, OutputGraph
 from .routed_calls import maybe_has_backedge
@@ -47,7 +48,7 @@ class Done(Exception):
 class RootTranslator(Translator):
     def __init__(self, ctx, fn: types.FunctionType, bound: inspect.BoundArguments, break_step, break_error):
         code = fn.__code__
-        output = OutputGraph(ctx, fn.__globals__, ctx.frame_state(code))
+        output = OutputGraph(ctx, fn.__globals__, ctx.frame_state(code), marked=has_marks(bound.arguments.values()))
         # NOTE: a comprehension's iterator argument is ``.0`` in its code, ``implicit0`` in its signature.
         names = {n: f".{n[8:]}" for n in bound.signature.parameters
                  if n.startswith("implicit") and f".{n[8:]}" in code.co_varnames}
@@ -73,7 +74,8 @@ class RootTranslator(Translator):
             except (Done, Restart):
                 raise
             except Exception as e:  # noqa: BLE001
-                if isinstance(e, KilnError) and not isinstance(e, Unsupported) or getattr(e, "skip_frame", False):
+                if (isinstance(e, KilnError) and not isinstance(e, Unsupported)) or getattr(e, "skip_frame", False) \
+                        or is_users_error(e):
                     raise
                 if not isinstance(e, Unsupported):
                     e = internal_error(self, e)
@@ -490,6 +492,8 @@ def _finish(ctx, fn, tx: RootTranslator):
     ns = base_namespace(tx.output, ctx)
     ns["___graph"] = tx.compiled
     guards = tx.output.guards
+    if tx.output.marked_dims:
+        check_constraints(tx.output.fake_mode.shape_env, tx.output.marked_dims, tx.output.symbols.human)
     if tx.output.fake_mode.shape_env is not None:
         from .dynamic import shape_guards
 

@@ -188,16 +188,35 @@ def symbolic_int(shape_env, value: int, name: str) -> torch.SymInt:
     return shape_env.create_unspecified_symint_and_symbol(value, _shape_env_source(name), DimDynamic.DYNAMIC)
 
 
-def fake_with_dims(fake_mode, value: torch.Tensor, dims: Optional[list]):
-    """A fake tensor of ``value`` with ``dims`` (booleans) symbolic, the rest static."""
+def fake_with_dims(fake_mode, value: torch.Tensor, dims: Optional[list], marked: Optional[dict] = None):
+    """A fake tensor of ``value`` with ``dims`` (booleans) symbolic, the rest static;
+    ``marked``: {dim: (min, max, constrained)} of dims the user marked dynamic (own symbols)."""
     if dims is None or fake_mode.shape_env is None:
         return fake_mode.from_tensor(value, static_shapes=True)
     from torch.fx.experimental.symbolic_shapes import DimDynamic, StatelessSymbolicContext
 
-    # NOTE: DUCK: equal sizes share one symbol (PyTorch's duck sizing), guarded equal.
-    sizes = [DimDynamic.DUCK if d else DimDynamic.STATIC for d in dims]
-    ctx = StatelessSymbolicContext(dynamic_sizes=sizes)
+    marked = marked or {}
+    # NOTE: DUCK: equal sizes share one symbol (PyTorch's duck sizing), guarded equal; a dim
+    # the user marked gets a symbol of its own (DYNAMIC), as in PyTorch.
+    sizes = [DimDynamic.DYNAMIC if i in marked else DimDynamic.DUCK if d else DimDynamic.STATIC
+             for i, d in enumerate(dims)]
+    ctx = StatelessSymbolicContext(dynamic_sizes=sizes, constraint_sizes=[_range_constraint(marked.get(i))
+                                                                          for i in range(len(dims))])
     return fake_mode.from_tensor(value, symbolic_context=ctx)
+
+
+def _range_constraint(mark: Optional[tuple]):
+    """The ShapeEnv constraint of a marked dim with bounds (None: none); a size outside its
+    range raises ConstraintViolationError when its symbol is made."""
+    if mark is None or (mark[0] is None and mark[1] is None):
+        return None
+    from torch.fx.experimental.symbolic_shapes import StrictMinMaxConstraint
+    from torch.utils._sympy.value_ranges import ValueRanges
+    import sympy
+
+    lo, hi = mark[0], mark[1]
+    return StrictMinMaxConstraint(vr=ValueRanges(lower=0 if lo is None else lo,
+                                                 upper=sympy.oo if hi is None else hi), warn_only=False)
 
 
 def new_fake_mode(shape_env: bool):

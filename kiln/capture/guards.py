@@ -149,9 +149,9 @@ class GuardSet:
         self.add(Guard(kind, src, (Check(test, reason),), detail=detail), key)
 
     # ------------------------------------------------------------ guards over sources
-    def tensor(self, src: Source, t: torch.Tensor, dyn: Any = None) -> None:
+    def tensor(self, src: Source, t: torch.Tensor, dyn: Any = None, marks: bool = False) -> None:
         """Tensor metadata; ``dyn`` = (shape tests, stride tests), each a fragment tuple,
-        when some dims are symbolic."""
+        when some dims are symbolic; ``marks``: also the dims marked dynamic/static on it."""
         o = self.objects
         tn = f"tensor '{src.name()}'"
         checks = [
@@ -170,6 +170,8 @@ class GuardSet:
         else:
             checks += [Check(p, f"{tn} size mismatch. expected {_plain(p)}") for p in dyn[0]]
             checks += [Check(p, f"{tn} stride mismatch. expected {_plain(p)}") for p in dyn[1]]
+        if marks:
+            checks.append(self._dim_marks(src, t))
         self.add(Guard(GuardKind.TENSOR_MATCH, src, tuple(checks)))
 
     def const(self, src: Source, value: Any) -> None:
@@ -225,6 +227,30 @@ class GuardSet:
         test = _t("" if present else "not ", f"{self.objects.name_of(hasattr)}(", src, f", {name!r})")
         self._one(GuardKind.CONSTANT_MATCH, src, test, f"hasattr({src.name()}, {name!r}) != {present}",
                   key=(GuardKind.CONSTANT_MATCH, "hasattr", src, name))
+
+    def _dim_marks(self, src: Source, t: torch.Tensor) -> Check:
+        """The dims marked dynamic/static on a tensor input (mark_dynamic): a later input with
+        marks it was not compiled with fails the check (PyTorch's guard on the same attributes)."""
+        from .marked_dims import MARK_ATTRS, marks_within
+
+        parts = []
+        for attr in MARK_ATTRS:
+            if hasattr(t, attr):
+                allowed = frozenset(getattr(t, attr))
+                parts.append(_t(f"{self.objects.name_of(marks_within)}(", src,
+                                f", {attr!r}, {self.objects.name_of(allowed)})"))
+            else:
+                parts.append(_t(f"not {self.objects.name_of(hasattr)}(", src, f", {attr!r})"))
+        test = parts[0]
+        for p in parts[1:]:
+            test = test + (" and ",) + p
+        return Check(test, f"tensor '{src.name()}' dims marked dynamic or static changed")
+
+    def not_in_instance_dict(self, src: Source, name: str) -> None:
+        """``name`` is not an instance attribute of ``src`` (a method of its class is used)."""
+        self._one(GuardKind.CONSTANT_MATCH, src, _t(f"{name!r} not in ", src, ".__dict__"),
+                  f"{src.name()}.{name} was set on the instance",
+                  key=(GuardKind.CONSTANT_MATCH, "not_in_dict", src, name))
 
     def set_contents(self, src: Source, value: Any) -> None:
         """A set or frozenset: its exact type and members (equal to a snapshot of them)."""

@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import builtins
 import inspect
+import sys
 import traceback
 import types
 from typing import Any, Optional
 
 from kiln import fallbacks
-from kiln.exc import KilnError, Unsupported, format_location
+from kiln.exc import ForbiddenCallError, KilnError, Unsupported, format_location
 
 from . import bytecode as bc
 from .handlers_basic import BasicHandlers
@@ -186,7 +187,7 @@ class Translator(BasicHandlers, CallHandlers, ControlHandlers):
                 e.user_stack = self.user_stack()
             raise
         except Exception as e:  # noqa: BLE001 - an interpreter gap is a graph break, never a crash
-            if isinstance(e, KilnError):
+            if isinstance(e, KilnError) or is_users_error(e):
                 raise
             err = internal_error(self, e)
             raise err from e
@@ -347,6 +348,16 @@ def bind_args(code: types.CodeType, name: str, args: list, kwargs: dict, default
                 unsupported(f"{name}() missing required keyword-only argument '{n}'")
             out[n] = kwdefaults[n]
     return out
+
+
+def is_users_error(e: Exception) -> bool:
+    """Errors in the program as written (a dim marked dynamic that the code specializes, a
+    marking call inside the region): raised to the user, never a graph break or an eager run."""
+    if isinstance(e, ForbiddenCallError):
+        return True
+    # NOTE: not imported here (slow): a ShapeEnv, which raises it, has loaded it already.
+    ss = sys.modules.get("torch.fx.experimental.symbolic_shapes")
+    return ss is not None and isinstance(e, ss.ConstraintViolationError)
 
 
 def internal_error(tx, e: Exception) -> Unsupported:

@@ -23,6 +23,7 @@ from . import stats
 from .dynamic import (NO_DYNAMIC_INT_BACKENDS, FrameState, SymbolTable, fake_with_dims, int_may_be_dynamic,
                       new_fake_mode, symbolic_int, tensor_shape_checks)
 from .guards import GuardSet
+from .marked_dims import apply_marks, check_in_range
 from .overlap import backend_tracing_context
 from .sources import ObjectTable, SizeSource, Source
 from .variables.base import VT, ConstantVT, DeletedVT, const_vt, unsupported
@@ -143,7 +144,7 @@ def _placeholder_name(name: str) -> str:
 
 
 class OutputGraph:
-    def __init__(self, ctx, root_globals: dict, frame_state: Optional[FrameState] = None):
+    def __init__(self, ctx, root_globals: dict, frame_state: Optional[FrameState] = None, marked: bool = False):
         self.ctx = ctx
         self.root_globals = root_globals
         self.graph = fx.Graph()
@@ -153,8 +154,10 @@ class OutputGraph:
         from . import config
 
         dynamic = getattr(ctx, "dynamic", None)
-        self.fake_mode = new_fake_mode(dynamic is True or (dynamic is None and self.frame_state.compiles > 0
-                                                           and config.automatic_dynamic_shapes))
+        # NOTE: ``marked``: an argument has dims marked dynamic (mark_dynamic) by the user.
+        self.fake_mode = new_fake_mode(dynamic is True or (dynamic is not False and marked)
+                                       or (dynamic is None and self.frame_state.compiles > 0
+                                           and config.automatic_dynamic_shapes))
         self.symbols = SymbolTable()
         self.size_nodes: dict = {}  # sympy.Symbol -> its placeholder
         self.int_inputs: dict = {}  # source name -> SymNodeVT of an int input (dynamic ints)
@@ -173,6 +176,7 @@ class OutputGraph:
         self.guards.autocast()
         self.guards.global_state()
         self.module_params: set = set()
+        self.marked_dims: list = []  # (name, symbol, min, max) of dims marked with mark_dynamic
 
     # ------------------------------------------------------------ inputs
     def add_tensor_input(self, value: torch.Tensor, source: Source, from_module: bool = False) -> TensorVT:
@@ -186,7 +190,14 @@ class OutputGraph:
             return prev
         dims = self.frame_state.dynamic_dims(getattr(self.ctx, "dynamic", None), source.name(), value,
                                              isinstance(value, torch.nn.Parameter))
-        fake = fake_with_dims(self.fake_mode, value, dims)
+        marked = {}
+        if not from_module:
+            if getattr(self.ctx, "dynamic", None) is not False:
+                dims, marked = apply_marks(value, dims)
+                for d, (lo, hi, _) in marked.items():
+                    check_in_range(f"{source.name()}.size()[{d}]", value.shape[d], lo, hi)
+        fake = fake_with_dims(self.fake_mode, value, dims, marked)
+        self._note_marked(source, fake, marked)
         checks = None
         if any(is_symbolic(d) for d in list(fake.shape) + list(fake.stride())):
             checks = tensor_shape_checks(source, fake, self.symbols)
@@ -195,11 +206,11 @@ class OutputGraph:
                 # tensor): this input keeps static shapes.
                 fake = fake_with_dims(self.fake_mode, value, None)
         if checks is not None:
-            self.guards.tensor(source, value, checks[:2])
+            self.guards.tensor(source, value, checks[:2], marks=not from_module)
             for i, sym in checks[2]:
                 self._add_size_input(source, i, sym)
         else:
-            self.guards.tensor(source, value)
+            self.guards.tensor(source, value, marks=not from_module)
         node = self._make_placeholder(source.name())
         node.meta["example_value"] = fake
         node.meta["source"] = source.name()
@@ -207,6 +218,14 @@ class OutputGraph:
         self._by_id[id(value)] = vt
         self.inputs.append((source, value, vt, from_module))
         return vt
+
+    def _note_marked(self, source: Source, fake: torch.Tensor, marked: dict) -> None:
+        """Remember the symbols of dims marked with mark_dynamic (their constraints are checked
+        when the trace is done)."""
+        for d, (lo, hi, constrained) in marked.items():
+            size = fake.shape[d]
+            if constrained and is_symbolic(size):
+                self.marked_dims.append((f"{source.name()}.size()[{d}]", size.node.expr, lo, hi))
 
     def _add_size_input(self, source: Source, dim: int, sym: torch.SymInt) -> None:
         """A graph input for a new size symbol (PyTorch's ``s0: Sym(s0)`` placeholders)."""

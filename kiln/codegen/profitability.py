@@ -175,6 +175,13 @@ def _writes(n: fx.Node) -> bool:
     if n.op == "call_method":
         name = n.target
     elif n.op == "call_function":
+        # NOTE: graph targets of kiln's own (NumPy calls, say) declare whether they write
+        # their arguments; ATen operators say so in their schema.
+        declared = getattr(n.target, "writes_inputs", None)
+        if declared is not None:
+            return bool(declared)
+        if isinstance(n.target, torch._ops.OpOverload):
+            return n.target._schema.is_mutable
         name = getattr(n.target, "__name__", "")
         if getattr(n.target, "__module__", None) in ("_operator", "operator"):
             return name in _OPERATOR_WRITES

@@ -84,19 +84,30 @@ class NNModuleVT(PendingAttrs, VT):
         if name in pend:
             return pend[name]
         d = self.mod.__dict__
+        cls = type(self.mod)
+        # NOTE: Python's lookup order: data descriptors of the class (properties), the instance
+        # dict, other class attributes (methods), and only then Module.__getattr__'s tables; a
+        # method named like a submodule shadows it.
+        static = inspect.getattr_static(cls, name, _NO_ATTR)
+        in_class = static is not _NO_ATTR
+        if in_class and _is_data_descriptor(static):
+            return self._class_attr(tx, name)
+        if name in d:
+            return tx.wrap(d[name], self.source.attr(name))
+        if in_class:
+            return self._class_attr(tx, name)
         for table in ("_parameters", "_buffers", "_modules"):
             if name in d.get(table, {}):
                 return tx.wrap(d[table][name], self.source.module_entry(table, name))
-        if name in d:
-            return tx.wrap(d[name], self.source.attr(name))
-        found = _class_attr(tx, self, type(self.mod), name)
-        if found is not None:
-            return found
-        if hasattr(type(self.mod), name):
-            return tx.wrap(getattr(self.mod, name), self.source.attr(name))
         if type(self.mod).__getattr__ is torch.nn.Module.__getattr__:
             raise AttributeError(f"'{type(self.mod).__name__}' object has no attribute '{name}'")
         unsupported(f"attribute '{name}' of module {type(self.mod).__name__}")
+
+    def _class_attr(self, tx, name: str) -> VT:
+        found = _class_attr(tx, self, type(self.mod), name)
+        if found is not None:
+            return found
+        return tx.wrap(getattr(self.mod, name), self.source.attr(name))
 
     def children(self, tx) -> list:
         # NOTE: through wrap's table of objects already read: one VT per module, so that an
@@ -107,15 +118,36 @@ class NNModuleVT(PendingAttrs, VT):
                 for k, m in self.mod._modules.items()]
 
     def call(self, tx, args: list, kwargs: dict) -> VT:
+        from torch.nn.modules.lazy import LazyModuleMixin
+
+        from .module_hooks import call_with_hooks, has_forward_hooks, init_lazy
+
         m = self.mod
-        if m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or _global_hooks():
-            unsupported(f"call to module {type(m).__name__} with hooks")
+        if isinstance(m, LazyModuleMixin) and hasattr(m, "_initialize_hook"):
+            init_lazy(tx, self, args, kwargs)
+        if _global_hooks():
+            unsupported(f"call to module {type(m).__name__} with global module hooks")
+        if has_forward_hooks(m) or m._backward_hooks or m._backward_pre_hooks:
+            return call_with_hooks(tx, self, list(args), kwargs, lambda a, k: self._forward(tx, a, k))
+        return self._forward(tx, args, kwargs)
+
+    def _forward(self, tx, args: list, kwargs: dict) -> VT:
+        m = self.mod
         if type(m) is torch.nn.Sequential:
             out = args[0]
             for _, child in self.children(tx):
                 out = child.call(tx, [out], {})
             return out
+        if "forward" in m.__dict__:
+            # NOTE: ``mod.forward = ...`` on the instance (monkeypatching) is what ``mod(x)`` calls.
+            if self.source is None:
+                unsupported(f"call to module {type(m).__name__} whose forward is set on the instance")
+            return tx.wrap(m.__dict__["forward"], self.source.attr("forward")).call(tx, list(args), kwargs)
+        if self.source is not None:
+            tx.output.guards.not_in_instance_dict(self.source, "forward")
         fwd = inspect.getattr_static(type(m), "forward")
+        if isinstance(fwd, staticmethod) and isinstance(fwd.__func__, types.FunctionType):
+            return tx.inline_function(fwd.__func__, list(args), kwargs)
         if not isinstance(fwd, types.FunctionType):
             unsupported(f"module {type(m).__name__} without a Python forward")
         if getattr(fwd, "_kiln_disable", False) or getattr(fwd, "_torchdynamo_disable", False):
@@ -149,6 +181,11 @@ class NNModuleVT(PendingAttrs, VT):
 
     def __repr__(self) -> str:
         return f"NNModuleVT({type(self.mod).__name__})"
+
+
+def _is_data_descriptor(attr: Any) -> bool:
+    t = type(attr)
+    return hasattr(t, "__get__") and (hasattr(t, "__set__") or hasattr(t, "__delete__"))
 
 
 def _global_hooks() -> bool:

@@ -113,12 +113,38 @@ def _special() -> dict:
 
 _SPECIAL: dict = {}
 
+# NOTE: PyTorch callables that are graph breaks, named by (module, qualified name) so that
+# kiln needs not import their modules.
+_BREAK_BY_NAME = {
+    ("torch._C._dynamo.eval_frame", "unsupported"):
+        _break("call to torch._dynamo's unsupported()", "the function is a graph break by design"),
+}
+
+
+def _forbidden(tx, *args, **kwargs):
+    from kiln.exc import ForbiddenCallError
+
+    raise ForbiddenCallError("Attempt to trace forbidden callable: a dim-marking function "
+                             "(mark_dynamic, mark_static...) called inside the compiled region",
+                             why="dims are marked on an input before it is passed to a compiled function",
+                             hint="call it on the tensor before calling the compiled function")
+
+
+def _by_name(fn: Any):
+    from ..marked_dims import is_marking_function
+
+    try:
+        found = _BREAK_BY_NAME.get((getattr(fn, "__module__", None), getattr(fn, "__qualname__", None)))
+    except TypeError:
+        return None
+    return _forbidden if found is None and is_marking_function(fn) else found
+
 
 def is_special(fn: Any) -> bool:
     if not _SPECIAL:
         _SPECIAL.update(_special())
     try:
-        return fn in _SPECIAL
+        return fn in _SPECIAL or _by_name(fn) is not None
     except TypeError:
         return False
 
@@ -130,6 +156,8 @@ def call_torch(tx, fn: Any, args: list, kwargs: dict) -> VT:
         handler = _SPECIAL.get(fn)
     except TypeError:
         handler = None
+    if handler is None:
+        handler = _by_name(fn)
     if handler is not None:
         return handler(tx, *args, **kwargs)
     return tx.output.call_graph("call_function", fn, list(args), dict(kwargs))
