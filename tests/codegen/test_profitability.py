@@ -235,3 +235,17 @@ def test_large_module_state_is_not_copied_for_timing(tmp_cache):
 def test_check_off_keeps_the_compiled_graph(monkeypatch):
     calls = _compile_with_slowed_core(monkeypatch, options={"profitability_check": False})
     assert calls and metrics.graphs_kept_eager == 0 and not metrics.profitability_decisions
+
+
+def test_timing_never_writes_the_callers_tensors_through_numpy(tmp_cache):
+    """A graph that writes its input through NumPy in place (``a = x.numpy(); a += 1``): the
+    whole-graph timing runs on copies, so the caller's tensor is written once, by the call."""
+    def f(x):
+        a = x.numpy()
+        a += 1
+        return x
+
+    x = torch.zeros(3)
+    with config.patch(profitability_check=True):
+        kiln.compile(f, backend="inductor")(x)
+    assert torch.equal(x, torch.ones(3))

@@ -60,6 +60,12 @@ def _from_tnp(x: Any) -> Any:
     return x
 
 
+_WRITING_OPS = frozenset({"setitem", "delitem", "iadd", "iand", "ifloordiv", "ilshift", "imod", "imul",
+                          "imatmul", "ior", "ipow", "irshift", "isub", "itruediv", "ixor"})
+_WRITING_METHODS = frozenset({"fill", "sort", "put", "resize", "itemset", "partition", "setflags",
+                              "__setitem__", "__iadd__", "__isub__", "__imul__", "__itruediv__"})
+
+
 class NumpyCall:
     """A graph target: ``fn`` over ``torch._numpy`` arrays, with tensors in and out.
     ``kind`` is "function" (``fn`` a torch._numpy function), "method" (``fn`` a method
@@ -69,6 +75,9 @@ class NumpyCall:
         self.kind = kind
         self.fn = fn
         self.__name__ = self.__qualname__ = f"numpy_{label}"
+        # NOTE: read by code that runs graphs on real inputs (the profitability check): an
+        # in-place operator, a mutating method or an ``out=`` call writes its arguments.
+        self.writes_inputs = (kind == "op" and label in _WRITING_OPS) or (kind == "method" and label in _WRITING_METHODS)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         args = _to_tnp(args)
