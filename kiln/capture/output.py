@@ -113,7 +113,8 @@ class SideEffects:
                 conts.append(temp(c.replay_value(cg)))
             else:
                 conts.append(temp("[" + ", ".join(cg.expr(i) for i in c.items) + "]"))
-        attrs = [(temp(o.source.code()), name, temp(cg.expr(v))) for o, name, v in self.attrs]
+        attrs = [(temp(o.source.code() if o.source is not None else cg.expr(o)), name, temp(cg.expr(v)))
+                 for o, name, v in self.attrs]
         globs = [(src.code(), temp(cg.expr(v))) for src, v in self.globals.values()]
         hooks = [(temp(cg.expr(t)), temp(cg.expr(fn)), h) for t, fn, h in self.hooks]
         for c, tgt, new in zip(self.containers, targets, conts):

@@ -179,6 +179,11 @@ class UserObjectVT(PendingAttrs, VT):
         d = getattr(self.obj, "__dict__", {})
         if name in d:
             return tx.wrap(d[name], self.source.attr(name))
+        from .callables import pending_class_attr
+
+        written = pending_class_attr(tx, cls, name)
+        if written is not None:
+            return written
         if (self.obj is os.environ and name in ("get", "__getitem__", "__contains__")) or _dict_read(self.obj, name):
             from .callables import BoundMethodVT
 

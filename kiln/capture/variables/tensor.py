@@ -61,13 +61,28 @@ class TensorVT(VT):
             return const_vt(getattr(self.fake, name))
         if name in _GRAPH_ATTRS:
             return tx.output.call_graph("call_function", getattr, [self, ConstantVT(name)], {})
-        if name in ("grad", "data", "_base", "grad_fn", "_version"):
+        if name == "grad":
+            return self._grad(tx)
+        if name in ("data", "_base", "grad_fn", "_version"):
             unsupported(f"Tensor.{name}", why="autograd/storage state is not captured")
         if callable(getattr(torch.Tensor, name, None)):
             return BoundMethodVT(self, name)
         if not hasattr(self.fake, name):
             raise AttributeError(f"'Tensor' object has no attribute '{name}'")
         unsupported(f"Tensor attribute '{name}'")
+
+    def _grad(self, tx) -> VT:
+        """``x.grad`` as PyTorch's capture reads it: of a tensor from outside the region,
+        the gradient it holds (a graph input, or None, guarded); of a leaf made in the
+        region, None (nothing has run a backward into it)."""
+        if self.source is None:
+            if self.fake.grad_fn is None:
+                return ConstantVT(None)
+            unsupported("Tensor.grad of a non-leaf tensor made in the compiled region")
+        real = next((v for _, v, vt, *_ in tx.output.inputs if vt is self), None)
+        if not isinstance(real, torch.Tensor):
+            unsupported(f"Tensor.grad of {self}")
+        return tx.wrap(real.grad, self.source.attr("grad"))
 
     def setattr(self, tx, name: str, value: VT) -> None:
         if name == "data":
