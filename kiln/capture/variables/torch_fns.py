@@ -114,6 +114,9 @@ def _special() -> dict:
         torch.jit.is_scripting: _const(False),
         torch.jit.is_tracing: _const(False),
         torch.compiler.is_compiling: _const(True),
+        # NOTE: kiln's capture stands where TorchDynamo does: code asking whether Dynamo
+        # traces it takes the path it takes under Dynamo.
+        torch.compiler.is_dynamo_compiling: _const(True),
         torch.inference_mode: _break("torch.inference_mode", "inference mode is not captured"),
         # NOTE: forward-AD levels are process state; run on fakes they would stay entered.
         torch._C._enter_dual_level: _break("torch.autograd.forward_ad.dual_level",
