@@ -153,9 +153,14 @@ def _fast_apply(fn: type) -> Callable:
 
 
 def _write_back(meta: AOTMeta, args: list, fw_outs) -> None:
+    set_sources = None
     for k, i in enumerate(meta.mutated_inputs):
         inp, new = args[i], fw_outs[k]
         info = meta.fmeta.inputs[i]
+        if info.mutates_storage and set_sources is None:
+            set_sources = _set_sources(meta, args, fw_outs)
+        if info.mutates_storage:
+            new = set_sources.get(k, new)
         prev = _is_grad_enabled()
         if info.mutations_under_no_grad:
             _set_grad_enabled(False)
@@ -172,6 +177,21 @@ def _write_back(meta: AOTMeta, args: list, fw_outs) -> None:
         if not meta.fmeta.inputs[i].mutates_storage:
             with torch.no_grad():
                 args[i].as_strided_(size, stride, offset)
+
+
+def _set_sources(meta: AOTMeta, args: list, fw_outs) -> dict:
+    """The new values of inputs written back with ``set_`` that are themselves inputs
+    written back with ``set_`` (``x.data = y; y.data = z``: x's new value is y as it came
+    in): taken as aliases of their memory before any write-back, so that the order of
+    the write-backs does not matter."""
+    mutated = [args[i] for i in meta.mutated_inputs if meta.fmeta.inputs[i].mutates_storage]
+    out = {}
+    for k, i in enumerate(meta.mutated_inputs):
+        new = fw_outs[k]
+        if meta.fmeta.inputs[i].mutates_storage and any(new is m for m in mutated):
+            with torch.no_grad():
+                out[k] = new.detach()
+    return out
 
 
 class _OutputPlan:

@@ -57,7 +57,11 @@ class SideEffects:
         if all(c is not vt for c in self.containers):
             self.containers.append(vt)
 
-    def track_attr(self, obj: VT, name: str, value: VT) -> None:
+    def track_attr(self, obj: VT, name: str, value: VT, raw: bool = False) -> None:
+        """``raw``: an ``object.__setattr__`` write (what a class's own ``__setattr__``, inlined,
+        came down to): replayed past the class's ``__setattr__``."""
+        if raw:
+            self.__dict__.setdefault("raw_attrs", set()).add(len(self.attrs))
         self.attrs.append((obj, name, value))
 
     def store_cell(self, cell, target, value: VT) -> None:
@@ -114,7 +118,8 @@ class SideEffects:
                 conts.append(temp(c.replay_value(cg)))
             else:
                 conts.append(temp("[" + ", ".join(cg.expr(i) for i in c.items) + "]"))
-        attrs = [(temp(o.source.code()), name, temp(cg.expr(v))) for o, name, v in self.attrs]
+        attrs = [(temp(o.source.code() if o.source is not None else cg.expr(o)), name, temp(cg.expr(v)))
+                 for o, name, v in self.attrs]
         globs = [(src.code(), temp(cg.expr(v))) for src, v in self.globals.values()]
         hooks = [(temp(cg.expr(t)), temp(cg.expr(fn)), h) for t, fn, h in self.hooks]
         for c, tgt, new in zip(self.containers, targets, conts):
@@ -122,9 +127,12 @@ class SideEffects:
                 cg.line(c.replay_apply(tgt, new))
             else:
                 cg.line(f"{tgt}[:] = {new}")
-        for (obj, name, value), (_, _, vt) in zip(attrs, self.attrs):
+        raw = self.__dict__.get("raw_attrs", ())
+        for i, ((obj, name, value), (_, _, vt)) in enumerate(zip(attrs, self.attrs)):
             if isinstance(vt, DeletedVT):
                 cg.line(f"delattr({obj}, {name!r})")
+            elif i in raw:
+                cg.line(f"{cg.obj(object.__setattr__)}({obj}, {name!r}, {value})")
             else:
                 cg.line(f"setattr({obj}, {name!r}, {value})")
         for expr, value in globs:

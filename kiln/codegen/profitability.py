@@ -195,6 +195,17 @@ def _writes_state(gm: fx.GraphModule) -> bool:
     return any(_writes(n) for n in gm.graph.nodes)
 
 
+# NOTE: calls that change a tensor's sizes or memory (``x.data = y`` is captured as set_):
+# after one timing run the inputs no longer have the shapes the graph was compiled for.
+_RESHAPING = frozenset({"set_", "resize_", "resize_as_", "as_strided_"})
+
+
+def _reshapes_inputs(gm: fx.GraphModule) -> bool:
+    return any(n.op in ("call_method", "call_function")
+               and (n.target if n.op == "call_method" else getattr(n.target, "__name__", "")) in _RESHAPING
+               for n in gm.graph.nodes)
+
+
 def _timing_inputs(example_inputs: Sequence[Any], copy: bool) -> list[Any]:
     """Real inputs to time with: copies when the graph writes (so the caller's tensors,
     lifted parameters and buffers among them, never move), else the inputs themselves
@@ -273,6 +284,10 @@ def _state_bytes(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> int:
 def _measure_graph(gm: fx.GraphModule, example_inputs: Sequence[Any], compiled: Callable,
                    label: str) -> Decision:
     writes = _writes_state(gm)
+    if _reshapes_inputs(gm):
+        return Decision(label, None, None, "compiled", "not measured: the graph changes the sizes or "
+                        "memory of a tensor it is given (set_, resize_), which repeated timing runs "
+                        "would see changed")
     if writes and _state_bytes(gm, example_inputs) > config.profitability_snapshot_bytes:
         return Decision(label, None, None, "compiled", "not measured: the graph writes module state "
                         "or inputs larger than config.profitability_snapshot_bytes, which timing "

@@ -487,6 +487,9 @@ def _set_(mode: FunctionalizeMode, func, args, kwargs):
     old = mode.rec(h)
     src_rec = mode.rec(src)
     mode._detach_value(old.base, h)
+    tracer = current_tracer()
+    if tracer is not None:
+        tracer.freeze_meta(h)  # the node that made h keeps h's metadata before the set_
     with _disable_current_modes():
         func(h, src)
     value = mode.current(src_rec)

@@ -63,7 +63,8 @@ def wrap(tx, value: Any, source: Optional[Source], guard: bool = True) -> VT:
     """
     out = tx.output
     known = out.wrapped_objects.get(id(value)) \
-        if type(value) in _SHARED_TYPES or isinstance(value, torch.nn.Module) or _is_user_object(value) else None
+        if type(value) in _SHARED_TYPES or isinstance(value, (torch.nn.Module, types.ModuleType, type)) \
+        or _is_user_object(value) else None
     if known is not None and known[0] is value:
         vt = known[1]
         if guard and source is not None and vt.source is not None and vt.source.name() != source.name():

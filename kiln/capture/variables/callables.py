@@ -1,6 +1,7 @@
 """Callables: user functions (inlined), bound methods, builtins, torch functions."""
 from __future__ import annotations
 
+import inspect
 import types
 from typing import Any, Optional
 
@@ -72,7 +73,10 @@ class UserFunctionVT(VT):
             return by_code(tx, self.fn, args, kwargs)
         if getattr(self, "by_code", False):
             return tx.inline_function(self.fn, args, kwargs, source=self.source)
-        return tx.inline_function(getattr(self.fn, "_kiln_orig", self.fn), args, kwargs)
+        # NOTE: a function wrapped by PyTorch's own torch.compile / torch._dynamo.run() is
+        # inlined as the function it wraps (``_torchdynamo_inline``), as PyTorch's capture does.
+        fn = getattr(self.fn, "_kiln_orig", None) or inspect.getattr_static(self.fn, "_torchdynamo_inline", self.fn)
+        return tx.inline_function(fn, args, kwargs)
 
     def getattr(self, tx, name: str) -> VT:
         if name in ("__name__", "__qualname__", "__module__", "__doc__", "__code__"):
@@ -274,6 +278,9 @@ class PyModuleVT(VT):
         return types.ModuleType
 
     def getattr(self, tx, name: str) -> VT:
+        pending = self.__dict__.get("pending")
+        if pending and name in pending:
+            return pending[name]
         try:
             value = getattr(self.mod, name)
         except AttributeError:
@@ -282,8 +289,30 @@ class PyModuleVT(VT):
             return tx.wrap_static(value)
         return tx.wrap(value, self.source.attr(name))
 
+    def setattr(self, tx, name: str, value: VT) -> None:
+        """``mod.name = value`` (a module global, a config flag): a side effect replayed
+        after the graph, as PyTorch's capture does; later reads in the region see it.
+        From the first write on, every read of the module in this frame is this VT."""
+        self.__dict__.setdefault("pending", {})[name] = value
+        tx.output.wrapped_objects[id(self.mod)] = (self.mod, self)
+        tx.output.side_effects.track_attr(self, name, value)
+
     def reconstruct(self, cg) -> str:
         return cg.obj(self.mod)
+
+
+def pending_class_attr(tx, cls: type, name: str) -> Optional[VT]:
+    """The value the traced code wrote to ``name`` on ``cls`` or a class it inherits from
+    (first in the MRO), or None."""
+    for klass in getattr(cls, "__mro__", ()):
+        entry = tx.output.wrapped_objects.get(id(klass))
+        if entry is not None and entry[0] is klass and isinstance(entry[1], ClassVT):
+            pending = entry[1].__dict__.get("pending")
+            if pending and name in pending:
+                return pending[name]
+        if name in vars(klass):
+            return None
+    return None
 
 
 def is_library_module(mod: types.ModuleType) -> bool:
@@ -319,12 +348,33 @@ class ClassVT(VT):
     def getattr(self, tx, name: str) -> VT:
         import torch
 
+        pending = self.__dict__.get("pending")
+        if pending and name in pending:
+            return pending[name]
         if name == "apply" and issubclass(self.cls, torch.autograd.Function):
             return TorchFnVT(autograd_apply(self.cls))
         value = getattr(self.cls, name)
         if isinstance(value, types.FunctionType):
             return tx.wrap_static(value)
+        from .base import is_const_value
+
+        if self.source is not None and is_const_value(value) \
+                and (self.cls.__module__ or "").split(".")[0] not in _LIBRARY_ROOTS:
+            # NOTE: a constant class attribute of a user class (``Tracker.generation``) is
+            # guarded: a later write to it recompiles, as in PyTorch's capture.
+            return tx.wrap(value, self.source.attr(name))
         return tx.wrap_static(value)
+
+    def setattr(self, tx, name: str, value: VT) -> None:
+        """``Cls.name = value``: a side effect replayed after the graph (PyTorch's capture
+        does the same); later reads in the region, through the class or its instances, see
+        it.  From the first write on, every read of the class in this frame is this VT."""
+        if type(self.cls).__setattr__ is not type.__setattr__:
+            unsupported(f"setting attribute '{name}' on {self.cls.__name__}",
+                        why="its metaclass defines __setattr__")
+        self.__dict__.setdefault("pending", {})[name] = value
+        tx.output.wrapped_objects[id(self.cls)] = (self.cls, self)
+        tx.output.side_effects.track_attr(self, name, value)
 
     def call(self, tx, args: list, kwargs: dict) -> VT:
         from .builtins import call_builtin_type
@@ -397,6 +447,12 @@ class SuperVT(VT):
                     return tx.wrap_static(attr.__func__)
                 if isinstance(attr, classmethod):
                     return UserMethodVT(attr.__func__, self.obj if isinstance(self.obj, ClassVT) else ClassVT(owner))
+                from .base import is_const_value
+
+                if is_const_value(attr):
+                    # NOTE: a class attribute (``super().a``): its value, guarded on the class
+                    # that holds it (a later ``A.a = 5`` recompiles).
+                    return tx.wrap(attr, tx.output.objects.source(klass).attr(name))
                 return BoundMethodVT(self, name)
         unsupported(f"super() has no attribute {name}")
 

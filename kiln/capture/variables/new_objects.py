@@ -437,7 +437,14 @@ def _new_only(fn_name: str) -> Callable:
 
 
 def _object_setattr(tx, obj: VT, name: VT, value: VT) -> VT:
-    _new_only("object.__setattr__")(obj).store(tx, name.const(), value)
+    from .objects import DataclassVT, UserObjectVT
+
+    if isinstance(obj, DataclassVT):
+        obj.store(tx, name.const(), value)
+    elif type(obj) is UserObjectVT:
+        obj.raw_store(tx, name.const(), value)  # NOTE: an object from outside: replayed
+    else:
+        _new_only("object.__setattr__")(obj).store(tx, name.const(), value)
     return ConstantVT(None)
 
 
@@ -496,7 +503,7 @@ def super_call(tx, sup, name: str, args: list, kwargs: dict) -> Optional[VT]:
         return None
     if name == "__new__" and fn is object.__new__:
         return _object_new(tx, *args, **kwargs)
-    if not isinstance(sup.obj, NewObjectVT):
+    if not isinstance(sup.obj, NewObjectVT) and fn is not object.__setattr__:
         return None
     handler = OBJECT_METHODS.get(fn) if _hashable(fn) else None
     if handler is None:

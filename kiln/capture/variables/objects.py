@@ -9,6 +9,7 @@ import types
 from typing import Any, Optional
 
 import torch
+from kiln.exc import Unsupported
 
 from ..sources import DictItemSource, Source
 from .base import VT, ConstantVT, DeletedVT, unsupported
@@ -212,13 +213,19 @@ class UserObjectVT(PendingAttrs, VT):
                 raise AttributeError(f"'{type(self.obj).__name__}' object has no attribute '{name}'")
             return pend[name]
         cls = type(self.obj)
-        if _custom_getattr(cls):
+        py_getattr = _python_getattr_only(cls)
+        if _custom_getattr(cls) and py_getattr is None:
             # NOTE: read through the real getattr (assumed side-effect free, like config
             # objects); the guard re-reads the same expression on every call.
             return tx.wrap(getattr(self.obj, name), self.source.attr(name))
         d = getattr(self.obj, "__dict__", {})
         if name in d:
             return tx.wrap(d[name], self.source.attr(name))
+        from .callables import pending_class_attr
+
+        written = pending_class_attr(tx, cls, name)
+        if written is not None:
+            return written
         if (self.obj is os.environ and name in ("get", "__getitem__", "__contains__")) or _dict_read(self.obj, name):
             from .callables import BoundMethodVT
 
@@ -226,11 +233,50 @@ class UserObjectVT(PendingAttrs, VT):
         found = _class_attr(tx, self, cls, name)
         if found is not None:
             return found
+        if py_getattr is not None and name not in d \
+                and inspect.getattr_static(cls, name, _NO_ATTR) is _NO_ATTR:
+            return self._inline_getattr(tx, py_getattr, name)
         try:
             value = getattr(self.obj, name)
         except AttributeError:
             raise
         return tx.wrap(value, self.source.attr(name))
+
+    def _inline_getattr(self, tx, hook, name: str) -> VT:
+        """A miss on a class whose ``__getattr__`` is Python: the hook inlined, as PyTorch's
+        capture does (under capture ``torch.compiler.is_dynamo_compiling()`` is true there).
+        Where it cannot be traced and left no trace, the value is read with the real getattr."""
+        before = (len(tx.output.graph.nodes), tx.output.side_effects.size())
+        try:
+            return tx.inline_function(hook, [self, ConstantVT(name)], {})
+        except Unsupported:
+            if (len(tx.output.graph.nodes), tx.output.side_effects.size()) != before:
+                raise
+        return tx.wrap(getattr(self.obj, name), self.source.attr(name))
+
+    def setattr(self, tx, name: str, value: VT) -> None:
+        """``obj.name = value``: the class's Python ``__setattr__`` inlined (its
+        ``object.__setattr__`` is the write replayed), else a write replayed with setattr."""
+        hook = inspect.getattr_static(type(self.obj), "__setattr__", None)
+        if self.source is None or not isinstance(hook, types.FunctionType):
+            return super().setattr(tx, name, value)
+        before = (len(tx.output.graph.nodes), tx.output.side_effects.size())
+        try:
+            tx.inline_function(hook, [self, ConstantVT(name), value], {})
+            return
+        except Unsupported:
+            if (len(tx.output.graph.nodes), tx.output.side_effects.size()) != before:
+                raise
+        super().setattr(tx, name, value)
+
+    def raw_store(self, tx, name: str, value: VT) -> None:
+        """``object.__setattr__(obj, name, value)`` on an object from outside the region."""
+        static = inspect.getattr_static(type(self.obj), name, _NO_ATTR)
+        if self.source is None or (static is not _NO_ATTR and hasattr(type(static), "__set__")):
+            unsupported(f"object.__setattr__ of '{name}' on {self}",
+                        why="a descriptor's setter, or an object without a source")
+        self._pending()[name] = value
+        tx.output.side_effects.track_attr(self, name, value, raw=True)
 
     def call_method(self, tx, name: str, args: list, kwargs: dict) -> VT:
         if self.obj is os.environ and self.source is not None and not kwargs \
@@ -489,6 +535,15 @@ def _set_fields_method(tx, vt: "DataclassVT", name: str, args: list, kwargs: dic
     return values.getitem(tx, args[0])
 
 
+def _python_getattr_only(cls: type):
+    """``cls.__getattr__`` when it is a Python function and attribute lookup is otherwise
+    object's own (no custom ``__getattribute__``), else None."""
+    if not isinstance(inspect.getattr_static(cls, "__getattribute__"), types.WrapperDescriptorType):
+        return None
+    hook = inspect.getattr_static(cls, "__getattr__", None)
+    return hook if isinstance(hook, types.FunctionType) else None
+
+
 def _custom_getattr(cls: type) -> bool:
     """``cls`` overrides attribute lookup (``__getattribute__`` or ``__getattr__``)."""
     custom = not isinstance(inspect.getattr_static(cls, "__getattribute__"), types.WrapperDescriptorType)
@@ -574,7 +629,32 @@ class DataclassVT(VT):
         found = _class_attr(tx, self, self.cls, name)
         if found is not None:
             return found
+        if not _custom_getattr(self.cls) and name not in self.order:
+            static = inspect.getattr_static(self.cls, name, _NO_ATTR)
+            if static is _NO_ATTR:
+                # NOTE: neither a field it was built with nor a class attribute (hasattr false)
+                raise AttributeError(f"'{self.cls.__name__}' object has no attribute '{name}'")
+            from .base import is_const_value
+
+            if is_const_value(static):
+                return tx.wrap(static, tx.output.objects.source(self.cls).attr(name))
         unsupported(f"attribute '{name}' of a {self.cls.__name__} built in the compiled region")
+
+    def setattr(self, tx, name: str, value: VT) -> None:
+        if type(self.cls).__setattr__ is not type.__setattr__ \
+                or inspect.getattr_static(self.cls, "__setattr__") is not object.__setattr__:
+            unsupported(f"setting attribute '{name}' on a {self.cls.__name__} built in the compiled region",
+                        why="its class defines __setattr__ (a frozen dataclass raises FrozenInstanceError)")
+        self.store(tx, name, value)
+
+    def store(self, tx, name: str, value: VT) -> None:
+        """``object.__setattr__(obj, name, value)``: the field (or a new attribute) takes the
+        value; the object is rebuilt from its arguments, then given the values written."""
+        static = inspect.getattr_static(self.cls, name, _NO_ATTR)
+        if static is not _NO_ATTR and hasattr(type(static), "__set__"):
+            unsupported(f"setting {self.cls.__name__}.{name} (a descriptor) on an object built in the region")
+        self.fields[name] = value
+        self.__dict__.setdefault("written", {})[name] = value
 
     def _set_fields(self) -> list:
         """(name, VT) of the fields that are not None, in field order."""
@@ -598,5 +678,11 @@ class DataclassVT(VT):
         return super().call_method(tx, name, args, kwargs)
 
     def reconstruct(self, cg) -> str:
+        done = cg.built(self)
+        if done is not None:
+            return done
         parts = [cg.expr(a) for a in self.args] + [f"{k}={cg.expr(v)}" for k, v in self.kwargs.items()]
-        return cg.container(self, f"{cg.obj(self.cls)}({', '.join(parts)})")
+        name = cg.container(self, f"{cg.obj(self.cls)}({', '.join(parts)})")
+        for k, v in self.__dict__.get("written", {}).items():
+            cg.line(f"{cg.obj(object.__setattr__)}({name}, {k!r}, {cg.expr(v)})")
+        return name

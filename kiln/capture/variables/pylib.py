@@ -34,6 +34,9 @@ def _load() -> None:
     _TYPES.update(itertools_vt.ITERTOOLS)
     _TYPES.update(functools_vt.TYPES)
     _TYPES.update(collections_vt.TYPES)
+    from . import warnings_vt
+
+    _TYPES.update(warnings_vt.TYPES)
     _TYPES[dict] = lambda tx, *a, **k: build_dict(tx, dict, *a, **k)
     _TYPES[set] = lambda tx, *a: build_set(tx, set, *a)
     _TYPES[frozenset] = lambda tx, *a: build_set(tx, frozenset, *a)

@@ -61,13 +61,57 @@ class TensorVT(VT):
             return const_vt(getattr(self.fake, name))
         if name in _GRAPH_ATTRS:
             return tx.output.call_graph("call_function", getattr, [self, ConstantVT(name)], {})
-        if name in ("grad", "data", "_base", "grad_fn", "_version"):
+        if name == "grad":
+            return self._grad(tx)
+        if name in ("data", "_base", "grad_fn", "_version"):
             unsupported(f"Tensor.{name}", why="autograd/storage state is not captured")
         if callable(getattr(torch.Tensor, name, None)):
             return BoundMethodVT(self, name)
         if not hasattr(self.fake, name):
             raise AttributeError(f"'Tensor' object has no attribute '{name}'")
         unsupported(f"Tensor attribute '{name}'")
+
+    def _grad(self, tx) -> VT:
+        """``x.grad`` as PyTorch's capture reads it: of a tensor from outside the region,
+        the gradient it holds (a graph input, or None, guarded); of a leaf made in the
+        region, None (nothing has run a backward into it)."""
+        if self.source is None:
+            if self.fake.grad_fn is None:
+                return ConstantVT(None)
+            unsupported("Tensor.grad of a non-leaf tensor made in the compiled region")
+        real = next((v for _, v, vt, *_ in tx.output.inputs if vt is self), None)
+        if not isinstance(real, torch.Tensor):
+            unsupported(f"Tensor.grad of {self}")
+        return tx.wrap(real.grad, self.source.attr("grad"))
+
+    def setattr(self, tx, name: str, value: VT) -> None:
+        if name == "data":
+            return self._set_data(tx, value)
+        super().setattr(tx, name, value)
+
+    def _set_data(self, tx, value: VT) -> None:
+        """``x.data = y`` as PyTorch's capture does it: ``Tensor.set_(x, y)`` under no_grad,
+        then the version counter lowered by one (``.data =`` does not bump it in eager).
+        The VT keeps its node: at run time the graph mutates the same tensor object (and
+        functionalization replays ``set_`` on the input), so every reference to x, and
+        ``x is z``, stays as it was."""
+        if self.source is None:
+            unsupported("setting Tensor.data on a tensor created in the compiled region",
+                        why="only tensors from outside the region can have their .data set")
+        if not isinstance(value, TensorVT):
+            unsupported(f"setting Tensor.data to {value}")
+        if self.fake.dtype != value.fake.dtype:
+            unsupported("setting Tensor.data to a tensor of another dtype")
+        out = tx.output
+        _input_before(out, self, value)
+        prior = out.grad_enabled
+        out.set_grad_enabled(False)
+        try:
+            out.call_graph("call_function", torch.Tensor.set_, [self, value], {})
+        finally:
+            out.set_grad_enabled(prior)
+        out.graph.call_function(lower_version_count_by_1, (self.node,))
+        lower_version_count_by_1(self.fake)
 
     def call_method(self, tx, name: str, args: list, kwargs: dict) -> VT:
         if name in _META_METHODS:
@@ -127,6 +171,35 @@ class TensorVT(VT):
 
     def __repr__(self) -> str:
         return f"TensorVT({self.node}, {tuple(self.fake.shape)})"
+
+
+def _input_before(output, first: "TensorVT", second: "TensorVT") -> None:
+    """Make ``first``'s placeholder (and its input entry) come before ``second``'s, as
+    in PyTorch's graph for ``x.data = y``: it reads the object of a setattr before the
+    value, kiln reads them in bytecode order (y first).  Backends that keep ``set_``
+    write-backs in the graph (inductor) apply them in input order, and x's new value is
+    y as it came in."""
+    a, b = first.node, second.node
+    if a.op != "placeholder" or b.op != "placeholder" or a.users or b.users:
+        return
+    order = {n: i for i, n in enumerate(output.graph.find_nodes(op="placeholder"))}
+    if order[a] < order[b]:
+        return
+    ins = output.inputs
+    ia = next((i for i, e in enumerate(ins) if e[2] is first), None)
+    ib = next((i for i, e in enumerate(ins) if e[2] is second), None)
+    if ia is None or ib is None:
+        return
+    b.prepend(a)
+    ins.insert(ib, ins.pop(ia))
+
+
+def lower_version_count_by_1(x: torch.Tensor) -> torch.Tensor:
+    """Undo the version bump of the ``set_`` that stands for ``x.data = y`` (eager's
+    ``.data =`` leaves the version counter alone; autograd checks it)."""
+    version = x._version
+    torch._C._autograd._unsafe_set_version_counter((x,), (max(version - 1, 0),))
+    return x
 
 
 def _concrete_all(v: Any) -> Any:

@@ -37,6 +37,39 @@ def _raw_set_grad(tx, mode: VT) -> VT:
     return ConstantVT(None)
 
 
+def _deterministic_state(tx) -> list:
+    """[mode, warn_only] of ``torch.use_deterministic_algorithms`` as the traced code has it
+    (what it set, else the state at the frame's start, guarded as PyTorch's global-state
+    guard does)."""
+    out = tx.output
+    state = out.__dict__.get("deterministic_state")
+    if state is None:
+        from ..guards import GuardKind
+
+        state = [torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()]
+        name = out.objects.name_of
+        test = (f"{name(torch._C._get_deterministic_algorithms)}() is {state[0]} and "
+                f"{name(torch._C._get_deterministic_algorithms_warn_only)}() is {state[1]}",)
+        out.guards._one(GuardKind.CONSTANT_MATCH, None, test,
+                        f"GLOBAL_STATE changed: deterministic_algorithms (expected {state[0]}, "
+                        f"warn_only={state[1]})", key=(GuardKind.CONSTANT_MATCH, "deterministic_algorithms"))
+        out.deterministic_state = state
+    return state
+
+
+def _get_deterministic(index: int) -> Callable:
+    return lambda tx: ConstantVT(_deterministic_state(tx)[index])
+
+
+def _set_deterministic(tx, mode: VT, warn_only: VT = None) -> VT:
+    """``torch._C._set_deterministic_algorithms``: a graph node (run where the code ran it),
+    not run while tracing; later reads in the region see the new state."""
+    state = _deterministic_state(tx)
+    state[:] = [bool(mode.const()), bool(warn_only.const()) if warn_only is not None else False]
+    tx.output.graph.call_function(torch._C._set_deterministic_algorithms, (state[0],), {"warn_only": state[1]})
+    return ConstantVT(None)
+
+
 def _break(what: str, why: str = "") -> Callable:
     def run(tx, *args, **kwargs):
         unsupported(what, why=why)
@@ -74,6 +107,9 @@ def _special() -> dict:
         torch.no_grad: _grad_ctx(False),
         torch.enable_grad: _grad_ctx(True),
         torch._C._set_grad_enabled: _raw_set_grad,
+        torch._C._get_deterministic_algorithms: _get_deterministic(0),
+        torch._C._get_deterministic_algorithms_warn_only: _get_deterministic(1),
+        torch._C._set_deterministic_algorithms: _set_deterministic,
         graph_break: _break("call to graph_break()", "the user asked for a graph break"),
         torch.autograd.grad: _break("call to torch.autograd.grad", "autograd runs eagerly"),
         torch.autograd.backward: _break("call to torch.autograd.backward", "autograd runs eagerly"),
@@ -83,6 +119,8 @@ def _special() -> dict:
         torch.jit.is_scripting: _const(False),
         torch.jit.is_tracing: _const(False),
         torch.compiler.is_compiling: _const(True),
+        # NOTE: kiln's capture stands where TorchDynamo does: code asking whether Dynamo
+        # traces it takes the path it takes under Dynamo.
         torch.compiler.is_dynamo_compiling: _const(True),
         torch._utils.is_compiling: _const(True),
         torch.inference_mode: _break("torch.inference_mode", "inference mode is not captured"),
