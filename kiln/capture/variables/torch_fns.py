@@ -1,6 +1,7 @@
 """Torch functions: most become graph nodes; a table handles the special ones."""
 from __future__ import annotations
 
+import types
 from typing import Any, Callable
 
 import torch
@@ -171,6 +172,9 @@ def _forbidden(tx, *args, **kwargs):
 def _by_name(fn: Any):
     from ..marked_dims import is_marking_function
 
+    # NOTE: functions only: reading __qualname__ of any other object could run its __getattr__.
+    if not isinstance(fn, (types.FunctionType, types.BuiltinFunctionType)):
+        return None
     try:
         found = _BREAK_BY_NAME.get((getattr(fn, "__module__", None), getattr(fn, "__qualname__", None)))
     except TypeError:
