@@ -39,21 +39,13 @@ def _raw_set_grad(tx, mode: VT) -> VT:
 
 
 def _deterministic_state(tx) -> list:
-    """[mode, warn_only] of ``torch.use_deterministic_algorithms`` as the traced code has it
-    (what it set, else the state at the frame's start, guarded as PyTorch's global-state
-    guard does)."""
+    """[mode, warn_only] of ``torch.use_deterministic_algorithms`` as the traced code has it:
+    what it set, else the state at the frame's start (which every entry's global-state
+    guard checks, guards.global_state)."""
     out = tx.output
     state = out.__dict__.get("deterministic_state")
     if state is None:
-        from ..guards import GuardKind
-
         state = [torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()]
-        name = out.objects.name_of
-        test = (f"{name(torch._C._get_deterministic_algorithms)}() is {state[0]} and "
-                f"{name(torch._C._get_deterministic_algorithms_warn_only)}() is {state[1]}",)
-        out.guards._one(GuardKind.CONSTANT_MATCH, None, test,
-                        f"GLOBAL_STATE changed: deterministic_algorithms (expected {state[0]}, "
-                        f"warn_only={state[1]})", key=(GuardKind.CONSTANT_MATCH, "deterministic_algorithms"))
         out.deterministic_state = state
     return state
 
