@@ -362,18 +362,24 @@ def _generic_with_exits(code, offset: int, stack: list) -> bool:
     return False
 
 
-def generic_ctx_break(code: types.CodeType, err: Unsupported) -> Unsupported:
-    """The error that makes a frame run eagerly: ``err`` broke the graph inside the with-block
-    of a user-defined context manager, whose ``__exit__`` kiln cannot replay around a break."""
-    out = Unsupported(f"graph break under a user-defined context manager: {err.what}",
-                      why=f"the with-block in {code.co_name} cannot be resumed after a graph break, so "
-                          "the frame runs eagerly (as in PyTorch); the functions it calls (the context "
-                          "manager's __enter__ / __exit__ too) are compiled as frames of their own",
-                      where=err.where, hint="move the context manager out of the compiled region, or "
-                                            "the graph break out of the with-block")
+def _skip_frame_error(what: str, err: Unsupported, why: str, hint: str) -> Unsupported:
+    """An Unsupported that makes the whole frame run eagerly (``skip_frame``), keeping ``err``'s
+    place in the user's code."""
+    out = Unsupported(f"{what}: {err.what}", why=why, where=err.where, hint=hint)
     out.user_stack = getattr(err, "user_stack", None)
     out.skip_frame = True
     return out
+
+
+def generic_ctx_break(code: types.CodeType, err: Unsupported) -> Unsupported:
+    """The error that makes a frame run eagerly: ``err`` broke the graph inside the with-block
+    of a user-defined context manager, whose ``__exit__`` kiln cannot replay around a break."""
+    return _skip_frame_error(
+        "graph break under a user-defined context manager", err,
+        f"the with-block in {code.co_name} cannot be resumed after a graph break, so the frame runs "
+        "eagerly (as in PyTorch); the functions it calls (the context manager's __enter__ / __exit__ "
+        "too) are compiled as frames of their own",
+        "move the context manager out of the compiled region, or the graph break out of the with-block")
 
 
 _CALL_OPS = ("CALL", "CALL_KW", "CALL_FUNCTION_EX")
@@ -383,15 +389,11 @@ _RESUMABLE_OPS = ("STORE_ATTR", "STORE_SUBSCR", "COMPARE_OP")
 
 def loop_break(code: types.CodeType, err: Unsupported) -> Unsupported:
     """The error that makes a frame run eagerly: ``err`` broke the graph inside a loop of ``code``."""
-    out = Unsupported(f"graph break in loop: {err.what}",
-                      why=f"a graph break inside a loop of {code.co_name} would break again on every "
-                          "iteration, so the frame runs eagerly (as in PyTorch); the functions it calls "
-                          "are compiled as frames of their own",
-                      where=err.where, hint="move the loop body into a function of its own, or the "
-                                            "graph break out of the loop")
-    out.user_stack = getattr(err, "user_stack", None)
-    out.skip_frame = True
-    return out
+    return _skip_frame_error(
+        "graph break in loop", err,
+        f"a graph break inside a loop of {code.co_name} would break again on every iteration, so the "
+        "frame runs eagerly (as in PyTorch); the functions it calls are compiled as frames of their own",
+        "move the loop body into a function of its own, or the graph break out of the loop")
 
 
 _TRUTH_JUMPS = {op for op in COND_JUMPS if op.endswith(("IF_TRUE", "IF_FALSE"))}
