@@ -153,6 +153,11 @@ class Unsupported(KilnError):
     """
 
 
+class TorchRuntimeError(KilnError, RuntimeError):
+    """A torch call failed on fake tensors whose sizes come from tensor data: raised to the
+    caller of the compiled function, as PyTorch's capture raises its TorchRuntimeError."""
+
+
 class CodegenError(KilnError):
     """kiln's code generator failed on a graph (a kiln bug: the graph falls back)."""
 

@@ -447,7 +447,7 @@ def check_output_shapes(mod: torch.nn.Module, meta: AOTMeta) -> None:
         return
     for i, (n, got) in enumerate(zip(vals, meta.out_shapes)):
         want = n.meta.get("val", n.meta.get("example_value")) if isinstance(n, fx.Node) else None
-        if isinstance(want, torch.Tensor) and got is not None and [str(d) for d in want.shape] != [str(d) for d in got]:
+        if isinstance(want, torch.Tensor) and got is not None and _shape_text(want.shape) != _shape_text(got):
             raise exc.TracingError(
                 f"output {i} traced with shape {list(got)}, but the captured graph says {list(want.shape)}",
                 why="a decomposition used while tracing ATen ops disagrees with the operator "
@@ -455,6 +455,14 @@ def check_output_shapes(mod: torch.nn.Module, meta: AOTMeta) -> None:
                 where=exc.user_location(),
                 hint="the graph runs eagerly; upgrading PyTorch may fix the decomposition",
             )
+
+
+def _shape_text(shape) -> list:
+    """Dims as text to compare two traces of one graph; a dim with unbacked symbols (sizes
+    read from tensor data) is "?": each trace reads the data anew, under a new symbol."""
+    from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
+
+    return ["?" if free_unbacked_symbols(d) else str(d) for d in shape]
 
 
 def aot_module_simplified(mod: torch.nn.Module, args: list, fw_compiler: Optional[Callable] = None,

@@ -140,14 +140,15 @@ def collect_metadata(fn: Callable, fake_inputs: list, fake_mode, decompositions:
                              for i, (rg, pre) in enumerate(zip(meta.input_requires_grad, pre_clone))]
         fw_handles = [inputs[i] for i in meta.mutated_inputs]
         for k, (o, info) in enumerate(zip(outs, infos)):
-            if not info.is_tensor:
+            if not info.is_tensor and not _symbolic(o):
                 meta.constant_outputs[k] = o
             elif info.kind == PLAIN:
                 meta.plain_outputs.append(k)
                 fw_handles.append(o)
         fw_handles.extend(b.handle for b in bases)
         meta.num_bases = len(bases)
-        meta.fw_out_requires_grad = [bool(h.requires_grad) and _differentiable(h) for h in fw_handles]
+        meta.fw_out_requires_grad = [isinstance(h, torch.Tensor) and bool(h.requires_grad) and _differentiable(h)
+                                     for h in fw_handles]
         for k, i in enumerate(meta.mutated_inputs):
             # NOTE: a write-back done under no_grad is invisible to autograd (as in eager).
             if mode.input_info[i].mutations_under_no_grad:
@@ -170,6 +171,12 @@ def fw_values(mode: FunctionalizeMode, meta: AOTMeta, outs: list, bases: list) -
     vals += [mode.value_of(outs[k]) for k in meta.plain_outputs]
     vals += [b.value for b in bases]
     return vals
+
+
+def _symbolic(v: Any) -> bool:
+    """A SymInt/SymFloat/SymBool output with free symbols (a value read from tensor data, a
+    size): the graph computes and returns it, it is no constant."""
+    return isinstance(v, (torch.SymInt, torch.SymFloat, torch.SymBool)) and bool(v.node.expr.free_symbols)
 
 
 def _differentiable(t: torch.Tensor) -> bool:

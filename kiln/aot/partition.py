@@ -192,7 +192,7 @@ def _size(n: fx.Node) -> float:
     if isinstance(val, torch.Tensor):
         numel = size_hint(val.numel(), fallback=1 << 20)
         return float(max(numel, 1) * val.element_size())
-    if isinstance(val, (torch.SymInt, int, float, bool)):
+    if isinstance(val, (torch.SymInt, torch.SymFloat, torch.SymBool, int, float, bool)):
         return 1.0
     return INF  # tuples: save their getitems instead
 

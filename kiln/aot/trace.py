@@ -139,7 +139,13 @@ def _is_impure(node: fx.Node) -> bool:
     if schema is not None and schema.is_mutable:
         return True
     name = getattr(target, "__name__", "")
-    return name in ("with_effects", "_sink_tokens") or target is torch.ops.prims._sink_tokens.default
+    return name in ("with_effects", "_sink_tokens") or target is torch.ops.prims._sink_tokens.default \
+        or target in _RUNTIME_ASSERTS
+
+
+# NOTE: checks the graph makes at run time (``torch._check`` / ``assert`` on values read from
+# tensor data, capture/variables/scalars.py): they return nothing and must stay.
+_RUNTIME_ASSERTS = (aten._assert_scalar.default, aten._assert_async.default, aten._assert_async.msg)
 
 
 def eliminate_dead_code(graph: fx.Graph) -> None:

@@ -92,8 +92,9 @@ is the same tensor, NumPy functions, methods and operators are graph nodes runni
 ``np.maximum`` (as in PyTorch).
 
 Graph breaks (the rest runs eagerly, then capture resumes): a data-dependent
-``if`` on a tensor (both branches become resume functions), ``print``,
-``.item()``/``.tolist()``, ``kiln.graph_break()``, calls that fail on fake
+``if`` on a tensor or on a value read from one (both branches become resume functions),
+``print``, ``.item()`` (unless ``config.capture_scalar_outputs``), ``.tolist()`` of a
+non-integer tensor, ``kiln.graph_break()``, calls that fail on fake
 tensors, unknown C functions, construction of non-dataclass objects,
 ``raise``.  A call, attribute read, subscript or operator that breaks is run by
 the generated code, then a compiled resume function continues.  A call or
@@ -156,7 +157,16 @@ state across it (the resume function receives a ``kiln.tracing.autocast.Autocast
 ``Tensor.register_hook`` on an intermediate tensor is a ``kiln.ops.register_hook`` node
 with the hook's body as a subgraph (variables/tensor_hooks.py); untraceable hooks break.
 
-Not yet: unbacked (data-dependent) sizes (a break).
+Tensor data read into Python (variables/scalars.py): ``.tolist()`` of an integer tensor,
+and ``.item()`` under ``config.capture_scalar_outputs``, are ``item`` nodes whose values are
+unbacked SymInts/SymFloats (the frame's fake mode gets a ShapeEnv at the first read; the
+backend gets fake inputs); they size factories, ``cat``, slices, and leave the graph as
+Python numbers.  ``torch._check`` / ``_check_is_size`` / ``assert`` on them become
+``aten._assert_scalar`` nodes (``assert`` on a tensor, ``torch._assert_async``); a Python
+decision on one is a graph break ("data-dependent guard on ..."); a torch call that
+fails on fake tensors with such sizes raises ``kiln.exc.TorchRuntimeError``, as in
+PyTorch.  Input dims marked by PyTorch's ``mark_unbacked`` (or made dynamic under
+``config.automatic_dynamic_shapes_mark_as = "unbacked"``) are unbacked symbols too.
 """
 from __future__ import annotations
 

@@ -15,6 +15,9 @@ cache_size_limit: int = 8
 # dynamic=None: after a recompile caused by a changed size, compile that dim as a
 # symbolic size (PyTorch's automatic_dynamic_shapes).  False: dynamic=None is static.
 automatic_dynamic_shapes: bool = True
+# What automatic dynamic makes a changed dim: "dynamic" (a backed symbol: 0 and 1 stay
+# specialised) or "unbacked" (no hint, size-oblivious: one entry for every size, 0 and 1 too).
+automatic_dynamic_shapes_mark_as: str = "dynamic"
 
 # nn.Parameter inputs keep static shapes (PyTorch's force_parameter_static_shapes); False: their
 # dims follow the same rules as other tensors' (dynamic=True, or automatic after a size change).
@@ -24,6 +27,11 @@ force_parameter_static_shapes: bool = True
 # boundaries so each bucket's all-reduce overlaps the backward of the rest (PyTorch's
 # optimize_ddp); False: one graph per capture, all-reduces after its whole backward.
 optimize_ddp: bool = True
+
+# ``Tensor.item()`` in a compiled region: False, a graph break (the value is data); True, a
+# graph node whose result is an unbacked SymInt/SymFloat/SymBool (PyTorch's
+# capture_scalar_outputs).  ``Tensor.tolist()`` of an integer tensor is captured either way.
+capture_scalar_outputs: bool = False
 
 
 def get_config_copy() -> dict:

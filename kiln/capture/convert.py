@@ -167,7 +167,7 @@ class RootTranslator(Translator):
         # Grad-mode and no-op `with` blocks are the exception: their cleanup is replayed around it.
         self.with_exits = _grad_with_exits(self.code, self.insts, self.idx, inst.offset, stack)
         in_try = (bc.in_try_block(self.code, inst.offset) and self.with_exits is None) or in_loop
-        if inst.opname in COND_JUMPS and isinstance(stack[-1], TensorVT) and not in_try:
+        if inst.opname in COND_JUMPS and _data_condition(stack[-1]) and not in_try:
             self._break_jump(inst, stack, reason)
         elif inst.opname in _CALL_OPS and not in_try:
             self._break_call(inst, stack, reason)
@@ -329,6 +329,14 @@ class RootTranslator(Translator):
             new_stack = stack_names[: len(stack) - npop] + push
             self.cg.line("return " + self._resume_call(offset, new_stack, local_names, cell_names, True))
         self.body = self.cg.lines
+
+
+def _data_condition(v) -> bool:
+    """A jump condition known only at run time: a tensor, or a value read from tensor data
+    (the graph returns it, both branches become resume functions)."""
+    from .variables.symbolic import SymNodeVT, has_unbacked
+
+    return isinstance(v, TensorVT) or (isinstance(v, SymNodeVT) and has_unbacked(v.sym))
 
 
 def _grad_with_exits(code, insts: list, idx: dict, offset: int, stack: list):

@@ -109,6 +109,8 @@ class FrameState:
         merged = [None if (a is None or a != b) else a for a, b in zip(seen, shape)]
         self.sizes[name] = merged
         dyn = [m is None for m in merged]
+        if config.automatic_dynamic_shapes_mark_as == UNBACKED:
+            dyn = [UNBACKED if d else False for d in dyn]
         return dyn if any(dyn) else None
 
 
@@ -198,8 +200,10 @@ def fake_with_dims(fake_mode, value: torch.Tensor, dims: Optional[list], marked:
     marked = marked or {}
     # NOTE: DUCK: equal sizes share one symbol (PyTorch's duck sizing), guarded equal; a dim
     # the user marked gets a symbol of its own (DYNAMIC), as in PyTorch.
-    sizes = [DimDynamic.DYNAMIC if i in marked else DimDynamic.DUCK if d else DimDynamic.STATIC
-             for i, d in enumerate(dims)]
+    # NOTE: UNBACKED: a size-like symbol without a hint (older torch names it SIZE_LIKE_UNBACKED).
+    unbacked = getattr(DimDynamic, "UNBACKED", None) or getattr(DimDynamic, "SIZE_LIKE_UNBACKED")
+    sizes = [unbacked if d is UNBACKED else DimDynamic.DYNAMIC if i in marked else DimDynamic.DUCK if d
+             else DimDynamic.STATIC for i, d in enumerate(dims)]
     ctx = StatelessSymbolicContext(dynamic_sizes=sizes, constraint_sizes=[_range_constraint(marked.get(i))
                                                                           for i in range(len(dims))])
     return fake_mode.from_tensor(value, symbolic_context=ctx)
@@ -219,20 +223,45 @@ def _range_constraint(mark: Optional[tuple]):
                                                  upper=sympy.oo if hi is None else hi), warn_only=False)
 
 
+UNBACKED = "unbacked"  # NOTE: a dynamic_dims entry: the dim is an unbacked (size-like) symbol
+
+
+def marked_unbacked(output, t: torch.Tensor, dims: Optional[list]) -> Optional[list]:
+    """``dims`` with the dims PyTorch's ``mark_unbacked(t, i)`` marked (the tensor's
+    ``_dynamo_unbacked_indices``) as UNBACKED: symbols without a hint, no 0/1 specialisation,
+    size-oblivious reasoning; such a frame gets a ShapeEnv (variables/scalars.py)."""
+    marked = getattr(t, "_dynamo_unbacked_indices", None)
+    if not marked or isinstance(t, torch.nn.Parameter):
+        return dims
+    from .variables.scalars import scalar_outputs
+
+    scalar_outputs(output)
+    dims = list(dims) if dims is not None else [False] * t.dim()
+    for i in marked:
+        if -t.dim() <= i < t.dim():
+            dims[i] = UNBACKED
+    return dims
+
+
 def new_fake_mode(shape_env: bool):
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     if not shape_env:
         return FakeTensorMode()
+    return FakeTensorMode(shape_env=new_shape_env())
+
+
+def new_shape_env(scalar_outputs: bool = False):
+    """A ShapeEnv for a frame's fake mode; ``scalar_outputs``: fake ``item()`` gives unbacked
+    symbols (variables/scalars.py; else they come only where that module allows them)."""
     from torch.fx.experimental.symbolic_shapes import ShapeEnv
 
     # NOTE: ops whose output size depends on data (nonzero, unique...) stay graph
     # breaks, as without a ShapeEnv: no unbacked symbols (they have no input source).
     try:
-        env = ShapeEnv(allow_dynamic_output_shape_ops=False, allow_scalar_outputs=False)
+        return ShapeEnv(allow_dynamic_output_shape_ops=False, allow_scalar_outputs=scalar_outputs)
     except TypeError:  # NOTE: older ShapeEnv signature; data-dependent ops still break elsewhere
-        env = ShapeEnv()
-    return FakeTensorMode(shape_env=env)
+        return ShapeEnv()
 
 
 class SymbolTable:

@@ -59,6 +59,27 @@ class EntryWriter:
             return "___o[0]"
         return f"___o[{self.out_index[vt.node]}]"
 
+    def graph_scalar(self, vt) -> str:
+        """A value read from tensor data (an unbacked SymInt/SymFloat/SymBool) as a graph
+        output: ints and bools as they are; floats as a float64 0-d tensor, read back with
+        ``.item()`` (PyTorch's capture returns them so: one ``scalar_tensor`` node)."""
+        node = vt.node
+        if isinstance(vt.sym, torch.SymFloat):
+            wrapped = node.meta.get("kiln_scalar_output")
+            if wrapped is None:
+                wrapped = node.graph.call_function(torch.scalar_tensor, (node,), {"dtype": torch.float64})
+                wrapped.meta["example_value"] = torch.empty((), dtype=torch.float64, device="meta")
+                node.meta["kiln_scalar_output"] = wrapped
+            return f"{self._graph_output(wrapped)}.item()"
+        return self._graph_output(node)
+
+    def _graph_output(self, node) -> str:
+        if self.out_index is None:
+            if all(n is not node for n in self.needed):
+                self.needed.append(node)
+            return "___o[0]"
+        return f"___o[{self.out_index[node]}]"
+
     def sym_expr(self, sym: Any) -> str:
         """A symbolic size as Python over the inputs' sizes (``(x.size(0)) * 2``)."""
         from .dynamic import sym_expr_of

@@ -184,10 +184,15 @@ def _rebuild(fn, self_obj, gm, entry, args, kwargs) -> fx.GraphModule:
         from .variables.base import VT
         from .variables.containers import ListVT, TupleVT
         from .variables.objects import DataclassVT
+        from .variables.symbolic import SymNodeVT, has_unbacked
         from .variables.tensor import TensorVT
 
         if isinstance(vt, TensorVT):
             return src_nodes[vt.source] if vt.node.op == "placeholder" else outs[index[vt.node]]
+        if isinstance(vt, SymNodeVT) and has_unbacked(vt.sym):
+            # NOTE: a value read from tensor data, a graph output (a float as a 0-d tensor)
+            wrapped = vt.node.meta.get("kiln_scalar_output")
+            return g.call_method("item", (outs[index[wrapped]],)) if wrapped is not None else outs[index[vt.node]]
         if isinstance(vt, (TupleVT, ListVT)):
             vals = [conv(v) for v in vt.items]
             return vals if isinstance(vt, ListVT) else tuple(vals)

@@ -4,6 +4,8 @@ from __future__ import annotations
 from .bytecode import handles
 from .variables.base import ConstantVT, unsupported
 from .variables.containers import IteratorVT
+from .variables.scalars import assert_on_data
+from .variables.symbolic import SymNodeVT
 from .variables.tensor import TensorVT
 
 _JUMP_311 = ("POP_JUMP_FORWARD_IF_TRUE", "POP_JUMP_BACKWARD_IF_TRUE", "POP_JUMP_FORWARD_IF_FALSE",
@@ -42,6 +44,8 @@ class ControlHandlers:
 
     def _cond_jump(self, inst):
         v = self.stack[-1]
+        if isinstance(v, (TensorVT, SymNodeVT)) and assert_on_data(self, inst, v):
+            return
         if isinstance(v, TensorVT) and not inst.opname.endswith("NONE"):
             self.on_tensor_branch(inst, v)
             return

@@ -36,6 +36,16 @@ def _numpy_int_as_python(v: VT) -> VT:
     return v
 
 
+def _on_data(a: VT, b: VT) -> bool:
+    """Arithmetic or a comparison on a value read from tensor data (an unbacked SymFloat
+    too: it has no value to specialise on) and a number: a graph node."""
+    from .variables.symbolic import has_unbacked
+
+    return any(isinstance(v, SymNodeVT) and has_unbacked(v.sym) for v in (a, b)) and all(
+        isinstance(v, SymNodeVT) or (isinstance(v, ConstantVT) and type(v.value) in (int, float, bool))
+        for v in (a, b))
+
+
 _SYMBOLS: dict[str, Callable] = {
     "+": operator.add, "&": operator.and_, "//": operator.floordiv, "<<": operator.lshift,
     "@": operator.matmul, "*": operator.mul, "%": operator.mod, "|": operator.or_,
@@ -125,7 +135,7 @@ def binary_op(tx, op: Callable, a: VT, b: VT) -> VT:
         return tx.output.call_graph("call_function", op, [a, b], {})
     if isinstance(a, SymNodeVT) or isinstance(b, SymNodeVT):
         a, b = _numpy_int_as_python(a), _numpy_int_as_python(b)
-    if (isinstance(a, SymNodeVT) or isinstance(b, SymNodeVT)) and _int_valued(op, a, b):
+    if (isinstance(a, SymNodeVT) or isinstance(b, SymNodeVT)) and (_int_valued(op, a, b) or _on_data(a, b)):
         # NOTE: size arithmetic stays symbolic; comparisons are decided (and guarded) by the ShapeEnv.
         return tx.output.call_graph("call_function", _INPLACE.get(op, op), [a, b], {})
     if isinstance(a, SymNodeVT) or isinstance(b, SymNodeVT):

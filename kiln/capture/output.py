@@ -21,14 +21,14 @@ from kiln.passes import checking, log_graph, verify_graph
 
 from . import stats
 from .dynamic import (NO_DYNAMIC_INT_BACKENDS, FrameState, SymbolTable, fake_with_dims, int_may_be_dynamic,
-                      new_fake_mode, symbolic_int, tensor_shape_checks)
+                      marked_unbacked, new_fake_mode, symbolic_int, tensor_shape_checks)
 from .guards import GuardSet
 from .marked_dims import apply_marks, check_in_range
 from .overlap import backend_tracing_context
 from .sources import ObjectTable, SizeSource, Source
 from .variables.base import VT, ConstantVT, DeletedVT, const_vt, unsupported
 from .variables.containers import ListVT, TupleVT
-from .variables.symbolic import SYM_TYPES, SymNodeVT, concrete, is_symbolic
+from .variables.symbolic import SYM_TYPES, SymNodeVT, concrete, has_unbacked, is_symbolic
 from .variables.tensor import TensorVT, fake_value, node_value
 
 
@@ -145,6 +145,27 @@ class FakeCallError(Unsupported, RuntimeError):
     """A torch call failed on fake tensors (a RuntimeError under fullgraph, else a graph break)."""
 
 
+def _raise_on_unbacked(name: str, e: Exception, fargs: list, fkw: dict) -> None:
+    """A torch call that raised RuntimeError on fake tensors with sizes read from tensor data
+    raises it to the caller (``kiln.exc.TorchRuntimeError``), as PyTorch's capture does: such
+    a size stands for any value (``cat`` of a 2-d tensor and ``ones(u0)`` fails even where
+    eager would skip an empty ``ones(0)``), so eager's answer is not the compiled one."""
+    import torch.utils._pytree as pytree
+
+    from kiln.exc import TorchRuntimeError
+
+    if type(e) is not RuntimeError:
+        return
+    leaves = pytree.tree_leaves((fargs, fkw))
+    if not any(has_unbacked(s) for x in leaves if isinstance(x, torch.Tensor)
+               for s in (*x.shape, x.storage_offset())) and not any(has_unbacked(x) for x in leaves):
+        return
+    raise TorchRuntimeError(f"call to {name} failed on fake tensors with data-dependent sizes: {e}",
+                            why="the sizes come from tensor data (Tensor.item() / tolist()) and the "
+                                "operation is invalid for some of their values",
+                            hint="use torch._check() to state what holds for them") from e
+
+
 def _placeholder_name(name: str) -> str:
     """PyTorch's placeholder name for a source name: ``L['x']`` -> ``L_x_``."""
     n = re.sub(r"[^0-9a-zA-Z_]", "_", name)
@@ -200,6 +221,7 @@ class OutputGraph:
                                              isinstance(value, torch.nn.Parameter))
         marked = {}
         if not from_module:
+            dims = marked_unbacked(self, value, dims)
             if getattr(self.ctx, "dynamic", None) is not False:
                 dims, marked = apply_marks(value, dims)
                 for d, (lo, hi, _) in marked.items():
@@ -290,7 +312,7 @@ class OutputGraph:
         if not is_symbolic(value):
             return const_vt(concrete(value))
         if isinstance(value, torch.SymBool):
-            return ConstantVT(bool(value))
+            return ConstantVT(concrete(value))
         node = self.size_nodes.get(value.node.expr)
         if node is None:
             node = make_node()
@@ -298,7 +320,8 @@ class OutputGraph:
         return SymNodeVT(node, value)
 
     def has_symbols(self) -> bool:
-        return bool(self.size_nodes)
+        # NOTE: values read from tensor data (variables/scalars.py) are unbacked symbols.
+        return bool(self.size_nodes) or getattr(self, "reads_data", False)
 
     def _make_placeholder(self, source_name: str) -> fx.Node:
         name = _placeholder_name(source_name)
@@ -333,6 +356,7 @@ class OutputGraph:
             raise
         except Exception as e:  # noqa: BLE001 - any failure on fake tensors becomes a graph break
             name = target if isinstance(target, str) else getattr(target, "__name__", str(target))
+            _raise_on_unbacked(name, e, fargs, fkw)
             raise FakeCallError(f"call to {name} failed on fake tensors: {type(e).__name__}: {e}",
                                 why="the operation cannot be traced with fake tensors (data-dependent or "
                                     "unsupported); without fullgraph it runs eagerly",
@@ -357,7 +381,7 @@ class OutputGraph:
         if isinstance(res, torch.Tensor):
             node.meta["example_value"] = res
             return TensorVT(node, res)
-        if isinstance(res, SYM_TYPES) and is_symbolic(res) and not isinstance(res, torch.SymBool):
+        if isinstance(res, SYM_TYPES) and is_symbolic(res) and (not isinstance(res, torch.SymBool) or has_unbacked(res)):
             node.meta["example_value"] = res
             return SymNodeVT(node, res)
         if isinstance(res, (tuple, list)) and any(isinstance(r, torch.Tensor) or is_symbolic(r) for r in res):
@@ -451,8 +475,9 @@ class OutputGraph:
                     self.graph.erase_node(b)
 
     def _drop_unused_sizes(self) -> None:
-        """Size reads and size arithmetic whose values were only used in Python (specialised)."""
+        """Size reads and size arithmetic whose values were only used in Python (specialised),
+        and the element reads of ``tolist()`` whose values nothing used."""
         for n in reversed(list(self.graph.nodes)):
             if n.op in ("call_function", "call_method") and not n.users \
-                    and isinstance(n.meta.get("example_value"), SYM_TYPES):
+                    and (isinstance(n.meta.get("example_value"), SYM_TYPES) or n.meta.get("kiln_tolist")):
                 self.graph.erase_node(n)

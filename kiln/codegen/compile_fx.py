@@ -137,6 +137,25 @@ def untargeted_reason(tensors: Sequence[torch.Tensor]) -> Optional[str]:
     return None
 
 
+def unbacked_reason(gm: fx.GraphModule) -> Optional[str]:
+    """Why codegen does not compile a graph holding values read from tensor data
+    (``Tensor.item()`` / ``tolist()``: unbacked symbols), or None."""
+    from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
+
+    found: set = set()
+    for n in gm.graph.nodes:
+        v = n.meta.get("val", n.meta.get("example_value"))
+        try:
+            found |= free_unbacked_symbols(v)
+        except Exception:  # noqa: BLE001 - values without symbols (modules, opaque objects)
+            continue
+    if not found:
+        return None
+    names = ", ".join(sorted(str(s) for s in found)[:4])
+    return (f"the graph has unbacked symbols ({names}: values read from tensor data, or sizes marked "
+            "unbacked); codegen compiles sizes known from the inputs' sizes only")
+
+
 # --------------------------------------------------------------------------- the partition policy
 
 
@@ -257,7 +276,7 @@ def compile_fx(gm: fx.GraphModule, example_inputs: Sequence[Any], *, mode: Optio
     graph_id = next(_graph_ids)
     tensors = _tensors(gm, example_inputs)
     with config.patch(patches):
-        why = untargeted_reason(tensors)
+        why = untargeted_reason(tensors) or unbacked_reason(gm)
         if why is None and not any(t.is_cuda for t in tensors) and config.cpu_backend == "cpp":
             from kiln.codegen.cpp.build import compiler
 
@@ -290,4 +309,4 @@ def compile_fx(gm: fx.GraphModule, example_inputs: Sequence[Any], *, mode: Optio
 
 
 __all__ = ["compile_fx", "compile_graph", "resolve_options", "check_options", "MODES",
-           "fusible_recomputable", "partition_fn", "untargeted_reason"]
+           "fusible_recomputable", "partition_fn", "untargeted_reason", "unbacked_reason"]

@@ -21,6 +21,7 @@ import sys
 from typing import Optional
 
 import sympy
+import torch
 
 from kiln.codegen import ir
 from kiln.codegen.ir import Buffer, Extern, Pointwise, Reduction, make_vars
@@ -314,6 +315,10 @@ class Scheduler:
         lw = self.lowered
         live: set = set()
         stack = [o.buf for o in lw.outputs if isinstance(o, ir.BufRef)]
+        # NOTE: externs that return nothing run for their effect (``aten._assert_async``: an
+        # ``assert`` on tensor data): live, whatever uses them.
+        stack += [b.name for b in lw.order if isinstance(b.body, Extern)
+                  and isinstance(b.body.op, torch._ops.OpOverload) and not b.body.op._schema.returns]
         deps = {}
         for b in lw.order:
             if isinstance(b.body, Extern):

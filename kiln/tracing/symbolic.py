@@ -44,6 +44,16 @@ _FUNCTIONS: dict[str, tuple[Callable, bool]] = {
     "Max": (torch.sym_max, True),
     "Min": (torch.sym_min, True),
     "OpaqueUnaryFn_sqrt": (_sqrt, False),
+    # NOTE: conditions on values read from tensor data (``aten._assert_scalar`` arguments)
+    "Equality": (operator.eq, False),
+    "Unequality": (operator.ne, False),
+    "StrictLessThan": (operator.lt, False),
+    "LessThan": (operator.le, False),
+    "StrictGreaterThan": (operator.gt, False),
+    "GreaterThan": (operator.ge, False),
+    "And": (operator.and_, True),
+    "Or": (operator.or_, True),
+    "Not": (torch.sym_not, False),
 }
 
 
@@ -70,10 +80,19 @@ class SymNodeBuilder:
         if isinstance(s, torch.SymInt) and isinstance(s.node.expr, sympy.Symbol):
             self._sources[s.node.expr] = (None, node, -1, s)
 
+    def register_bound(self, node: fx.Node, s: Any) -> None:
+        """An op's scalar output (``aten._local_scalar_dense``: a value read from tensor data)
+        whose expression is a new symbol: the node itself computes that symbol."""
+        expr = s.node.expr
+        if isinstance(expr, sympy.Symbol) and expr not in self._sources:
+            self._sources[expr] = (None, node, -1, s)
+
     def node_for(self, s: Any) -> Any:
         expr = s.node.expr
         if not expr.free_symbols:
             # NOTE: a value the shape env has already specialised.
+            if isinstance(s, torch.SymBool):
+                return bool(expr)
             return int(expr) if isinstance(s, torch.SymInt) else float(expr)
         node, _ = self._build(expr)
         if isinstance(node, fx.Node):
@@ -100,6 +119,8 @@ class SymNodeBuilder:
             return int(expr), int(expr)
         if expr.is_Number:
             return float(expr), float(expr)
+        if expr in (sympy.true, sympy.false):
+            return bool(expr), bool(expr)
         if isinstance(expr, sympy.Symbol):
             if expr not in self._sources:
                 raise NotImplementedError(f"symbol {expr} does not come from a graph input")

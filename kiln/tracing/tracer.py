@@ -84,6 +84,8 @@ class Tracer:
         """Map `value` (tensor or SymInt) to `node` and fill the node's meta."""
         if isinstance(value, torch.Tensor):
             self._tensor_nodes[id(value)] = (value, node)
+        elif _is_sym(value):
+            self.syms.register_bound(node, value)
         node.meta["val"] = self.meta_val(value)
         if isinstance(value, torch.Tensor):
             try:

@@ -23,11 +23,39 @@ def is_symbolic(v: Any) -> bool:
     return isinstance(v, SYM_TYPES) and not v.node.is_constant() and v.node.expr.free_symbols != set()
 
 
+def has_unbacked(v: Any) -> bool:
+    """A Sym* whose expression has unbacked symbols (values read from tensor data)."""
+    if not isinstance(v, SYM_TYPES):
+        return False
+    from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
+
+    return bool(free_unbacked_symbols(v))
+
+
 def concrete(v: Any) -> Any:
-    """The Python value of a Sym* (guarding it in its ShapeEnv), or ``v`` itself."""
+    """The Python value of a Sym* (guarding it in its ShapeEnv), or ``v`` itself.
+
+    NOTE: a value that depends on tensor data (unbacked symbols) has none while tracing:
+    a graph break, as PyTorch's GuardOnDataDependentSymNode is."""
     if isinstance(v, SYM_TYPES):
-        return _PY[type(v)](v)
+        from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
+
+        try:
+            return _PY[type(v)](v)
+        except GuardOnDataDependentSymNode as e:
+            data_dependent(e)
     return v
+
+
+def data_dependent(e: Exception) -> "NoReturn":  # noqa: F821
+    """The graph break for a guard on a value read from tensor data."""
+    from .base import unsupported
+
+    expr = getattr(e, "cond", None)
+    unsupported(f"data-dependent guard on {expr if expr is not None else 'a value read from tensor data'}",
+                why="the value comes from tensor data (Tensor.item() / tolist()), unknown while tracing "
+                    "(could not guard on data-dependent expression)",
+                hint="use torch._check() / torch._check_is_size() to state what holds, or accept the graph break")
 
 
 class SymNodeVT(VT):
@@ -46,12 +74,19 @@ class SymNodeVT(VT):
         return concrete(self.sym)
 
     def truthy(self, tx) -> bool:
-        return bool(self.sym)
+        from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
+
+        try:
+            return bool(self.sym)
+        except GuardOnDataDependentSymNode as e:
+            data_dependent(e)
 
     def getattr(self, tx, name: str) -> VT:
         return ConstantVT(self.const()).getattr(tx, name)
 
     def reconstruct(self, cg) -> str:
+        if has_unbacked(self.sym):
+            return cg.graph_scalar(self)  # NOTE: no input size computes it: a graph output
         return cg.sym_expr(self.sym)
 
     def __repr__(self) -> str:

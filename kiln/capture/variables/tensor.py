@@ -130,6 +130,10 @@ class TensorVT(VT):
             from .tensor_hooks import register_intermediate_hook
 
             return register_intermediate_hook(tx, self, args[0])
+        if name in ("item", "tolist") and not args and not kwargs:
+            from .scalars import tensor_item, tensor_tolist
+
+            return tensor_item(tx, self) if name == "item" else tensor_tolist(tx, self)
         if name in _BREAKING_METHODS:
             unsupported(f"call to Tensor.{name}", why=_BREAKING_METHODS[name])
         if name == "type" and not args and not kwargs:

@@ -132,8 +132,12 @@ def _special() -> dict:
 
     table.update(profiler_functions())
     from .autocast import autocast_functions
+    from .scalars import shape_oracle_functions, torch_check, torch_check_is_size, torch_tensor
 
     table.update(autocast_functions())
+    table.update({torch._check: torch_check, torch._check_is_size: torch_check_is_size,
+                  torch.tensor: torch_tensor})
+    table.update(shape_oracle_functions())
     dyn = getattr(torch, "_dynamo", None)
     if dyn is not None and "graph_break" in getattr(dyn, "__dict__", {}):
         table[dyn.__dict__["graph_break"]] = table[graph_break]
