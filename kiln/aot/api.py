@@ -299,6 +299,9 @@ def aot_function(fn: Callable, fw_compiler: Optional[Callable] = None,
         decompositions=decompositions, num_params_buffers=num_params_buffers,
         keep_inference_input_mutations=keep_inference_input_mutations,
         inference_compiler=inference_compiler), **options)
+    from kiln.ops.foreign import kiln_graph
+
+    fn = kiln_graph(fn)  # NOTE: PyTorch's higher-order operators read as kiln's (kiln.ops.foreign)
     if isinstance(fn, torch.nn.Module):
         return aot_module(fn, options=opts)
     return _aot_function(fn, opts)
@@ -412,6 +415,9 @@ def aot_module(mod: torch.nn.Module, fw_compiler: Optional[Callable] = None,
     opts = make_options("aot_module", **_given(
         fw_compiler=fw_compiler, bw_compiler=bw_compiler, partition_fn=partition_fn,
         decompositions=decompositions), **options)
+    from kiln.ops.foreign import kiln_graph
+
+    mod = kiln_graph(mod)
     names = _module_state(mod)[0]
     _check_params_buffers("aot_module", opts, len(names))
 
@@ -485,6 +491,9 @@ def aot_module_simplified(mod: torch.nn.Module, args: list, fw_compiler: Optiona
         fw_compiler=fw_compiler, bw_compiler=bw_compiler, partition_fn=partition_fn,
         decompositions=decompositions, keep_inference_input_mutations=keep_inference_input_mutations,
         inference_compiler=inference_compiler), **options)
+    from kiln.ops.foreign import kiln_graph
+
+    mod = kiln_graph(mod)
     names, values, _ = _module_state(mod)
     _check_params_buffers("aot_module_simplified", opts, len(values))
     opts = opts.replace(num_params_buffers=len(values))

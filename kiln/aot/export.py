@@ -68,6 +68,9 @@ def aot_export_module(mod: torch.nn.Module, args: Any, *, trace_joint: bool,
     under no_grad (kiln.export: kernels picked by grad mode, such as attention's, are then
     those the program runs with when called with gradients on)."""
     kwargs = kwargs or {}
+    from kiln.ops.foreign import kiln_graph
+
+    mod = kiln_graph(mod)
     names, values, param_names = _module_state(mod)
     flat_all, in_spec = pytree.tree_flatten((tuple(args), kwargs))
     # NOTE: inputs that are not tensors are constants of the graph (specialised)
@@ -202,7 +205,9 @@ def aot_export_joint_simple(func: Callable, args: Any, *, trace_joint: bool,
     together, inputs ``(primals, tangents)``).  The function must not mutate
     its inputs nor return aliases of them."""
     from kiln.aot.trace import trace_forward, trace_joint as _trace_joint
+    from kiln.ops.foreign import kiln_graph
 
+    func = kiln_graph(func)  # NOTE: PyTorch's higher-order operators read as kiln's
     flat_args = list(args)
     if not isinstance(num_params_buffers, int) or not 0 <= num_params_buffers <= len(flat_args):
         raise exc.KilnError(

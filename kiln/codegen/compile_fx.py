@@ -272,7 +272,9 @@ def compile_fx(gm: fx.GraphModule, example_inputs: Sequence[Any], *, mode: Optio
     patches = resolve_options(mode, options)
     from kiln.backends.common import aot_autograd
     from kiln.backends.debugging import aot_eager
+    from kiln.ops.foreign import kiln_graph
 
+    gm = kiln_graph(gm)  # NOTE: PyTorch's higher-order operators read as kiln's (kiln.ops.foreign)
     graph_id = next(_graph_ids)
     tensors = _tensors(gm, example_inputs)
     with config.patch(patches):

@@ -45,9 +45,13 @@ def make_fx(fn: Callable, tracing_mode: str = "real",
             where=exc.user_location(),
         )
 
+    from kiln.ops.foreign import kiln_graph
+
+    target = kiln_graph(fn)  # NOTE: a graph calling PyTorch's higher-order ops (kiln.ops.foreign)
+
     @functools.wraps(fn)
     def wrapped(*args: Any) -> fx.GraphModule:
-        return _trace(fn, args, tracing_mode, decomposition_table)
+        return _trace(target, args, tracing_mode, decomposition_table)
 
     return wrapped
 

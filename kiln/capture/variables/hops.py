@@ -25,6 +25,8 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from kiln.ops.foreign import is_foreign_hop
+
 from ..sources import Source
 from .base import VT, ConstantVT, unsupported
 from .containers import ListVT, TupleVT
@@ -109,6 +111,13 @@ def _items(v: VT, what: str) -> list:
     unsupported(f"{what} must be a tuple or list, got {v}")
 
 
+def _target(fn: Any, kiln_op: Any) -> Any:
+    """The node target of a call of ``fn``: the object itself when it is a PyTorch
+    higher-order operator (the graph records what the user called, as PyTorch's does;
+    kiln's stages read it as ``kiln_op`` through kiln.ops.foreign), else kiln's op."""
+    return fn if is_foreign_hop(fn) else kiln_op
+
+
 def _emit(tx, op: Any, args: tuple, fakes: list) -> list:
     """One call_function node of ``op``; a VT per output (its getitem)."""
     out = tx.output
@@ -188,12 +197,13 @@ def _cond(tx, fn: Any, args: list, kwargs: dict) -> VT:
     subs = [speculate(tx, true_fn, ops, {}, "torch.cond's true_fn", prefix_names=""),
             speculate(tx, false_fn, ops, {}, "torch.cond's false_fn", prefix_names="")]
     _check_branches(subs)
-    _tag_source(subs, "cond", kiln_cond)
+    op = _target(fn, kiln_cond)
+    _tag_source(subs, "cond", op)
     args_nodes = align(subs, subs[0].n_explicit)
     graph = tx.output.graph
     nt = attach(tx.output, graph, subs[0].gm, "cond_true")
     nf = attach(tx.output, graph, subs[1].gm, "cond_false")
-    outs = _emit(tx, kiln_cond, (pred.node, nt, nf, tuple(args_nodes)), _fakes(tx, subs[0]))
+    outs = _emit(tx, op, (pred.node, nt, nf, tuple(args_nodes)), _fakes(tx, subs[0]))
     return rebuild(subs[0].out_tree, outs)
 
 
@@ -239,9 +249,10 @@ def _wrap(tx, fn: Any, args: list, kwargs: dict) -> VT:
         unsupported("wrap() needs a callable")
     body, rest = args[0], args[1:]
     sub = speculate(tx, body, rest, kwargs, "wrap", prune=True)
-    _tag_source([sub], "wrap", kiln_wrap)
+    op = _target(fn, kiln_wrap)
+    _tag_source([sub], "wrap", op)
     node = attach(tx.output, tx.output.graph, sub.gm, "wrap_body")
-    outs = _emit(tx, kiln_wrap, (node, *sub.args), _fakes(tx, sub))
+    outs = _emit(tx, op, (node, *sub.args), _fakes(tx, sub))
     return rebuild(sub.out_tree, outs)
 
 
@@ -260,9 +271,10 @@ def _checkpoint(tx, fn: Any, args: list, kwargs: dict) -> VT:
                     hint="drop the option, or let this call run eagerly")
     body, rest = args[0], args[1:]
     sub = speculate(tx, body, rest, {}, "torch.utils.checkpoint.checkpoint", prune=True)
-    _tag_source([sub], "checkpoint", kiln_checkpoint)
+    op = _target(fn, kiln_checkpoint)
+    _tag_source([sub], "checkpoint", op)
     node = attach(tx.output, tx.output.graph, sub.gm, "wrap_body")
-    outs = _emit(tx, kiln_checkpoint, (node, *sub.args), _fakes(tx, sub))
+    outs = _emit(tx, op, (node, *sub.args), _fakes(tx, sub))
     return rebuild(sub.out_tree, outs)
 
 
@@ -288,7 +300,8 @@ def _while_loop(tx, fn: Any, args: list, kwargs: dict) -> VT:
             speculate(tx, body_fn, ops, {}, "torch.while_loop's body_fn")]
     _check_loop_pred(subs[0])
     outs = _check_loop_body(subs[1], c_items)
-    _tag_source(subs, "while_loop", kiln_while_loop)
+    op = _target(fn, kiln_while_loop)
+    _tag_source(subs, "while_loop", op)
     args_nodes = align(subs, subs[0].n_explicit)
     graph = tx.output.graph
     nc = attach(tx.output, graph, subs[0].gm, "while_loop_cond")
@@ -296,7 +309,7 @@ def _while_loop(tx, fn: Any, args: list, kwargs: dict) -> VT:
     with tx.output.fake_mode:
         fakes = [_like_carry(c.fake, o) for c, o in zip(c_items, outs)]
     n = len(c_items)
-    res = _emit(tx, kiln_while_loop, (nc, nb, tuple(args_nodes[:n]), tuple(args_nodes[n:])), fakes)
+    res = _emit(tx, op, (nc, nb, tuple(args_nodes[:n]), tuple(args_nodes[n:])), fakes)
     return TupleVT(res)
 
 
@@ -359,7 +372,7 @@ def _map(tx, fn: Any, args: list, kwargs: dict) -> VT:
         unsupported("map() needs a function and the xs to map over")
     f, xs, rest = args[0], args[1], list(args[2:])
     leaves = _mapped_leaves(xs)
-    return _map_call(tx, f, leaves, [_sliced(tx, xs)] + rest)
+    return _map_call(tx, fn, f, leaves, [_sliced(tx, xs)] + rest)
 
 
 def _map_impl(tx, fn: Any, args: list, kwargs: dict) -> VT:
@@ -367,7 +380,7 @@ def _map_impl(tx, fn: Any, args: list, kwargs: dict) -> VT:
     x_items = _items(xs, "map_impl's xs")
     leaves = _mapped_leaves(TupleVT(x_items))
     sliced = _items(_sliced(tx, TupleVT(x_items)), "map_impl's xs")
-    return _map_call(tx, f, leaves, sliced + _items(pos, "map_impl's pos_args"))
+    return _map_call(tx, fn, f, leaves, sliced + _items(pos, "map_impl's pos_args"))
 
 
 def _mapped_leaves(xs: VT) -> list:
@@ -408,11 +421,12 @@ def _sliced(tx, xs: VT) -> VT:
     return tree_map(xs, one)
 
 
-def _map_call(tx, f: VT, leaves: list, call_args: list) -> VT:
+def _map_call(tx, fn: Any, f: VT, leaves: list, call_args: list) -> VT:
     from kiln.ops import map_impl
 
     sub = speculate(tx, f, call_args, {}, "map's body")
-    _tag_source([sub], "map", map_impl)
+    op = _target(fn, map_impl)
+    _tag_source([sub], "map", op)
     n = len(leaves)
     if not sub.outputs or len(sub.outputs) != _n_leaves(sub.out_tree) or \
             any(not isinstance(o, TensorVT) for o in sub.outputs):
@@ -423,7 +437,7 @@ def _map_call(tx, f: VT, leaves: list, call_args: list) -> VT:
     with tx.output.fake_mode:
         fakes = [torch.empty((batch, *o.shape), dtype=o.dtype, device=o.device) for o in sub.fakes()]
     fakes = [t.requires_grad_(True) if o.requires_grad else t for t, o in zip(fakes, sub.fakes())]
-    outs = _emit(tx, map_impl, (body, tuple(sub.args[:n]), tuple(sub.args[n:])), fakes)
+    outs = _emit(tx, op, (body, tuple(sub.args[:n]), tuple(sub.args[n:])), fakes)
     return rebuild(sub.out_tree, outs)
 
 
