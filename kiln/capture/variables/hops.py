@@ -299,6 +299,7 @@ def _while_loop(tx, fn: Any, args: list, kwargs: dict) -> VT:
     subs = [speculate(tx, cond_fn, ops, {}, "torch.while_loop's cond_fn"),
             speculate(tx, body_fn, ops, {}, "torch.while_loop's body_fn")]
     _check_loop_pred(subs[0])
+    _bare_output(subs[0])
     outs = _check_loop_body(subs[1], c_items)
     op = _target(fn, kiln_while_loop)
     _tag_source(subs, "while_loop", op)
@@ -326,6 +327,17 @@ def _check_loop_pred(sub) -> None:
                     why=f"cond_fn returns {tree}; a loop whose condition is a Python constant either never "
                         "runs or never stops",
                     hint="return a 0-d bool tensor computed from the carried values")
+
+
+def _bare_output(sub) -> None:
+    """The subgraph returns its one output itself, not a 1-tuple.
+
+    NOTE: as PyTorch's graph records while_loop's cond_fn (its eager while_loop refuses a
+    tuple predicate; kiln's op takes both)."""
+    out = next(n for n in reversed(sub.graph.nodes) if n.op == "output")
+    (node,) = out.args[0]
+    out.args = (node,)
+    sub.gm.recompile()
 
 
 def _check_loop_body(sub, carried: list) -> list:
