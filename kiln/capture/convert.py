@@ -49,6 +49,7 @@ class RootTranslator(Translator):
     def __init__(self, ctx, fn: types.FunctionType, bound: inspect.BoundArguments, break_step, break_error):
         code = fn.__code__
         output = OutputGraph(ctx, fn.__globals__, ctx.frame_state(code), marked=has_marks(bound.arguments.values()))
+        output.objects.bind_closure(fn.__closure__)
         # NOTE: a comprehension's iterator argument is ``.0`` in its code, ``implicit0`` in its signature.
         names = {n: f".{n[8:]}" for n in bound.signature.parameters
                  if n.startswith("implicit") and f".{n[8:]}" in code.co_varnames}
@@ -245,8 +246,13 @@ class RootTranslator(Translator):
         dead = tuple(n for n in self.code.co_varnames if n not in local_names and n not in self.code.co_cellvars)
         spec = bc.ResumeSpec(self.code, offset, tuple(s is None for s in stack_names), dead,
                              tuple(cell_names), f"__resume_at_{offset}")
-        fn = self.ctx.resume_function(self.fn, spec, compiled)
-        name = self.output.objects.name_of(fn)
+        if self.fn.__closure__:
+            # NOTE: the entry serves every closure of this code: the resume function is made
+            # over the closure the entry was called with.
+            factory = self.ctx.resume_factory(self.fn.__globals__, spec, compiled)
+            name = f"{self.output.objects.name_of(factory)}(___cl)"
+        else:
+            name = self.output.objects.name_of(self.ctx.resume_function(self.fn.__globals__, None, spec, compiled))
         args = [local_names.get(n, "None") for n in self.code.co_varnames]
         args += [s for s in stack_names if s is not None]
         args += [cell_names[c] for c in spec.cell_only]
@@ -512,5 +518,6 @@ def _finish(ctx, fn, tx: RootTranslator):
     tx.output.frame_state.compiles += 1
     entry, why, _ = build_entry(fn, guards, tx.graph_args, tx.body, ns, fn.__qualname__)
     entry.__kiln_guards__ = list(guards.guards)
+    entry.__kiln_id_matched__ = dict(guards.id_matched)
     entry.__kiln_export__ = getattr(tx, "export_info", None)
     return entry, why
