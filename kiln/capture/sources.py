@@ -366,6 +366,11 @@ class ObjectTable:
         for i, cell in enumerate(closure or ()):
             self.by_id[id(cell)] = f"{param}[{i}]"
 
+    def bind_cell_arg(self, cell: Any, param: str) -> None:
+        """A cell object the compiled frame receives as its argument ``param`` (a resume
+        function's cell variables): read from that argument, not embedded."""
+        self.by_id[id(cell)] = param
+
     def source(self, obj: Any, label: str = "") -> ObjectSource:
         return ObjectSource(self.name_of(obj), label)
 

@@ -155,3 +155,40 @@ def test_many_instances_compiled_one_by_one_stay_compiled():
         for b in blocks:
             torch.testing.assert_close(kiln.compile(b, backend=cnt)(X), b(X))
     assert cnt.frame_count == len(blocks)
+
+
+# ---------------------------------------------------------------- cells across a graph break
+def test_a_closure_made_before_a_break_writes_the_cell_the_rest_of_the_frame_reads():
+    def fn(x):
+        total = x
+
+        def add(v):
+            nonlocal total
+            total = total + v
+
+        add(1)
+        kiln.graph_break()
+        add(2)
+        return total * 2
+
+    cnt = CompileCounter()
+    opt = kiln.compile(fn, backend=cnt)
+    for _ in range(2):
+        torch.testing.assert_close(opt(X), fn(X))
+    assert cnt.frame_count == 2
+
+
+def test_a_cell_assigned_after_the_break_is_seen_by_a_closure_made_before_it():
+    def fn(x):
+        def scale():
+            return x * factor
+
+        if x.sum() > 0:  # NOTE: a data-dependent branch: both ways resume compiled
+            x = x + 1
+        factor = 3
+        return scale()
+
+    cnt = CompileCounter()
+    opt = kiln.compile(fn, backend=cnt)
+    for t in (X.abs(), -X.abs()):
+        torch.testing.assert_close(opt(t), fn(t))
