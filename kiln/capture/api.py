@@ -119,7 +119,11 @@ def _context(backend, fullgraph=False, guard_fail_fn=None, dynamic=None, mode=No
     from .cache import CompileContext
 
     fn, name = _resolve_backend(backend, mode, options)
-    ctx = CompileContext(fn, name, fullgraph=fullgraph, guard_fail_fn=guard_fail_fn, dynamic=dynamic)
+    # NOTE: PyTorch's backend match: one backend callable with the same mode and options
+    # (torch.compile's _TorchCompileWrapper.__eq__) shares compiled entries.
+    key = (lookup_backend(backend), mode, options)
+    ctx = CompileContext(fn, name, fullgraph=fullgraph, guard_fail_fn=guard_fail_fn, dynamic=dynamic,
+                         backend_key=key)
     # NOTE: what made it, so that a pickled compiled module is compiled the same way when loaded.
     ctx.spec = dict(backend=backend, fullgraph=fullgraph, guard_fail_fn=guard_fail_fn, dynamic=dynamic,
                     mode=mode, options=options)

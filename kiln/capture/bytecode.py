@@ -12,6 +12,7 @@ from __future__ import annotations
 import dis
 import sys
 import types
+import weakref
 from dataclasses import dataclass
 from typing import Callable, Iterable, Optional
 
@@ -282,13 +283,17 @@ def _no_location_table(units: int) -> bytes:
 @dataclass
 class ResumeSpec:
     """What the resume function receives: every original varname (positional),
-    then one argument per non-NULL stack slot, then cell-only variables."""
+    then one argument per non-NULL stack slot, then cell-only variables.
+
+    Every cell variable of the frame arrives as the cell object itself (a varname's argument
+    is its cell; a cell-only one has an argument of its own), as PyTorch's resume functions
+    get the frame's cells: a closure made before the break shares them with the rest."""
 
     code: types.CodeType
     target: int  # offset in the original code to continue at
     stack_nulls: tuple  # per stack slot: True where the slot holds NULL
     dead: tuple  # varnames to delete before jumping (unbound/dead at the break)
-    cell_only: tuple  # cellvars not in co_varnames, passed by value
+    cell_only: tuple  # cellvars not in co_varnames, passed as an argument of their own
     name: str
 
     @property
@@ -334,11 +339,12 @@ def make_resume_code(spec: ResumeSpec) -> types.CodeType:
     pre: list[int] = []
     if code.co_freevars:
         pre += _emit("COPY_FREE_VARS", len(code.co_freevars))
-    for c in cells:
-        pre += _emit("MAKE_CELL", localsplus.index(c))
+    # NOTE: no MAKE_CELL: a cell variable's slot receives the caller's cell object (a varname's
+    # through its argument, a cell-only one stored into its slot), which LOAD_DEREF / STORE_DEREF
+    # and closures then use as the original frame would have.
     for c, arg in zip(spec.cell_only, spec.cell_args):
         pre += _emit("LOAD_FAST", varnames.index(arg))
-        pre += _emit("STORE_DEREF", localsplus.index(c))
+        pre += _emit("STORE_FAST", localsplus.index(c))
     pre += _emit("RESUME", 0)
     for name in spec.dead:
         pre += _emit("DELETE_FAST", varnames.index(name))
@@ -353,7 +359,7 @@ def make_resume_code(spec: ResumeSpec) -> types.CodeType:
         e.start += plen
         e.end += plen
         e.target += plen
-    return code.replace(
+    out = code.replace(
         co_code=bytes(pre) + body,
         co_varnames=tuple(_parameter_names(varnames, code.co_cellvars)),
         co_argcount=nvar,
@@ -367,6 +373,19 @@ def make_resume_code(spec: ResumeSpec) -> types.CodeType:
         co_name=spec.name,
         co_qualname=spec.name,
     )
+    cell_args = {c: c for c in cells if c in code.co_varnames}
+    cell_args.update(zip(spec.cell_only, spec.cell_args))
+    _CELL_ARGS[out] = cell_args
+    return out
+
+
+# NOTE: resume code object -> {cell variable: the parameter its cell object arrives in}.
+_CELL_ARGS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def resume_cell_args(code: types.CodeType) -> dict:
+    """For a resume function's code: each cell variable and the parameter holding its cell."""
+    return _CELL_ARGS.get(code, {})
 
 
 _LOCAL_READS = ("LOAD_FAST", "LOAD_FAST_CHECK", "LOAD_FAST_AND_CLEAR", "DELETE_FAST", "LOAD_FAST__LOAD_FAST")
@@ -397,7 +416,7 @@ def loads_after(insts: list[Inst], offset: int) -> Optional[set]:
 
 __all__ = [
     "handles", "build_dispatch", "Inst", "decode", "ExcEntry", "parse_exception_table",
-    "assemble_exception_table", "in_try_block", "ResumeSpec", "make_resume_code",
+    "assemble_exception_table", "in_try_block", "ResumeSpec", "make_resume_code", "resume_cell_args",
     "ResumeCodeError", "loads_after", "in_loop_body", "PY", "UNSUPPORTED_FLAGS", "OLDEST_TESTED", "NEWEST_TESTED",
     "unsupported_version_reason", "is_method_load", "StackLayout", "stack_layout", "LAYOUT",
     "compare_symbol",

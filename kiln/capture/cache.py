@@ -1,14 +1,21 @@
-"""Compile contexts, per-function caches of guarded entries, and wrappers.
+"""Compile contexts, per-code-object caches of guarded entries, and wrappers.
 
-A wrapper holds its function's entry list directly, so a cache hit costs one
-loop over generated entry functions (most recent first).  A miss reports the
-newest entry's first failing guard to ``guard_fail_fn``, then compiles a new
-entry, up to ``config.cache_size_limit`` entries; past it the function runs
-eagerly, recorded once as a fallback (kiln.fallbacks) naming the reason.
+Compiled entries live with the code object, as PyTorch keeps them on ``co_extra``: one
+``CacheLine`` per (code, backend, globals dict, defaults), shared by every wrapper of
+a function with that code made by any ``kiln.compile`` / ``kiln.optimize`` call with
+an equal backend (PyTorch's backend-match guard: the same backend callable, mode,
+options and ``dynamic``).  A closure made anew from the same code reuses the entries:
+an entry takes the function's closure tuple as its first argument (``___cl``) and reads
+its cells from it.  A wrapper holds its line's entry list directly, so a cache hit
+costs one loop over generated entry functions (most recent first).  A miss reports the
+newest entry's first failing guard to ``guard_fail_fn``, then compiles a new entry, up
+to ``config.cache_size_limit`` entries per line; past it the function runs eagerly,
+recorded once as a fallback (kiln.fallbacks) naming the reason.
 """
 from __future__ import annotations
 
 import functools
+import inspect
 import os
 import sysconfig
 import types
@@ -29,6 +36,8 @@ MISS = object()
 GuardFail = namedtuple("GuardFail", ["reason", "orig_code"])
 
 _ALL_CACHES: "weakref.WeakSet" = weakref.WeakSet()
+# NOTE: code object -> its CodeCache; weak, so that a dropped function's code takes its entries along.
+_CODE_CACHES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 # NOTE: with the separator, so that torch's folder does not also match torchvision's.
 _KILN_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
 _TORCH_DIR = os.path.dirname(os.path.abspath(torch.__file__)) + os.sep
@@ -44,43 +53,115 @@ def is_library_code(code: types.CodeType) -> bool:
     return f.startswith(_STDLIB) and "site-packages" not in f and "dist-packages" not in f
 
 
+class CacheLine:
+    """The entries of one code object compiled for one backend, one globals dict and one
+    defaults tuple: shared by every function object with these (see the module docstring)."""
+
+    def __init__(self, key: tuple):
+        self.key = key
+        self.entries: list = []
+        self.whys: list = []
+        self.skip = False
+        self.skip_routed = False  # NOTE: a skipped frame's callees are still compiled frames
+        self.warned = False
+
+    def clear(self) -> None:
+        self.entries.clear()
+        self.whys.clear()
+        self.skip = self.skip_routed = self.warned = False
+
+
+class CodeCache:
+    """What kiln keeps for one code object: its cache lines, and the sizes its compiles saw
+    per backend (automatic dynamic shapes)."""
+
+    def __init__(self) -> None:
+        self.lines: list[CacheLine] = []
+        self.frame_states: list = []  # (backend key, FrameState)
+
+    def line(self, key: tuple) -> CacheLine:
+        for ln in self.lines:
+            if _same_key(ln.key, key):
+                return ln
+        ln = CacheLine(key)
+        self.lines.append(ln)
+        return ln
+
+    def frame_state(self, backend_key: tuple):
+        from .dynamic import FrameState
+
+        for k, st in self.frame_states:
+            if k == backend_key:
+                return st
+        st = FrameState()
+        self.frame_states.append((backend_key, st))
+        return st
+
+    def clear(self) -> None:
+        for ln in self.lines:
+            ln.clear()  # NOTE: in place: wrappers hold their line's entry list
+        self.frame_states.clear()
+
+
+def code_cache(code: types.CodeType) -> CodeCache:
+    cc = _CODE_CACHES.get(code)
+    if cc is None:
+        cc = _CODE_CACHES[code] = CodeCache()
+    return cc
+
+
+def _same_key(a: tuple, b: tuple) -> bool:
+    """Line keys: (backend key, globals, defaults, kwdefaults); the backend key compares by
+    ``==`` (PyTorch's backend match), the function's parts by identity."""
+    return a[0] == b[0] and all(x is y for x, y in zip(a[1:], b[1:]))
+
+
 class FunctionCache:
     def __init__(self, ctx: "CompileContext", fn: types.FunctionType):
         self.ctx = ctx
         self.fn = fn
-        self.entries: list = []
-        self.whys: list = []
-        self.skip = False
-        self.warned = False
-        # NOTE: what a skipped frame runs: the function itself, or (a graph break in a loop, as
-        # PyTorch skips such a frame) a copy whose callees are compiled frames (routed_calls.py).
-        self.eager: Callable = fn
+        # NOTE: the key keeps the globals and defaults alive, so their identities stay unique.
+        self.line = code_cache(fn.__code__).line(
+            (ctx.backend_key, fn.__globals__, fn.__defaults__, fn.__kwdefaults__))
+        self.entries: list = self.line.entries
+        self.whys: list = self.line.whys
+        self.closure = fn.__closure__
+        self._eager: Optional[Callable] = None
         _ALL_CACHES.add(self)
 
+    @property
+    def eager(self) -> Callable:
+        """What a skipped frame runs: the function itself, or (a graph break in a loop, as
+        PyTorch skips such a frame) a copy whose callees are compiled frames (routed_calls.py)."""
+        if not self.line.skip_routed:
+            return self.fn
+        if self._eager is None:
+            self._eager = self.ctx.eager_with_compiled_calls(self.fn)
+        return self._eager
+
     def clear(self) -> None:
-        self.ctx._frame_states.pop(self.fn.__code__, None)
-        self.entries.clear()
-        self.whys.clear()
-        self.skip = False
-        self.warned = False
-        self.eager = self.fn
+        code_cache(self.fn.__code__).clear()
+        self._eager = None
 
     def miss(self, args: tuple, kwargs: dict) -> Any:
         fn = self.fn
         if not self.ctx.enabled:
             return fn(*args, **kwargs)
-        if self.skip:
+        line = self.line
+        if line.skip:
             return self.eager(*args, **kwargs)
-        reason = self.whys[0](*args, **kwargs) if self.whys else None
+        cl = self.closure
+        reason = self.whys[0](cl, *args, **kwargs) if self.whys else None
         if reason is not None and self.ctx.guard_fail_fn is not None:
             self.ctx.guard_fail_fn(GuardFail(reason, fn.__code__))
-        if len(self.entries) >= config.cache_size_limit:
-            if not self.warned:
-                self.warned = True
+        limit = self._over_limit(args, kwargs)
+        if limit is not None:
+            if not line.warned:
+                line.warned = True
                 fallbacks.record_fallback(
                     "capture", _frame_name(fn),
-                    f"reached cache_size_limit ({config.cache_size_limit}); last recompile reason: "
-                    f"{reason}. It now runs eagerly", where=_frame_where(fn))
+                    f"reached {limit}; last recompile reason: {reason}. It now runs eagerly",
+                    where=_frame_where(fn))
             return fn(*args, **kwargs)
         from .convert import compile_frame
 
@@ -104,25 +185,48 @@ class FunctionCache:
             if not getattr(e, "fallback_recorded", False):
                 fallbacks.record_fallback("capture", _frame_name(fn), why_text,
                                           where=(getattr(e, "where", "") or _frame_where(fn)).splitlines()[0])
-            self.skip = True
-            if getattr(e, "skip_frame", False):
-                self.eager = self.ctx.eager_with_compiled_calls(fn)
+            line.skip = True
+            line.skip_routed = bool(getattr(e, "skip_frame", False))
             return self.eager(*args, **kwargs)
         stats.frame_ok()
         self.entries.insert(0, entry)
         self.whys.insert(0, why)
-        out = entry(*args, **kwargs)
+        out = entry(cl, *args, **kwargs)
         if out is MISS:
             # NOTE: guards that fail right after compiling mean an unguardable input; stay correct.
             self.entries.pop(0)
-            failed = self.whys.pop(0)(*args, **kwargs)
-            self.skip = True
+            failed = self.whys.pop(0)(cl, *args, **kwargs)
+            line.skip = True
             fallbacks.record_fallback("capture", _frame_name(fn),
                                       "the guards of the new entry fail on the inputs it was compiled for "
                                       f"(an input kiln cannot guard on: {failed}); the function runs eagerly "
                                       "from now on", where=_frame_where(fn))
             return fn(*args, **kwargs)
         return out
+
+
+    def _over_limit(self, args: tuple, kwargs: dict) -> Optional[str]:
+        """Which recompile limit a new entry would pass (None: neither): entries for the same
+        identity-guarded locals (``cache_size_limit``), or all of them (the accumulated one)."""
+        if len(self.entries) >= config.accumulated_cache_size_limit:
+            return f"accumulated_cache_size_limit ({config.accumulated_cache_size_limit})"
+        if len(self.entries) < config.cache_size_limit:
+            return None
+        bound = None
+        same = 0
+        for e in self.entries:
+            matched = getattr(e, "__kiln_id_matched__", None) or {}
+            if matched and bound is None:
+                try:
+                    bound = inspect.signature(self.fn, follow_wrapped=False).bind(*args, **kwargs).arguments
+                except TypeError:
+                    bound = {}
+            if all(bound.get(name, _ABSENT) is obj for name, obj in matched.items()):
+                same += 1
+        return f"cache_size_limit ({config.cache_size_limit})" if same >= config.cache_size_limit else None
+
+
+_ABSENT = object()
 
 
 def _frame_name(fn: types.FunctionType) -> str:
@@ -138,6 +242,7 @@ def make_wrapper(cache: FunctionCache) -> Callable:
 
     entries = cache.entries
     miss = cache.miss
+    cl = cache.closure
     _MISS = MISS
 
     def kiln_compiled(*args, **kwargs):
@@ -146,7 +251,7 @@ def make_wrapper(cache: FunctionCache) -> Callable:
                 # NOTE: inside an eager torch.func transform (functorch_entry.py).
                 return call_under_transform(cache, args, kwargs)
             for e in entries:
-                r = e(*args, **kwargs)
+                r = e(cl, *args, **kwargs)
                 if r is not _MISS:
                     return r
             return miss(args, kwargs)
@@ -159,6 +264,11 @@ def make_wrapper(cache: FunctionCache) -> Callable:
     functools.update_wrapper(kiln_compiled, cache.fn)
     kiln_compiled._kiln_orig = cache.fn
     kiln_compiled._kiln_cache = cache
+    # NOTE: PyTorch's protocol for the function a compiled callable wraps (its innermost_fn,
+    # torch.compiler.disable and run-only mode unwrap a compiled function through it; the id
+    # tells the wrapper itself from a functools.wraps copy of its attributes).
+    kiln_compiled._torchdynamo_orig_callable = cache.fn
+    kiln_compiled._torchdynamo_wrapper_id = id(kiln_compiled)
     return kiln_compiled
 
 
@@ -166,7 +276,8 @@ class CompileContext:
     """One compile configuration (backend, fullgraph, guard_fail_fn...)."""
 
     def __init__(self, backend: Callable, backend_name: str, fullgraph: bool = False,
-                 guard_fail_fn: Optional[Callable] = None, dynamic: Optional[bool] = None):
+                 guard_fail_fn: Optional[Callable] = None, dynamic: Optional[bool] = None,
+                 backend_key: Any = None):
         self.backend = backend
         self.backend_name = backend_name
         self.fullgraph = fullgraph
@@ -174,6 +285,11 @@ class CompileContext:
         from .dynamic import effective_mode
 
         self.dynamic = effective_mode(dynamic, backend_name)
+        # NOTE: what PyTorch's backend-match guard compares: contexts with equal keys share the
+        # entries of each code object (by default the backend callable itself).  Unlike
+        # PyTorch, fullgraph is part of it: a fullgraph=True call must not run an entry
+        # compiled with graph breaks (it would hide the error the user asked for).
+        self.backend_key = (backend if backend_key is None else backend_key, self.dynamic, fullgraph)
         self.enabled = True
         self._wrappers: dict = {}
         self._resumes: dict = {}
@@ -181,16 +297,11 @@ class CompileContext:
         self.break_reasons: list = []
         self.eager_frames: list[str] = []  # why a whole function runs uncompiled (explain shows them)
         self._hooked_warned: set[int] = set()  # modules with hooks already recorded as running eagerly
-        self._frame_states: dict = {}
+        self._resume_codes: dict = {}
 
     def frame_state(self, code: types.CodeType):
-        """Sizes seen by this code object's compiles (automatic dynamic shapes)."""
-        from .dynamic import FrameState
-
-        st = self._frame_states.get(code)
-        if st is None:
-            st = self._frame_states[code] = FrameState()
-        return st
+        """Sizes seen by this code object's compiles with this backend (automatic dynamic shapes)."""
+        return code_cache(code).frame_state(self.backend_key)
 
     def wrapper_for(self, fn: types.FunctionType) -> Callable:
         w = self._wrappers.get(fn)
@@ -244,21 +355,32 @@ class CompileContext:
             out = self._routed[fn] = routed_function(fn, self.kwrap) or fn
         return out
 
-    def resume_function(self, root_fn: types.FunctionType, spec: bc.ResumeSpec, compiled: bool) -> Callable:
+    def resume_function(self, fn_globals: dict, closure: Optional[tuple], spec: bc.ResumeSpec,
+                        compiled: bool) -> Callable:
+        """The function continuing a frame of ``spec.code`` after a graph break, over the
+        frame's globals and closure (PyTorch's resume functions get the frame's cells)."""
         # NOTE: keyed by the closure tuple's id; the cached value keeps that tuple alive
         # (so the id cannot be reused) and is checked by identity.
-        key = (spec.code, spec.target, spec.stack_nulls, spec.dead, spec.cell_only, compiled,
-               id(root_fn.__closure__), id(root_fn.__globals__))
+        code_key = (spec.code, spec.target, spec.stack_nulls, spec.dead, spec.cell_only)
+        key = code_key + (compiled, id(closure), id(fn_globals))
         hit = self._resumes.get(key)
-        if hit is not None and hit[0] is root_fn.__closure__ and hit[1] is root_fn.__globals__:
+        if hit is not None and hit[0] is closure and hit[1] is fn_globals:
             return hit[2]
-        code = bc.make_resume_code(spec)
-        stats.resume_created(spec.name)
-        raw = types.FunctionType(code, root_fn.__globals__, spec.name, None, root_fn.__closure__)
+        # NOTE: one code object per resume point, so that closures of one frame share its entries.
+        code = self._resume_codes.get(code_key)
+        if code is None:
+            code = self._resume_codes[code_key] = bc.make_resume_code(spec)
+            stats.resume_created(spec.name)
+        raw = types.FunctionType(code, fn_globals, spec.name, None, closure)
         # NOTE: an eager remainder still compiles the functions it calls (as PyTorch's callback does).
         fn = self.wrapper_for(raw) if compiled else self.eager_with_compiled_calls(raw)
-        self._resumes[key] = (root_fn.__closure__, root_fn.__globals__, fn)
+        self._resumes[key] = (closure, fn_globals, fn)
         return fn
+
+    def resume_factory(self, fn_globals: dict, spec: bc.ResumeSpec, compiled: bool) -> Callable:
+        """``closure -> resume function``: what an entry shared by closures of one code calls
+        with its own ``___cl``."""
+        return functools.partial(self.resume_function, fn_globals, spec=spec, compiled=compiled)
 
     def run_backend(self, gm, example: list) -> Callable:
         from kiln.backends.common import call_backend
@@ -328,3 +450,5 @@ def _skip(fn: types.FunctionType) -> bool:
 def reset_all() -> None:
     for c in list(_ALL_CACHES):
         c.clear()
+    for cc in list(_CODE_CACHES.values()):
+        cc.clear()

@@ -9,8 +9,12 @@ from __future__ import annotations
 
 from kiln.settings import make_patch, options_of
 
-# Compiled entries kept per function before falling back to eager.
+# Compiled entries kept per code object and backend before falling back to eager, counting
+# only the entries compiled for the same objects the guards check by identity (an
+# ``nn.Module`` instance as ``self``: PyTorch's recompile limit) ...
 cache_size_limit: int = 8
+# ... and all its entries, whatever they were compiled for (PyTorch's accumulated limit).
+accumulated_cache_size_limit: int = 256
 
 # dynamic=None: after a recompile caused by a changed size, compile that dim as a
 # symbolic size (PyTorch's automatic_dynamic_shapes).  False: dynamic=None is static.

@@ -29,7 +29,7 @@ from .sources import LocalSource
 from .variables.autocast import replay_after_graph as replay_autocast, unwind as unwind_autocast
 from .variables.saved_hooks import replay_after_graph as replay_saved_hooks
 from .variables.base import NullVT, unsupported
-from .variables.callables import CellVT
+from .variables.callables import CellVT, RealCellVT
 from .variables.tensor import TensorVT
 
 MAX_RESTARTS = 4
@@ -49,11 +49,21 @@ class RootTranslator(Translator):
     def __init__(self, ctx, fn: types.FunctionType, bound: inspect.BoundArguments, break_step, break_error):
         code = fn.__code__
         output = OutputGraph(ctx, fn.__globals__, ctx.frame_state(code), marked=has_marks(bound.arguments.values()))
+        output.objects.bind_closure(fn.__closure__)
         # NOTE: a comprehension's iterator argument is ``.0`` in its code, ``implicit0`` in its signature.
         names = {n: f".{n[8:]}" for n in bound.signature.parameters
                  if n.startswith("implicit") and f".{n[8:]}" in code.co_varnames}
         locals_ = {names.get(n, n): LazyLocal(v, LocalSource(names.get(n, n))) for n, v in bound.arguments.items()}
         cells = dict(zip(code.co_freevars, fn.__closure__ or ()))
+        for name, param in bc.resume_cell_args(code).items():
+            # NOTE: a resume function's cell variables arrive as the cells themselves (real cells,
+            # shared with closures made before the break), read through their parameter.
+            cell = bound.arguments.get(param)
+            if not isinstance(cell, types.CellType):
+                unsupported(f"resume function {code.co_name} called without the cell of '{name}'")
+            cells[name] = cell
+            output.objects.bind_cell_arg(cell, param)
+            locals_.pop(name, None)
         super().__init__(code, fn.__globals__, output, locals_, cells)
         self.ctx = ctx
         self.fn = fn
@@ -195,27 +205,25 @@ class RootTranslator(Translator):
         out = {}
         for name in self.code.co_varnames:
             if name in self.code.co_cellvars:
-                cell = self.cells.get(name)
-                if isinstance(cell, CellVT) and cell.value is not None:
-                    out[name] = cell.value
-                continue
+                continue  # NOTE: passed as its cell (_frame_cells)
             if name in self.locals and (live is None or name in live):
                 out[name] = self.locals[name]
         return out
 
-    def _cell_only(self) -> dict:
+    def _frame_cells(self) -> dict:
+        """Every cell variable of the frame as a VT of its cell object: the resume function
+        goes on with these very cells (closures made before the break share them)."""
         out = {}
         for name in self.code.co_cellvars:
-            if name not in self.code.co_varnames:
-                cell = self.cells.get(name)
-                out[name] = cell.value if isinstance(cell, CellVT) else None
+            cell = self.cells.get(name)
+            out[name] = cell if isinstance(cell, CellVT) else RealCellVT(cell) if cell is not None else CellVT()
         return out
 
     def _prepare(self, stack: list, offset: int, extra: list, reason) -> tuple:
         locals_ = self._live_locals(offset)
-        cells = self._cell_only()
+        cells = self._frame_cells()
         values = [v for v in stack if not isinstance(v, NullVT)] + list(locals_.values())
-        values += [v for v in cells.values() if v is not None] + extra
+        values += list(cells.values()) + extra
         self._emit_graph(values, reason)
         cg = self.cg
         stack_names = []
@@ -231,12 +239,10 @@ class RootTranslator(Translator):
             cg.line(f"{tmp} = {cg.expr(v)}")
             local_names[name] = tmp
         cell_names = {}
-        for name, v in cells.items():
-            if v is None:
-                cell_names[name] = "None"
-            else:
-                cg.line(f"___cv_{name} = {cg.expr(v)}")
-                cell_names[name] = f"___cv_{name}"
+        for i, (name, v) in enumerate(cells.items()):
+            tmp = f"___cell_{name}" if name.isidentifier() else f"___cell{i}"
+            cg.line(f"{tmp} = {cg.expr(v)}")
+            cell_names[name] = tmp
         self._emit_side_effects()
         return stack_names, local_names, cell_names
 
@@ -244,10 +250,16 @@ class RootTranslator(Translator):
                      compiled: bool) -> str:
         dead = tuple(n for n in self.code.co_varnames if n not in local_names and n not in self.code.co_cellvars)
         spec = bc.ResumeSpec(self.code, offset, tuple(s is None for s in stack_names), dead,
-                             tuple(cell_names), f"__resume_at_{offset}")
-        fn = self.ctx.resume_function(self.fn, spec, compiled)
-        name = self.output.objects.name_of(fn)
-        args = [local_names.get(n, "None") for n in self.code.co_varnames]
+                             tuple(c for c in cell_names if c not in self.code.co_varnames),
+                             f"__resume_at_{offset}")
+        if self.fn.__closure__:
+            # NOTE: the entry serves every closure of this code: the resume function is made
+            # over the closure the entry was called with.
+            factory = self.ctx.resume_factory(self.fn.__globals__, spec, compiled)
+            name = f"{self.output.objects.name_of(factory)}(___cl)"
+        else:
+            name = self.output.objects.name_of(self.ctx.resume_function(self.fn.__globals__, None, spec, compiled))
+        args = [cell_names[n] if n in cell_names else local_names.get(n, "None") for n in self.code.co_varnames]
         args += [s for s in stack_names if s is not None]
         args += [cell_names[c] for c in spec.cell_only]
         return f"{name}({', '.join(args)})"
@@ -512,5 +524,6 @@ def _finish(ctx, fn, tx: RootTranslator):
     tx.output.frame_state.compiles += 1
     entry, why, _ = build_entry(fn, guards, tx.graph_args, tx.body, ns, fn.__qualname__)
     entry.__kiln_guards__ = list(guards.guards)
+    entry.__kiln_id_matched__ = dict(guards.id_matched)
     entry.__kiln_export__ = getattr(tx, "export_info", None)
     return entry, why

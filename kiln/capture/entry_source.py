@@ -149,6 +149,9 @@ def build_entry(fn: Callable, guards: GuardSet, graph_args: Optional[list], body
     the graph call ``___o = ___graph(...)`` is the first statement after the guard.
     """
     params = signature_params(fn, ns)
+    # NOTE: the first argument is the called function's closure tuple: the entry reads the
+    # frame's cells from it, so that every closure made from one code shares its entries.
+    params = "___cl, " + params if "/" in params.split("*")[0] else f"___cl, /, {params}".rstrip(", ")
     guard_expr, args = hoist_guard(guards.guards, graph_args)
     src = [f"def ___entry({params}):",
            "    try:",

@@ -136,6 +136,9 @@ class GuardSet:
         self.objects = objects
         self.guards: list[Guard] = []
         self._seen: set = set()
+        # NOTE: frame locals guarded by identity (PyTorch's id_matched_objs): the recompile
+        # limit counts only the entries compiled for the same such objects (cache.py).
+        self.id_matched: dict[str, Any] = {}
 
     def add(self, guard: Guard, key: Any = None) -> None:
         key = (guard.kind, guard.source) if key is None else key
@@ -188,6 +191,8 @@ class GuardSet:
         self._one(GuardKind.CONSTANT_MATCH, src, test, f"{src.name()} == {value!r}", detail=f" == {value!r}")
 
     def ident(self, src: Source, obj: Any) -> None:
+        if type(src).__name__ == "LocalSource":
+            self.id_matched.setdefault(src.local, obj)
         self._one(GuardKind.ID_MATCH, src, _t(src, f" is {self.objects.name_of(obj)}"),
                   f"{src.name()} is not the object seen at compile time")
 

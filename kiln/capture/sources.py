@@ -360,6 +360,17 @@ class ObjectTable:
             self.values[n] = obj
         return self.by_id[key]
 
+    def bind_closure(self, closure: "tuple | None", param: str = "___cl") -> None:
+        """The cells of the compiled frame's own closure are read from the entry's closure
+        argument (``___cl[i]``), not embedded: the entry serves every closure of the code."""
+        for i, cell in enumerate(closure or ()):
+            self.by_id[id(cell)] = f"{param}[{i}]"
+
+    def bind_cell_arg(self, cell: Any, param: str) -> None:
+        """A cell object the compiled frame receives as its argument ``param`` (a resume
+        function's cell variables): read from that argument, not embedded."""
+        self.by_id[id(cell)] = param
+
     def source(self, obj: Any, label: str = "") -> ObjectSource:
         return ObjectSource(self.name_of(obj), label)
 

@@ -153,10 +153,9 @@ def test_returned_closure_from_inlined_function():
     assert torch.allclose(inner(), (x + 1) * 3)
 
 
-@pytest.mark.expect_fallback("a closure over a cell of the frame that goes on after the graph break")
-def test_closure_over_live_cell_at_graph_break_is_not_rebuilt():
-    # NOTE: the frame's cell goes on in the resume function; the closure must not be
-    # rebuilt with a copy of it (its write would be lost): that part runs eagerly.
+def test_closure_over_live_cell_at_graph_break_shares_it_with_the_resume_function():
+    # NOTE: the frame's cell goes on in the resume function, which receives the cell itself
+    # (as PyTorch's resume functions do): the closure rebuilt at the break sees later writes.
     def fn():
         x = torch.zeros(1)
 
@@ -171,6 +170,7 @@ def test_closure_over_live_cell_at_graph_break_is_not_rebuilt():
 
     cnt = CompileCounter()
     assert torch.equal(kiln.compile(fn, backend=cnt)(), fn())
+    assert cnt.frame_count == 2
 
 
 # ---------------------------------------------------------------- del obj.attr

@@ -126,9 +126,10 @@ class CellVT(VT):
 
     def reconstruct(self, cg) -> str:
         # NOTE: a new cell object holding the value, shared by every closure rebuilt in the
-        # same code; only for a cell no traced frame goes on using (see EntryWriter.live_cells).
+        # same code and, for a cell of the frame at a graph break, by its resume function
+        # (which receives the cell itself); refused where no one says who goes on using it.
         live = getattr(cg, "live_cells", None)
-        if live is None or id(self) in live:
+        if live is None:
             unsupported("a closure over a cell of the frame that goes on after the graph break",
                         why="the rebuilt closure would not see the resumed frame's later writes")
         body = "" if self.value is None else cg.expr(self.value)
