@@ -25,6 +25,10 @@ from kiln.ops.strict_mode import strict_mode
 from kiln.ops.trace_wrapped import trace_wrapped
 from kiln.ops.while_loop import while_loop
 from kiln.ops.wrap import checkpoint, wrap
+from kiln.ops.foreign import kiln_graph as _kiln_graph
+from kiln.tracing.make_fx import register_entry_pass as _register_entry_pass
+
+_register_entry_pass(_kiln_graph)
 
 __all__ = [
     "HigherOrderOperator", "EffectType", "get_effect", "has_aliasing", "is_effectful",

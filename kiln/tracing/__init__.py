@@ -7,7 +7,7 @@ Out: a torch.fx.GraphModule whose call_function nodes target ATen OpOverloads,
      Python value), tensor nodes carry meta["tensor_meta"]; in-place and view
      ops are recorded as they ran (functionalization is functionalize/'s job).
 """
-from kiln.tracing.make_fx import make_fx
+from kiln.tracing.make_fx import make_fx, register_entry_pass
 from kiln.tracing.tracer import Tracer, TracingMode, current_tracer
 
-__all__ = ["make_fx", "Tracer", "TracingMode", "current_tracer"]
+__all__ = ["make_fx", "register_entry_pass", "Tracer", "TracingMode", "current_tracer"]

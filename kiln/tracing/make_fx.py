@@ -25,6 +25,19 @@ _LEAF_TYPES = (torch.Tensor, int, float, bool, str, complex, type(None), torch.d
                torch.SymFloat, torch.SymBool)
 
 
+# NOTE: passes run on a graph handed to make_fx before it is traced, registered by the
+# stages that own them (kiln.ops registers the one reading PyTorch's higher-order
+# operators as kiln's), so tracing imports no later stage.
+_ENTRY_PASSES: list[Callable[[Any], Any]] = []
+
+
+def register_entry_pass(fn: Callable[[Any], Any]) -> None:
+    """Run ``fn`` (callable -> callable, returning its argument when it has nothing to
+    do) on every function or graph handed to ``make_fx``."""
+    if fn not in _ENTRY_PASSES:
+        _ENTRY_PASSES.append(fn)
+
+
 def make_fx(fn: Callable, tracing_mode: str = "real",
             decomposition_table: Optional[dict] = None) -> Callable[..., fx.GraphModule]:
     """Return a function that traces `fn` on given inputs into an fx.GraphModule.
@@ -45,9 +58,9 @@ def make_fx(fn: Callable, tracing_mode: str = "real",
             where=exc.user_location(),
         )
 
-    from kiln.ops.foreign import kiln_graph
-
-    target = kiln_graph(fn)  # NOTE: a graph calling PyTorch's higher-order ops (kiln.ops.foreign)
+    target = fn
+    for entry_pass in _ENTRY_PASSES:  # NOTE: e.g. PyTorch's HOPs -> kiln's (kiln.ops.foreign)
+        target = entry_pass(target)
 
     @functools.wraps(fn)
     def wrapped(*args: Any) -> fx.GraphModule:
