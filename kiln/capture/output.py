@@ -414,7 +414,11 @@ class OutputGraph:
         # NOTE: autocast regions still open are closed at the graph's end (and entered again
         # by the generated code after it); the backend sees the state the frame started with.
         finish_graph(self)
-        if self.grad_enabled != self.initial_grad:
+        # NOTE: as in PyTorch: a graph ending at a break inside grad-mode with-blocks leaves
+        # them (their resume enters them again), so it ends in the mode it started in; a graph
+        # ending at the frame's return leaves the mode the code set (no restoring node; kiln's
+        # AOT records the mode a graph leaves, grad_enabled_after, and sets it after each call).
+        if reason.graph_break and self.grad_enabled != self.initial_grad:
             self.graph.call_function(torch._C._set_grad_enabled, (self.initial_grad,))
         self.graph.output(tuple(o.node for o in outputs))
         self._drop_unused_sizes()

@@ -20,6 +20,10 @@ interpretation of the stack finds; method loads (``LOAD_METHOD``, ``LOAD_ATTR`` 
 replaced by the plain attribute load and ``PUSH_NULL; SWAP 2``.  3.13 keeps the callable in
 the first slot always.  Jumps, the exception table and the location table are re-assembled.
 
+``BEFORE_WITH`` calls the manager's ``__enter__`` (and the with-block's end its ``__exit__``) with
+no call instruction of its own: before it, the manager is replaced by a ``_RoutedWith`` standing
+for it, whose two methods call the manager's through ``hook``.
+
 Invariants: every original instruction runs, in its order, with the same stack below the
 inserted code; original code's line numbers and columns are kept (tracebacks point at the
 user's lines).  Imports nothing from torch (the bytecode layer).
@@ -47,10 +51,37 @@ _NO_FALLTHROUGH = {_OP[n] for n in ("JUMP_FORWARD", "JUMP_BACKWARD", "JUMP_BACKW
                    if n in _OP and _OP[n] < 256}
 _RETURNS = {_OP[n] for n in ("RETURN_VALUE", "RETURN_CONST") if n in _OP}
 _CALL_OPS = {_OP[n] for n in ("CALL", "CALL_KW", "CALL_FUNCTION_EX") if n in _OP}
+_BEFORE_WITH = _OP.get("BEFORE_WITH", -1)
 
 
 class RouteError(Exception):
     """The code cannot be rewritten; the caller runs the original."""
+
+
+class _RoutedWith:
+    """Stands for a context manager in a routed copy: ``__enter__`` / ``__exit__`` are the
+    manager's own, looked up on its type (as ``with`` does) and passed through the hook."""
+
+    __slots__ = ("_mgr", "_hook")
+
+    def __init__(self, mgr: object, hook: Callable):
+        self._mgr, self._hook = mgr, hook
+
+    def __enter__(self):
+        return self._hook(type(self._mgr).__enter__)(self._mgr)
+
+    def __exit__(self, *exc):
+        return self._hook(type(self._mgr).__exit__)(self._mgr, *exc)
+
+
+def _routed_with(hook: Callable) -> Callable:
+    def stand_in(mgr: object) -> object:
+        # NOTE: a manager without the protocol is left as it is, so ``with`` raises its own error.
+        tp = type(mgr)
+        if not (hasattr(tp, "__enter__") and hasattr(tp, "__exit__")):
+            return mgr
+        return _RoutedWith(mgr, hook)
+    return stand_in
 
 
 def _ncache(op: int) -> int:
@@ -355,7 +386,7 @@ def route_calls(code: types.CodeType, hook: Callable) -> types.CodeType:
     if code.co_flags & UNSUPPORTED_FLAGS:
         raise RouteError("generators and coroutines are not rewritten")
     insts = decode(code)
-    if not any(ins.op in _CALL_OPS for ins in insts):
+    if not any(ins.op in _CALL_OPS or ins.op == _BEFORE_WITH for ins in insts):
         return code
     tags = {} if LAYOUT.null_after_callable else _null_below_callable(code, insts)
     at = {ins.start: i for i, ins in enumerate(insts)}
@@ -365,6 +396,8 @@ def route_calls(code: types.CodeType, hook: Callable) -> types.CodeType:
         depth = _callable_depth(insts, i, tags) if ins.op in _CALL_OPS else None
         if depth is not None:
             prefix.setdefault(_prologue(insts, i), []).extend(_wrap_at(depth, i, k))
+        elif ins.op == _BEFORE_WITH:  # NOTE: the manager on top -> its stand-in (const k + 1)
+            prefix.setdefault(i, []).extend(_wrap_top(i, k + 1))
     new: list[_New] = []
     label: list[int] = []
     for i, ins in enumerate(insts):
@@ -411,7 +444,7 @@ def route_calls(code: types.CodeType, hook: Callable) -> types.CodeType:
         per_unit += [pos] * ((end - offs[k2]) // 2)
     return code.replace(
         co_code=raw,
-        co_consts=code.co_consts + (hook,),
+        co_consts=code.co_consts + (hook, _routed_with(hook)),
         co_stacksize=code.co_stacksize + 3,
         co_exceptiontable=assemble_exception_table(entries),
         co_linetable=_location_table(code.co_firstlineno, per_unit),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dis
+import sys
 import traceback
 
 import pytest
@@ -242,7 +243,8 @@ def test_routed_copy_sends_every_call_through_the_hook():
             out.append((g if i else abs)(-1))
         return out
 
-    assert _calls_of(Child.m, Child(), 3) == (8, ["super", "m"])     # zero-argument super() in the copy
+    # NOTE: zero-argument super() in the copy; from 3.12 LOAD_SUPER_ATTR makes no call to super
+    assert _calls_of(Child.m, Child(), 3) == (8, ["super", "m"] if sys.version_info < (3, 12) else ["m"])
     got, seen = _calls_of(fn, Child(), [4, 9], z=1)
     assert got == fn(Child(), [4, 9], z=1)
     for name in ("g", "m", "max", "dict", "int", "len", "open", "range", "abs", "readline"):

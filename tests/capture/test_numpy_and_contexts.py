@@ -180,6 +180,49 @@ def test_a_break_inside_a_user_context_manager_runs_the_frame_as_eager_does():
     assert torch.allclose(got, f(x)) and not got.requires_grad
 
 
+@pytest.mark.expect_fallback("user-defined context manager")
+@pytest.mark.parametrize("grad", [False, True])
+def test_the_managers_enter_and_exit_are_compiled_when_the_frame_runs_eagerly(grad):
+    """As PyTorch's eval-frame callback compiles them: `with` calls __enter__ / __exit__ with no
+    call instruction, and the eager frame's copy still routes them; a frame that only switches
+    grad mode is a graph of that one switch (no restoring node)."""
+    def f(x):
+        with SetGrad(True):
+            x = x + 1
+            kiln.graph_break()
+            x = torch.relu(x)
+        return x - 1
+
+    cc = CompileCounter()
+    cf = kiln.compile(f, backend=cc)
+    x = torch.randn(2, 3)
+    with torch.set_grad_enabled(grad):
+        assert torch.equal(cf(x), f(x))
+        assert torch.is_grad_enabled() == grad
+    assert (cc.frame_count, cc.op_count) == (2, 2)  # __enter__ and __exit__, one switch each
+
+
+def test_a_frame_that_switches_grad_mode_leaves_it_switched_without_a_restoring_node():
+    def f(x):
+        y = x * x
+        torch.set_grad_enabled(False)
+        return y.clone(), y
+
+    for backend in ("eager", "aot_eager", "inductor"):
+        rec = EagerAndRecordGraphs() if backend == "eager" else backend
+        x = torch.ones(3, requires_grad=True) * 3
+        try:
+            got = kiln.compile(f, backend=rec, fullgraph=True)(x)
+            assert not torch.is_grad_enabled(), backend
+        finally:
+            torch.set_grad_enabled(True)
+        assert got[0].grad_fn is None and got[1].grad_fn is not None, backend
+        if backend == "eager":
+            switches = [n.args for g in rec.graphs for n in g.graph.nodes
+                        if n.target is torch._C._set_grad_enabled]
+            assert switches == [(False,)]
+
+
 # ---------------------------------------------------------------- profilers
 @pytest.mark.parametrize("profiler", [torch.profiler, torch.autograd.profiler])
 def test_profilers_are_ignored_and_a_break_inside_them_resumes_compiled(profiler):

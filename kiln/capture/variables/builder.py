@@ -260,8 +260,11 @@ def _wrap_iterator(tx, it: Any, source: Source) -> VT:
     items_src = source.method_call("__reduce__").item(1).item(0)
     if isinstance(seq, range):
         # NOTE: e.g. the ``.0`` argument of a comprehension's own frame (3.11) over a range.
+        # From 3.12 a range iterator reduces to the range still ahead, position None, and
+        # ``__setstate__(n)`` skips n more: the start is 0 relative to what is ahead.
         tx.output.guards.const(items_src, seq)
-        return InputIteratorVT([ConstantVT(v) for v in seq[pos:]], source, pos)
+        start = 0 if pos is None else pos
+        return InputIteratorVT([ConstantVT(v) for v in seq[start:]], source, start)
     items = [wrap(tx, v, items_src.item(pos + i)) for i, v in enumerate(seq[pos:])]
     return InputIteratorVT(items, source, pos)
 
