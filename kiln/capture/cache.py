@@ -169,7 +169,8 @@ class FunctionCache:
         try:
             if fallbacks.forced("capture"):
                 raise Unsupported(f"capture of {fn.__qualname__}", why=fallbacks.FORCED_REASON)
-            entry, why = compile_frame(self.ctx, fn, args, kwargs)
+            with _compile_context(fn.__code__):
+                entry, why = compile_frame(self.ctx, fn, args, kwargs)
         except Exception as e:  # noqa: BLE001 - capture failure: run eagerly (never crash)
             if isinstance(e, Unsupported):
                 stats.unimplemented(e.what)
@@ -416,6 +417,24 @@ def _disabled_frame_only(fn: Any):
     if bound_self is not None and isinstance(bound_self, torch.nn.Module) and _has_forward_hooks(bound_self):
         return None
     return inner, bound_self
+
+
+_FRAME_IDS: "weakref.WeakKeyDictionary[types.CodeType, list]" = weakref.WeakKeyDictionary()
+
+
+def _compile_context(code: types.CodeType):
+    """torch's CompileContext for one compile of ``code``, as PyTorch's capture enters it:
+    CompileId(frame id of the code object, its compile count); code run while compiling (a
+    user backend, torch's own AOT) reads it with ``CompileContext.get()``, and the frame's
+    ShapeEnv guards are listed in its ``shape_env_guards``."""
+    from torch._guards import CompileContext, CompileId, compile_context
+
+    ids = _FRAME_IDS.get(code)
+    if ids is None:
+        ids = _FRAME_IDS[code] = [len(_FRAME_IDS), 0]
+    else:
+        ids[1] += 1
+    return compile_context(CompileContext(CompileId(frame_id=ids[0], frame_compile_id=ids[1])))
 
 
 def _compilable(fn: Any):

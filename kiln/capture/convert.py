@@ -519,8 +519,12 @@ def _finish(ctx, fn, tx: RootTranslator):
     if tx.output.fake_mode.shape_env is not None:
         from .dynamic import shape_guards
 
+        from torch._guards import CompileContext
+
+        listed = getattr(CompileContext.try_get(), "shape_env_guards", [])
         for expr, reason in shape_guards(tx.output.fake_mode.shape_env, tx.output.symbols):
             guards.shape(expr, reason)
+            listed.append(expr)
     tx.output.frame_state.compiles += 1
     entry, why, _ = build_entry(fn, guards, tx.graph_args, tx.body, ns, fn.__qualname__)
     entry.__kiln_guards__ = list(guards.guards)

@@ -192,3 +192,32 @@ def test_a_cell_assigned_after_the_break_is_seen_by_a_closure_made_before_it():
     opt = kiln.compile(fn, backend=cnt)
     for t in (X.abs(), -X.abs()):
         torch.testing.assert_close(opt(t), fn(t))
+
+
+def test_a_backend_reads_the_frames_compile_id_and_shape_guards_from_torchs_compile_context():
+    """As under PyTorch's capture, each compile of a frame runs inside torch._guards'
+    CompileContext: CompileId(frame id, compile count of that frame), and the ShapeEnv guards
+    kiln installs are listed in ``shape_env_guards`` (backends such as AOT's cache key read
+    them)."""
+    from torch._guards import CompileContext
+
+    seen = []
+
+    def backend(gm, example_inputs):
+        ctx = CompileContext.get()
+        seen.append((ctx.compile_id.frame_id, ctx.compile_id.frame_compile_id, ctx.shape_env_guards))
+        return gm.forward
+
+    def f(x):
+        return x.sin() * x.size(0)
+
+    g = kiln.compile(f, backend=backend, dynamic=True)
+    x = torch.randn(5, 3)
+    torch.testing.assert_close(g(x), f(x))
+    assert len(seen) == 1
+    g(torch.randn(1, 3))  # size 1 leaves the guarded range: a second compile of the same frame
+    assert [s[1] for s in seen] == [0, 1]
+    assert seen[0][0] == seen[1][0]
+    # the first compile's guards are listed once the frame's guards are built
+    assert any("s" in str(e) for e in seen[0][2]), seen[0][2]
+    assert CompileContext.try_get() is None  # left after the compile
