@@ -13,7 +13,7 @@ from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from kiln import exc
 from kiln.fallbacks import record_fallback
 from kiln.aot import config
-from kiln.aot.collect import AOTMeta, collect_metadata
+from kiln.aot.collect import AOTMeta, collect_metadata, fresh_leaf
 from kiln.aot.compilers import call_compiled
 from kiln.aot.meta import SourceMetaInterpreter
 from kiln.aot.options import AOTOptions, make_options
@@ -203,8 +203,8 @@ def _dedupe(flat: list) -> tuple[list, list]:
     """(tensor positions to pass, for each flat position the kept index or None)."""
     kept, where, seen = [], [], {}
     for i, a in enumerate(flat):
-        if isinstance(a, torch.SymInt):
-            # NOTE: an int captured as a symbol (dynamic ints) is a graph input of its own.
+        if isinstance(a, (torch.SymInt, torch.SymFloat)):
+            # NOTE: an int or float captured as a symbol (dynamic scalars) is a graph input of its own.
             where.append(len(kept))
             kept.append(i)
         elif isinstance(a, torch.Tensor):
@@ -578,8 +578,8 @@ def _training_inputs(example: list, tensors: list) -> list:
     this call's sizes, later run for every size the caller allows."""
     if not any(isinstance(e, FakeTensor) for e in example):
         return tensors
-    return [e.detach().requires_grad_(bool(t.requires_grad)) if isinstance(e, FakeTensor)
-            else e if isinstance(e, torch.SymInt) else t
+    return [fresh_leaf(e, bool(t.requires_grad)) if isinstance(e, FakeTensor)
+            else e if isinstance(e, (torch.SymInt, torch.SymFloat)) else t
             for e, t in zip(example, tensors)]
 
 

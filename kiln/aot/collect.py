@@ -112,8 +112,7 @@ def collect_metadata(fn: Callable, fake_inputs: list, fake_mode, decompositions:
         input_requires_grad = [_rg(t) for t in fake_inputs]
         # NOTE: fresh leaves, so that autograd state set by in-place ops in this
         # pass does not leak into the fakes the graph traces use.
-        fresh = [t.detach().requires_grad_(t.requires_grad) if isinstance(t, torch.Tensor) else t
-                 for t in fake_inputs]
+        fresh = [fresh_leaf(t) if isinstance(t, torch.Tensor) else t for t in fake_inputs]
         inputs = prepare_inputs(fresh, pre_clone)
         grad_before = torch.is_grad_enabled()
         mode, outs = run_functionalized(fn, inputs, decompositions, None, discover_tokens=True)
@@ -181,3 +180,15 @@ def _symbolic(v: Any) -> bool:
 
 def _differentiable(t: torch.Tensor) -> bool:
     return t.dtype.is_floating_point or t.dtype.is_complex
+
+
+def fresh_leaf(t: torch.Tensor, requires_grad: Optional[bool] = None) -> torch.Tensor:
+    """``t`` detached, with ``requires_grad`` (default: ``t``'s); it keeps ``t``'s ``item()``.
+
+    NOTE: an unspecialized float comes as a 0-d tensor whose item() is the capture's
+    SymFloat (a fake's ``item_memo``): a fresh fake would read a new unbacked symbol."""
+    d = t.detach().requires_grad_(t.requires_grad if requires_grad is None else requires_grad)
+    memo = getattr(t, "item_memo", None)
+    if memo is not None:
+        d.item_memo = memo
+    return d

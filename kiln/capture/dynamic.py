@@ -11,7 +11,10 @@ Out: per input tensor the dims to make symbolic (``DimDynamic.DYNAMIC``), and
 Ints (PyTorch's automatic dynamic for scalars, ``specialize_int=False``): an int
 argument whose value changed between compiles becomes a symbolic graph input
 (``FrameState.int_is_dynamic``, ``symbolic_int``); module attributes, globals and
-defaults stay constants (``int_may_be_dynamic``).  Floats are specialised.
+defaults stay constants (``int_may_be_dynamic``).  Floats follow the same rule
+(PyTorch's unspecialized floats, ``specialize_float=False``): a float input whose value
+changed becomes a SymFloat graph input (``symbolic_float``); NaN and infinities stay
+constants, and every entry with a float symbol guards that the float is not NaN.
 
 Invariants:
 - dynamic=False (and the first compile under dynamic=None) never creates a
@@ -31,7 +34,8 @@ import torch
 
 from .sources import Source
 
-_NAME = re.compile(r"\b[a-z]\d+\b")
+# NOTE: size symbols s0, unbacked u0, float symbols zf0.
+_NAME = re.compile(r"\b[a-z]{1,2}\d+\b")
 
 # NOTE: these backends compile the torch-level graph for its example sizes (ONNX/TVM
 # export with real inputs) or take every untyped graph input as a Tensor (TorchScript):
@@ -190,6 +194,23 @@ def symbolic_int(shape_env, value: int, name: str) -> torch.SymInt:
     return shape_env.create_unspecified_symint_and_symbol(value, _shape_env_source(name), DimDynamic.DYNAMIC)
 
 
+def symbolic_float(shape_env, value: float, name: str) -> torch.SymFloat:
+    """A backed SymFloat of a new symbol for the float input ``name`` (hint ``value``), as
+    PyTorch's unspecialized float (``create_unspecified_symbol`` + ``create_symfloatnode``)."""
+    from torch.fx.experimental.symbolic_shapes import DimDynamic
+
+    src = _shape_env_source(name)
+    sym = shape_env.create_unspecified_symbol(value, src, DimDynamic.DYNAMIC)
+    return shape_env.create_symfloatnode(sym, hint=value, source=src)
+
+
+def is_float_symbol(sym) -> bool:
+    """Whether ``sym`` (a sympy symbol of the ShapeEnv) stands for a float input."""
+    from torch.utils._sympy.symbol import SymT, symbol_is_type
+
+    return symbol_is_type(sym, SymT.FLOAT)
+
+
 def fake_with_dims(fake_mode, value: torch.Tensor, dims: Optional[list], marked: Optional[dict] = None):
     """A fake tensor of ``value`` with ``dims`` (booleans) symbolic, the rest static;
     ``marked``: {dim: (min, max, constrained)} of dims the user marked dynamic (own symbols)."""
@@ -340,6 +361,11 @@ def shape_guards(shape_env, table: SymbolTable) -> list[tuple[str, str]]:
             add(sympy.Le(sym, hi, evaluate=False))
     for g in shape_env.guards:
         add(g.expr)
+    for sym in table.exprs:
+        if is_float_symbol(sym):
+            # NOTE: as PyTorch, NaN is specialised (it breaks equality reasoning): an entry
+            # with a float symbol rejects NaN, which compiles an entry of its own.
+            out.append((f"not ___isnan({table.exprs[sym]})", f"not math.isnan({table.names[sym]})"))
     return out
 
 

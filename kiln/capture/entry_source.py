@@ -173,6 +173,11 @@ def build_entry(fn: Callable, guards: GuardSet, graph_args: Optional[list], body
     return ns["___entry"], ns["___why"], text
 
 
+def _as_f64_tensor(v: float) -> torch.Tensor:
+    """An unspecialized float input as the graph takes it (sources.FloatTensorSource)."""
+    return torch.tensor(v, dtype=torch.float64)
+
+
 def base_namespace(output, ctx) -> dict:
     from .cache import MISS
 
@@ -180,6 +185,8 @@ def base_namespace(output, ctx) -> dict:
     ns.update({
         "___G": output.root_globals,
         "___grad": torch.is_grad_enabled,
+        "___isnan": math.isnan,
+        "___as_tensor": _as_f64_tensor,
         "___set_grad": torch._C._set_grad_enabled,
         "___autocast": torch._C._is_any_autocast_enabled,
         "___autocast_state": autocast_state,

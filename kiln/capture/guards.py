@@ -180,6 +180,10 @@ class GuardSet:
     def const(self, src: Source, value: Any) -> None:
         if value is None or isinstance(value, bool):
             test = _t(src, f" is {value!r}")
+        elif type(value) is float and (value != value or value in (float("inf"), float("-inf"))):
+            # NOTE: NaN equals nothing and repr(inf) is no Python name: test them by value.
+            test = (_t("type(", src, ") is float and ___isnan(", src, ")") if value != value else
+                    _t("type(", src, ") is float and ", src, f" == float({str(value)!r})"))
         elif isinstance(value, (int, float, str, bytes)) and type(value) in (int, float, str, bytes):
             test = _t("type(", src, f") is {type(value).__name__} and ", src, f" == {value!r}")
         elif type(value).__module__ == "numpy":

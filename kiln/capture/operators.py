@@ -20,6 +20,14 @@ def _int_valued(op: Callable, a: VT, b: VT) -> bool:
                or (isinstance(v, ConstantVT) and type(v.value) in (int, bool)) for v in (a, b))
 
 
+def _on_float_input(a: VT, b: VT) -> bool:
+    """Arithmetic or a comparison on an unspecialized float input (a SymFloat graph input
+    or an expression of one) and a number: a graph node, so the float stays dynamic."""
+    return any(isinstance(v, SymNodeVT) and v.python_type() is float for v in (a, b)) and all(
+        isinstance(v, SymNodeVT) or (isinstance(v, ConstantVT) and type(v.value) in (int, float, bool))
+        for v in (a, b))
+
+
 def _numpy_int_as_python(v: VT) -> VT:
     """A NumPy integer scalar next to a symbolic int, as the Python int (so ``n % np.int64(8)``
     stays symbolic instead of specialising ``n``).
@@ -135,7 +143,8 @@ def binary_op(tx, op: Callable, a: VT, b: VT) -> VT:
         return tx.output.call_graph("call_function", op, [a, b], {})
     if isinstance(a, SymNodeVT) or isinstance(b, SymNodeVT):
         a, b = _numpy_int_as_python(a), _numpy_int_as_python(b)
-    if (isinstance(a, SymNodeVT) or isinstance(b, SymNodeVT)) and (_int_valued(op, a, b) or _on_data(a, b)):
+    if (isinstance(a, SymNodeVT) or isinstance(b, SymNodeVT)) and (_int_valued(op, a, b) or _on_data(a, b)
+                                                                 or _on_float_input(a, b)):
         # NOTE: size arithmetic stays symbolic; comparisons are decided (and guarded) by the ShapeEnv.
         return tx.output.call_graph("call_function", _INPLACE.get(op, op), [a, b], {})
     if isinstance(a, SymNodeVT) or isinstance(b, SymNodeVT):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
@@ -21,11 +22,11 @@ from kiln.passes import checking, log_graph, verify_graph
 
 from . import stats
 from .dynamic import (NO_DYNAMIC_INT_BACKENDS, FrameState, SymbolTable, fake_with_dims, int_may_be_dynamic,
-                      marked_unbacked, new_fake_mode, symbolic_int, tensor_shape_checks)
+                      marked_unbacked, new_fake_mode, symbolic_float, symbolic_int, tensor_shape_checks)
 from .guards import GuardSet
 from .marked_dims import apply_marks, check_in_range
 from .overlap import backend_tracing_context
-from .sources import ObjectTable, SizeSource, Source
+from .sources import FloatTensorSource, ObjectTable, SizeSource, Source
 from .variables.base import VT, ConstantVT, DeletedVT, const_vt, unsupported
 from .variables.containers import ListVT, TupleVT
 from .variables.symbolic import SYM_TYPES, SymNodeVT, concrete, has_unbacked, is_symbolic
@@ -274,28 +275,73 @@ class OutputGraph:
         Guarded on its type; every fact the trace used (``n > 4``, ``n >= 0`` for a
         size) is a ShapeEnv guard printed over ``n`` itself.
         """
-        shape_env = self.fake_mode.shape_env
+        return self._add_scalar_input(value, source, symbolic_int)
+
+    def add_float_input(self, value: float, source: Source) -> Optional[VT]:
+        """A float read from the caller as a graph input (PyTorch's unspecialized float),
+        under the same automatic-dynamic rule as ints; None: it stays a constant.
+
+        As in PyTorch, the graph takes it as a 0-d float64 tensor (``L_y_: f64[]``, every
+        backend takes tensors) and reads it back with ``.item()`` as a backed SymFloat.
+        NOTE: NaN and infinities stay constants (the ShapeEnv cannot reason about them);
+        an entry with a float symbol guards ``not math.isnan``."""
+        if math.isnan(value) or math.isinf(value):
+            return None
         name = source.name()
         known = self.int_inputs.get(name)
         if known is not None:
             return known
-        # NOTE: the frame state records the value on the static first compile too.
-        if getattr(self.ctx, "backend_name", None) in NO_DYNAMIC_INT_BACKENDS \
-                or not int_may_be_dynamic(source, self.module_sources) \
-                or not self.frame_state.int_is_dynamic(getattr(self.ctx, "dynamic", None), name, value) \
-                or shape_env is None:
+        if not self._scalar_may_be_dynamic(value, source):
             return None
-        sym = symbolic_int(shape_env, value, name)
+        sym = symbolic_float(self.fake_mode.shape_env, value, name)
         self.symbols.add(sym.node.expr, source.code(), name)
         self.guards.type_of(source, value)
-        # NOTE: a closure cell of an inlined function is named like a local (``L['x']``):
-        # the placeholder (an argument name of the graph's forward) must stay unique.
+        real = torch.tensor(value, dtype=torch.float64)
+        fake = self.fake_mode.from_tensor(real, static_shapes=True)
+        # NOTE: the fake's item() is the input's own symbol (as PyTorch's FloatTensorSource),
+        # not a new unbacked one: backends tracing the graph see the same SymFloat.
+        fake.item_memo = sym
+        node = self._make_placeholder(self._unique_placeholder(name))
+        node.meta["example_value"] = node.meta["val"] = fake
+        node.meta["source"] = name
+        tsrc = FloatTensorSource(source)
+        self.inputs.append((tsrc, real, TensorVT(node, fake, tsrc), True))
+        item = self.graph.call_method("item", (node,))
+        item.meta["example_value"] = sym
+        vt = SymNodeVT(item, sym)
+        self.size_nodes[sym.node.expr] = item
+        self.int_inputs[name] = vt
+        return vt
+
+    def _scalar_may_be_dynamic(self, value, source: Source) -> bool:
+        """Whether the int/float at ``source`` becomes a graph input now (automatic dynamic)."""
+        # NOTE: the frame state records the value on the static first compile too.
+        return not (getattr(self.ctx, "backend_name", None) in NO_DYNAMIC_INT_BACKENDS
+                    or not int_may_be_dynamic(source, self.module_sources)
+                    or not self.frame_state.int_is_dynamic(getattr(self.ctx, "dynamic", None), source.name(), value)
+                    or self.fake_mode.shape_env is None)
+
+    def _unique_placeholder(self, name: str) -> str:
+        """``name``, or ``name_1``...: a closure cell of an inlined function is named like a
+        local (``L['x']``), and a placeholder (an argument of the graph's forward) is unique."""
         taken = {n.target for n in self.graph.find_nodes(op="placeholder")}
         ph_name, i = name, 0
         while _placeholder_name(ph_name) in taken:
             i += 1
             ph_name = f"{name}_{i}"
-        node = self._make_placeholder(ph_name)
+        return ph_name
+
+    def _add_scalar_input(self, value, source: Source, make_sym: Callable) -> Optional[VT]:
+        name = source.name()
+        known = self.int_inputs.get(name)
+        if known is not None:
+            return known
+        if not self._scalar_may_be_dynamic(value, source):
+            return None
+        sym = make_sym(self.fake_mode.shape_env, value, name)
+        self.symbols.add(sym.node.expr, source.code(), name)
+        self.guards.type_of(source, value)
+        node = self._make_placeholder(self._unique_placeholder(name))
         node.meta["example_value"] = node.meta["val"] = sym
         node.meta["source"] = name
         vt = SymNodeVT(node, sym)

@@ -341,6 +341,23 @@ class SizeSource(Source):
         return f"{base_code}.size({self.dim})"
 
 
+@dataclass(frozen=True)
+class FloatTensorSource(Source):
+    """A float input passed to the graph as a 0-d float64 tensor (PyTorch's unspecialized
+    float: the graph reads it back with ``.item()``); read as ``___as_tensor(y)``."""
+
+    of: Source
+
+    def base(self) -> Source:
+        return self.of
+
+    def name(self) -> str:
+        return f"___as_tensor({self.of.name()})"
+
+    def render(self, base_code: Optional[str]) -> str:
+        return f"___as_tensor({base_code})"
+
+
 def local_source(name: str) -> LocalSource:
     return LocalSource(name)
 

@@ -175,6 +175,10 @@ class GraphLowering:
             e = val.node.expr
             self.inputs.append((name, e))
             return e
+        if isinstance(val, (torch.SymFloat, torch.SymBool)):
+            # NOTE: a symbolic float input (an unspecialized float saved for backward) has
+            # no value at compile time: taking it as a constant would bake in a SymFloat.
+            raise exc.CodegenError(f"graph input {node.name} is a {type(val).__name__}")
         self.inputs.append((name, None))
         return val
 

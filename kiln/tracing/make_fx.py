@@ -201,7 +201,7 @@ def _make_placeholders(tracer: Tracer, args: tuple, names: list[str],
             if isinstance(value, FakeTensor) and fake_mode is not None \
                     and fake_mode.shape_env is not None:
                 tracer.syms.register_input(node, value)
-            elif isinstance(value, torch.SymInt):
+            elif isinstance(value, (torch.SymInt, torch.SymFloat)):
                 tracer.syms.register_symint_input(node, value)
             traced_flat.append(value)
     return traced_flat

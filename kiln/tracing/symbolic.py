@@ -75,9 +75,9 @@ class SymNodeBuilder:
                         self._sources[expr] = (target, node, dim, s)
 
     def register_symint_input(self, node: fx.Node, s: Any) -> None:
-        """A SymInt graph input (an int argument captured as a symbol): its symbol is the
-        placeholder itself."""
-        if isinstance(s, torch.SymInt) and isinstance(s.node.expr, sympy.Symbol):
+        """A SymInt / SymFloat graph input (an int or float argument captured as a symbol):
+        its symbol is the placeholder itself."""
+        if isinstance(s, (torch.SymInt, torch.SymFloat)) and isinstance(s.node.expr, sympy.Symbol):
             self._sources[s.node.expr] = (None, node, -1, s)
 
     def register_bound(self, node: fx.Node, s: Any) -> None:

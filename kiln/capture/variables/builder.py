@@ -96,6 +96,11 @@ def _wrap_value(tx, value: Any, source: Optional[Source], guard: bool) -> VT:
         sym = out.add_int_input(value, source)
         if sym is not None:
             return sym
+    if type(value) is float and g:
+        # NOTE: unspecialized floats: a SymFloat graph input once its value changed.
+        sym = out.add_float_input(value, source)
+        if sym is not None:
+            return sym
     if is_const_value(value):
         if g:
             g.const(source, value)

@@ -85,8 +85,10 @@ class SymNodeVT(VT):
         return ConstantVT(self.const()).getattr(tx, name)
 
     def reconstruct(self, cg) -> str:
-        if has_unbacked(self.sym):
-            return cg.graph_scalar(self)  # NOTE: no input size computes it: a graph output
+        if has_unbacked(self.sym) or isinstance(self.sym, torch.SymFloat):
+            # NOTE: no input size computes it, or a float (an unspecialized float input's
+            # arithmetic, computed by the graph as PyTorch does): a graph output.
+            return cg.graph_scalar(self)
         return cg.sym_expr(self.sym)
 
     def __repr__(self) -> str:
