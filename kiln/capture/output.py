@@ -218,7 +218,7 @@ class OutputGraph:
                 self.guards.alias(prev.source, source)
             return prev
         dims = self.frame_state.dynamic_dims(getattr(self.ctx, "dynamic", None), source.name(), value,
-                                             isinstance(value, torch.nn.Parameter))
+                                             isinstance(value, torch.nn.Parameter) or _is_buffer(source))
         marked = {}
         if not from_module:
             dims = marked_unbacked(self, value, dims)
@@ -482,6 +482,16 @@ class OutputGraph:
             if n.op in ("call_function", "call_method") and not n.users \
                     and (isinstance(n.meta.get("example_value"), SYM_TYPES) or n.meta.get("kiln_tolist")):
                 self.graph.erase_node(n)
+
+
+def _is_buffer(source: Source) -> bool:
+    """``source`` reads a module's buffer (``m._buffers[key]``).
+
+    NOTE: PyTorch keeps the shapes of parameters and buffers static under
+    force_parameter_static_shapes (their sources are UnspecializedParamBufferSource)."""
+    from .sources import ModuleEntrySource
+
+    return isinstance(source, ModuleEntrySource) and source.table == "_buffers"
 
 
 def _default_source_fn_stack(gm: fx.GraphModule) -> None:
