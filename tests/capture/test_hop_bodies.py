@@ -194,3 +194,14 @@ def test_module_buffers_keep_static_shapes_under_dynamic():
     assert len(cond.args[3]) == 4
     buf = next(n for n in gm.graph.nodes if n.op == "placeholder" and "buffer" in n.name)
     assert list(buf.meta["example_value"].shape) == [6, 4]
+
+
+def test_same_tensor_as_two_operands_gets_numbered_placeholders():
+    def f(x):
+        return torch.cond(x.sum() > 0, lambda a, b: a * b, lambda a, b: a - b, (x, x))
+
+    compiled, cnt, rec = _compile(f)
+    for x in (torch.rand(3), -torch.rand(3)):
+        torch.testing.assert_close(compiled(x), f(x))
+    gm = rec.graphs[0]
+    assert _placeholders(gm.cond_true_0) == ["l_x_", "l_x__1"]

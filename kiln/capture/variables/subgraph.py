@@ -141,6 +141,9 @@ def _placeholder(sub: fx.Graph, name: str, example: Any) -> fx.Node:
             node = sub.placeholder(name)
     else:
         node = sub.placeholder(name)
+    # NOTE: the same outer value may feed two placeholders (``f(x, x)``): fx numbers the
+    # second's name (``l_x__1``), and its target, the argument's name, must follow.
+    node.target = node.name
     node.meta["example_value"] = example
     return node
 
