@@ -219,7 +219,7 @@ class OutputGraph:
                 self.guards.alias(prev.source, source)
             return prev
         dims = self.frame_state.dynamic_dims(getattr(self.ctx, "dynamic", None), source.name(), value,
-                                             isinstance(value, torch.nn.Parameter))
+                                             isinstance(value, torch.nn.Parameter) or _is_buffer(source))
         marked = {}
         if not from_module:
             dims = marked_unbacked(self, value, dims)
@@ -477,6 +477,7 @@ class OutputGraph:
         for name, sub in attached(self, self.graph).items():  # higher-order ops' subgraphs
             root.add_module(name, sub)
         gm = fx.GraphModule(root, self.graph)
+        _default_source_fn_stack(gm)
         gm.compile_subgraph_reason = reason
         gm.meta["kiln_sources"] = [s.name() for s, *_ in self.inputs]
         stats.graph_compiled(self.graph)
@@ -531,3 +532,29 @@ class OutputGraph:
             if n.op in ("call_function", "call_method") and not n.users \
                     and (isinstance(n.meta.get("example_value"), SYM_TYPES) or n.meta.get("kiln_tolist")):
                 self.graph.erase_node(n)
+
+
+def _is_buffer(source: Source) -> bool:
+    """``source`` reads a module's buffer (``m._buffers[key]``).
+
+    NOTE: PyTorch keeps the shapes of parameters and buffers static under
+    force_parameter_static_shapes (their sources are UnspecializedParamBufferSource)."""
+    from .sources import ModuleEntrySource
+
+    return isinstance(source, ModuleEntrySource) and source.table == "_buffers"
+
+
+def _default_source_fn_stack(gm: fx.GraphModule) -> None:
+    """``meta["source_fn_stack"]`` of every call node that has none: ``[(node name, target)]``.
+
+    NOTE: PyTorch records it on each call it captures; nodes in a higher-order op's body
+    already carry the op in front (variables/hops.py ``_tag_source``); the bodies of
+    ``torch.func`` transforms have none in front, as PyTorch traces those inline."""
+    for mod in gm.modules():
+        graph = getattr(mod, "graph", None)
+        if not isinstance(graph, fx.Graph):
+            continue
+        for node in graph.nodes:
+            if node.op.startswith("call") and "source_fn_stack" not in node.meta:
+                node.meta["source_fn_stack"] = [(node.name, node.target)]
+

@@ -95,6 +95,9 @@ def _tolist(tx, t: TensorVT) -> VT:
         row = tx.output.call_graph("call_function", operator.getitem, [t, ConstantVT(i)], {})
         row.node.meta["kiln_tolist"] = True  # NOTE: dropped with its items if nothing uses them
         items.append(_tolist(tx, row))
+        # NOTE: the row reads are plain indexing of the tensor on the way to its items; as in
+        # PyTorch's graph they carry no example value (the printed graph shows no type).
+        row.node.meta.pop("example_value", None)
     return ListVT(items)
 
 

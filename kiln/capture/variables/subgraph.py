@@ -141,6 +141,9 @@ def _placeholder(sub: fx.Graph, name: str, example: Any) -> fx.Node:
             node = sub.placeholder(name)
     else:
         node = sub.placeholder(name)
+    # NOTE: the same outer value may feed two placeholders (``f(x, x)``): fx numbers the
+    # second's name (``l_x__1``), and its target, the argument's name, must follow.
+    node.target = node.name
     node.meta["example_value"] = example
     return node
 
@@ -172,7 +175,9 @@ def speculate(tx, fn: VT, args: list, kwargs: dict, what: str, *, prune: bool = 
     counter = [0]
 
     def leaf(v: VT) -> VT:
-        name = f"{prefix_names}arg{counter[0]}"
+        # NOTE: a body's placeholder takes the name of the outer value feeding it
+        # (``l_x_``, ``item``), as PyTorch names subgraph inputs; fx numbers repeats.
+        name = f"{prefix_names}{_outer_name(v.node, counter[0])}"
         counter[0] += 1
         if isinstance(v, TensorVT):
             ph = _placeholder(sub, name, v.fake)
@@ -233,7 +238,7 @@ def speculate(tx, fn: VT, args: list, kwargs: dict, what: str, *, prune: bool = 
     def lift(a: fx.Node) -> fx.Node:
         ph = lifted.get(a)
         if ph is None:
-            ph = _placeholder(sub, f"{prefix_names}lifted{len(lifted)}", a.meta.get("example_value"))
+            ph = _placeholder(sub, f"{prefix_names}{_outer_name(a, len(lifted))}", a.meta.get("example_value"))
             lifted[a] = ph
             outer[ph] = a
         return ph
@@ -255,19 +260,65 @@ def speculate(tx, fn: VT, args: list, kwargs: dict, what: str, *, prune: bool = 
     nodes = [o.node if o.node.graph is sub else lift(o.node) for o in outputs]
     sub.output(tuple(nodes))
     if prune:
+        _merge_same_inputs(sub, outer)
         for ph in [n for n in sub.nodes if n.op == "placeholder"]:
             if not ph.users:
                 outer.pop(ph, None)
                 sub.erase_node(ph)
+        _order_by_first_use(sub)
     phs = [n for n in sub.nodes if n.op == "placeholder"]
     gm = _module_for(out, sub)
     return Subgraph(gm, sub, [outer[p] for p in phs], n_explicit, out_tree, outputs)
 
 
+def _outer_name(node: Any, i: int) -> str:
+    name = getattr(node, "name", None)
+    return name if isinstance(name, str) and name else f"arg{i}"
+
+
+def _merge_same_inputs(sub: fx.Graph, outer: dict) -> None:
+    """One placeholder per outer value: later placeholders fed by the same outer node
+    (``wrap(fn, x=x, z=(x, y))``) are replaced by the first.
+
+    NOTE: PyTorch lifts a body's inputs by the value they are ("automatic" inputs), so a
+    tensor reached through two arguments is one input of the subgraph."""
+    first: dict = {}
+    for ph in [n for n in sub.nodes if n.op == "placeholder"]:
+        src = outer.get(ph)
+        if not isinstance(src, fx.Node):
+            continue
+        keep = first.setdefault(src, ph)
+        if keep is not ph:
+            ph.replace_all_uses_with(keep)
+
+
+def _order_by_first_use(sub: fx.Graph) -> None:
+    """Placeholders in the order the body first reads them.
+
+    NOTE: PyTorch lifts the inputs of a body it captures whole (``wrap``, checkpoint:
+    "automatic" inputs) when the body first uses each, so its subgraph takes them in that
+    order, arguments and closures alike; kiln's op takes the reordered outer arguments."""
+    phs = [n for n in sub.nodes if n.op == "placeholder"]
+    order = {n: i for i, n in enumerate(sub.nodes)}
+
+    def first_use(ph: fx.Node) -> tuple:
+        user = min(ph.users, key=order.__getitem__)
+        return order[user], user.all_input_nodes.index(ph)
+
+    ranked = sorted(phs, key=first_use)
+    if ranked == phs:
+        return
+    anchor = next(n for n in sub.nodes if n.op != "placeholder")  # NOTE: the output node at least
+    for ph in ranked:
+        anchor.prepend(ph)
+
+
 def _snapshot(tx) -> list:
-    """The contents of every container and closure cell the enclosing frames can reach
-    (a body that changes one mutates state outside its scope)."""
+    """The contents of every container, closure cell and object built in the region that
+    the enclosing frames can reach (a body that changes one mutates state outside its
+    scope): ``(vt, read, before)`` with ``read(vt)`` the current contents."""
     from .callables import CellVT, NestedFunctionVT
+    from .new_objects import NewObjectVT
 
     seen: set = set()
     out: list = []
@@ -277,19 +328,25 @@ def _snapshot(tx) -> list:
             return
         seen.add(id(v))
         if isinstance(v, (TupleVT, ListVT)):
-            out.append((v, list(v.items)))
+            out.append((v, _items_of, list(v.items)))
             for i in v.items:
                 walk(i)
         elif isinstance(v, DictVT):
-            out.append((v, dict(v.items)))
+            out.append((v, _items_of, dict(v.items)))
             for i in v.items.values():
                 walk(i)
         elif isinstance(v, CellVT):
-            out.append((v, v.value))
+            out.append((v, _value_of, v.value))
             walk(v.value)
         elif isinstance(v, NestedFunctionVT):
             for c in v.closure:
                 walk(c)
+        elif isinstance(v, NewObjectVT):
+            # NOTE: an object built earlier in the region (``obj = Obj()`` then a body that
+            # sets or deletes ``obj.val``): its attributes live on the VT, not in side effects.
+            out.append((v, _attrs_of, dict(v.attrs)))
+            for i in v.attrs.values():
+                walk(i)
 
     t = tx
     while t is not None:
@@ -299,9 +356,21 @@ def _snapshot(tx) -> list:
     return out
 
 
+def _items_of(vt: VT) -> Any:
+    return vt.items
+
+
+def _value_of(vt: VT) -> Any:
+    return vt.value
+
+
+def _attrs_of(vt: VT) -> Any:
+    return vt.attrs
+
+
 def _changed(snap: list) -> bool:
-    for vt, before in snap:
-        now = vt.value if not hasattr(vt, "items") else vt.items
+    for vt, read, before in snap:
+        now = read(vt)
         if isinstance(before, list):
             if len(now) != len(before) or any(a is not b for a, b in zip(now, before)):
                 return True
