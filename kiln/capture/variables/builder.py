@@ -113,6 +113,11 @@ def _wrap_value(tx, value: Any, source: Optional[Source], guard: bool) -> VT:
         if type(value) is list:
             return ListVT(items, source)
         return TupleVT(items, source, pytype=type(value))
+    if isinstance(value, list) and type(value) is not list and source is not None:
+        from .list_subclass import is_modelled_list_subclass, wrap_list_subclass
+
+        if is_modelled_list_subclass(type(value)):
+            return wrap_list_subclass(tx, value, source, guard)
     if type(value) in _DICT_TYPES and all(_plain_key(k) for k in value):
         return _wrap_dict(tx, value, source, guard)
     special = wrapper_for(value)
