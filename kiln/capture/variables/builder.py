@@ -33,6 +33,11 @@ def _is_library_function(fn: Any) -> bool:
     if mod.startswith("torch._C._dynamo"):
         return False  # NOTE: PyTorch's eval-frame helpers (e.g. its test helper ``unsupported``) are no ops
     if isinstance(fn, types.FunctionType):
+        if mod == "torch.nn.functional" and fn.__name__.startswith("_"):
+            # NOTE: F's private helpers (_canonical_mask, _none_or_dtype, _verify_batch_size,
+            # ...) check and canonicalize arguments, often with no tensor at all: inlined, as
+            # PyTorch's capture does (none of them is among its in-graph functions).
+            return False
         return mod.startswith(_GRAPH_PY_MODULES)
     return True
 
