@@ -725,3 +725,16 @@ def test_a_function_that_runs_eagerly_says_why_in_explain():
     assert ex.graph_count == 0
     assert len(ex.eager_frames) == 1 and "generator" in ex.eager_frames[0] and "gen" in ex.eager_frames[0]
     assert "Eager Frames:" in str(ex)
+
+
+def test_compile_a_builtin_torch_function():
+    # NOTE: a C function has no frame: a Python function calling it is compiled (one graph).
+    from kiln.testing import CompileCounter
+
+    kiln.reset()
+    cc = CompileCounter()
+    opt = kiln.compile(torch.sin, backend=cc, fullgraph=True)
+    x = torch.randn(5, 10)
+    assert torch.equal(opt(x), torch.sin(x))
+    assert (cc.frame_count, cc.op_count) == (1, 1)
+    assert torch.equal(kiln.compile(torch.add, backend="eager")(x, x, alpha=2), x + 2 * x)
