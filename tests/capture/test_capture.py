@@ -738,3 +738,33 @@ def test_compile_a_builtin_torch_function():
     assert torch.equal(opt(x), torch.sin(x))
     assert (cc.frame_count, cc.op_count) == (1, 1)
     assert torch.equal(kiln.compile(torch.add, backend="eager")(x, x, alpha=2), x + 2 * x)
+
+
+def test_relative_import_inside_compiled_function(tmp_path, monkeypatch):
+    import importlib
+    import textwrap
+
+    from kiln.testing import CompileCounter
+
+    pkg = tmp_path / "kiln_relpkg"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "consts.py").write_text("import torch\nSCALE = torch.tensor(3.0)\n")
+    (pkg / "user.py").write_text(textwrap.dedent("""
+        def from_module(x):
+            from .consts import SCALE
+            return x * SCALE
+
+        def the_module(x):
+            from . import consts
+            return x * consts.SCALE
+    """))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    user = importlib.import_module("kiln_relpkg.user")
+    importlib.import_module("kiln_relpkg.consts")
+    kiln.reset()
+    x = torch.randn(4)
+    for fn in (user.from_module, user.the_module):
+        cc = CompileCounter()
+        assert torch.equal(kiln.compile(fn, backend=cc, fullgraph=True)(x), x * 3)
+        assert cc.frame_count == 1
