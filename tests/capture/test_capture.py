@@ -768,3 +768,10 @@ def test_relative_import_inside_compiled_function(tmp_path, monkeypatch):
         cc = CompileCounter()
         assert torch.equal(kiln.compile(fn, backend=cc, fullgraph=True)(x), x * 3)
         assert cc.frame_count == 1
+
+
+def test_torch_jit_trace_of_a_compiled_function_raises():
+    opt = kiln.compile(lambda x: x + 1, backend="eager", dynamic=True)
+    with pytest.raises(RuntimeError, match="torch.jit.trace"):
+        torch.jit.trace(opt, torch.randn(3))
+    assert torch.equal(opt(torch.ones(2)), torch.full((2,), 2.0))
