@@ -88,7 +88,21 @@ def _apply(ctx, target: Any) -> Any:
         call = getattr(type(target), "__call__", None)
         if isinstance(call, types.FunctionType):
             return functools.partial(ctx.wrapper_for(call), target)
+        if isinstance(target, (types.BuiltinFunctionType, types.BuiltinMethodType, types.MethodDescriptorType,
+                               types.WrapperDescriptorType, types.MethodWrapperType)):
+            # NOTE: a C function has no frame to capture: a Python function calling it is
+            # compiled instead, as PyTorch's wrap_inline does (``kiln.compile(torch.sin)``).
+            return functools.wraps(target)(ctx.wrapper_for(_inline_call(target)))
     raise TypeError(f"kiln.compile expects a function or nn.Module, got {type(target).__name__}")
+
+
+def _inline_call(fn: Any) -> types.FunctionType:
+    """A Python function that calls ``fn`` (a frame for capture to trace)."""
+
+    def inline_call(*args, **kwargs):
+        return fn(*args, **kwargs)
+
+    return inline_call
 
 
 def _hop_entry(fn: types.FunctionType) -> types.FunctionType:

@@ -243,10 +243,16 @@ def make_wrapper(cache: FunctionCache) -> Callable:
 
     entries = cache.entries
     miss = cache.miss
+    is_jit_tracing = torch._C._is_tracing
     cl = cache.closure
     _MISS = MISS
 
     def kiln_compiled(*args, **kwargs):
+        if is_jit_tracing():
+            # NOTE: as PyTorch's compiled functions: torch.jit.trace would record what the
+            # compiled code does (guards, generated Python), not the function.
+            raise RuntimeError("kiln: a compiled function cannot be traced by torch.jit.trace; "
+                               "trace the original function instead")
         try:
             if transforms_active():
                 # NOTE: inside an eager torch.func transform (functorch_entry.py).

@@ -9,6 +9,7 @@ from .operators import COMPARE, NB_OPS, binary_op, contains, is_same, unary_op
 from .variables.base import ConstantVT, NullVT, const_vt, is_const_value, unsupported
 from .variables.callables import CellVT, RealCellVT
 from .variables.containers import DictVT, ListVT, SequenceVT, SliceVT, TupleVT
+from .variables.list_subclass import ListSubclassVT, NewListSubclassVT
 from .variables.tensor import TensorVT
 
 
@@ -39,7 +40,7 @@ def _setitem(tx, obj, key, value):
         call(tx, "op", operator.setitem, [obj, key, value])
     elif isinstance(obj, TensorVT):
         tx.output.call_graph("call_function", operator.setitem, [obj, key, value], {})
-    elif isinstance(obj, (ListVT, DictVT)):
+    elif isinstance(obj, (ListVT, DictVT, ListSubclassVT, NewListSubclassVT)):
         obj.setitem(tx, key, value)
     else:
         unsupported(f"item assignment on {obj}")
@@ -355,6 +356,8 @@ class BasicHandlers:
     @handles("DELETE_SUBSCR")
     def DELETE_SUBSCR(self, inst):
         key, obj = self.pop(), self.pop()
+        if isinstance(obj, (ListSubclassVT, NewListSubclassVT)):
+            return obj.delitem(self, key)
         if not isinstance(obj, (ListVT, DictVT)):
             unsupported(f"del on {obj}")
         if isinstance(obj, ListVT):

@@ -198,11 +198,16 @@ class ControlHandlers:
         import sys
 
         fromlist, level = self.pop(), self.pop()
-        if level.const() != 0 or inst.argval not in sys.modules:
-            unsupported(f"import of {inst.argval}", why="only already-imported absolute modules are captured")
-        mod = sys.modules[inst.argval]
+        name = inst.argval
+        if level.const() != 0:
+            # NOTE: a relative import resolves against the frame's package, as importlib does
+            # (``__package__``, else ``__spec__.parent``, else ``__name__`` of a package).
+            name = _resolve_relative(name, self.f_globals, level.const())
+        if name is None or name not in sys.modules:
+            unsupported(f"import of {inst.argval}", why="only already-imported modules are captured")
+        mod = sys.modules[name]
         if not fromlist.const():
-            mod = sys.modules[inst.argval.split(".")[0]]
+            mod = sys.modules[name.split(".")[0]] if level.const() == 0 else sys.modules[name]
         self.push(self.wrap_static(mod))
 
     @handles("IMPORT_FROM")
@@ -214,6 +219,25 @@ class ControlHandlers:
              "DELETE_GLOBAL", "DELETE_DEREF", "SETUP_FINALLY")
     def UNSUPPORTED_OP(self, inst):
         unsupported(f"opcode {inst.opname}", why="this construct is not captured")
+
+
+def _resolve_relative(name: str, f_globals: dict, level: int):
+    """The absolute module name of ``from <level dots><name> import ...`` in a frame with
+    these globals (None when the frame has no package to resolve against)."""
+    import importlib.util
+
+    package = f_globals.get("__package__")
+    if package is None:
+        spec = f_globals.get("__spec__")
+        package = getattr(spec, "parent", None)
+    if package is None and "__path__" in f_globals:
+        package = f_globals.get("__name__")
+    if not package:
+        return None
+    try:
+        return importlib.util.resolve_name("." * level + name, package)
+    except (ImportError, ValueError):
+        return None
 
 
 def _disown(v, depth: int = 0) -> None:

@@ -725,3 +725,53 @@ def test_a_function_that_runs_eagerly_says_why_in_explain():
     assert ex.graph_count == 0
     assert len(ex.eager_frames) == 1 and "generator" in ex.eager_frames[0] and "gen" in ex.eager_frames[0]
     assert "Eager Frames:" in str(ex)
+
+
+def test_compile_a_builtin_torch_function():
+    # NOTE: a C function has no frame: a Python function calling it is compiled (one graph).
+    from kiln.testing import CompileCounter
+
+    kiln.reset()
+    cc = CompileCounter()
+    opt = kiln.compile(torch.sin, backend=cc, fullgraph=True)
+    x = torch.randn(5, 10)
+    assert torch.equal(opt(x), torch.sin(x))
+    assert (cc.frame_count, cc.op_count) == (1, 1)
+    assert torch.equal(kiln.compile(torch.add, backend="eager")(x, x, alpha=2), x + 2 * x)
+
+
+def test_relative_import_inside_compiled_function(tmp_path, monkeypatch):
+    import importlib
+    import textwrap
+
+    from kiln.testing import CompileCounter
+
+    pkg = tmp_path / "kiln_relpkg"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "consts.py").write_text("import torch\nSCALE = torch.tensor(3.0)\n")
+    (pkg / "user.py").write_text(textwrap.dedent("""
+        def from_module(x):
+            from .consts import SCALE
+            return x * SCALE
+
+        def the_module(x):
+            from . import consts
+            return x * consts.SCALE
+    """))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    user = importlib.import_module("kiln_relpkg.user")
+    importlib.import_module("kiln_relpkg.consts")
+    kiln.reset()
+    x = torch.randn(4)
+    for fn in (user.from_module, user.the_module):
+        cc = CompileCounter()
+        assert torch.equal(kiln.compile(fn, backend=cc, fullgraph=True)(x), x * 3)
+        assert cc.frame_count == 1
+
+
+def test_torch_jit_trace_of_a_compiled_function_raises():
+    opt = kiln.compile(lambda x: x + 1, backend="eager", dynamic=True)
+    with pytest.raises(RuntimeError, match="torch.jit.trace"):
+        torch.jit.trace(opt, torch.randn(3))
+    assert torch.equal(opt(torch.ones(2)), torch.full((2,), 2.0))

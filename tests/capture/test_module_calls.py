@@ -158,3 +158,27 @@ def test_a_compiled_module_pickles_and_loads_compiled_the_same_way():
     assert isinstance(loaded, kiln.capture.OptimizedModule)
     assert loaded._kiln_ctx.backend_name == cm._kiln_ctx.backend_name
     torch.testing.assert_close(loaded(x), m(x))
+
+
+def test_functional_private_helpers_are_inlined_not_graph_calls():
+    # NOTE: MultiheadAttention.forward calls F._canonical_mask / F._none_or_dtype on its masks
+    # before F.multi_head_attention_forward: helpers, inlined (none when the masks are None).
+    torch.manual_seed(0)
+    mha = torch.nn.MultiheadAttention(8, 2, dropout=0.0)
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    def f(x, mask):
+        return mha(x, x, x, key_padding_mask=mask, need_weights=False)[0]
+
+    opt = kiln.compile(f, backend=backend, fullgraph=True)
+    x = torch.randn(3, 2, 8)
+    for mask in (None, torch.tensor([[False, False, True], [False, True, True]])):
+        torch.testing.assert_close(opt(x, mask), f(x, mask))
+    names = [getattr(n.target, "__name__", "") for g in graphs for n in g.graph.nodes if n.op == "call_function"]
+    assert "multi_head_attention_forward" in names
+    assert not [n for n in names if n in ("_canonical_mask", "_none_or_dtype")], names
+    assert sum(n.op == "call_function" for n in graphs[0].graph.nodes) == 2  # the call and its [0]

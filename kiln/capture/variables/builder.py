@@ -33,6 +33,11 @@ def _is_library_function(fn: Any) -> bool:
     if mod.startswith("torch._C._dynamo"):
         return False  # NOTE: PyTorch's eval-frame helpers (e.g. its test helper ``unsupported``) are no ops
     if isinstance(fn, types.FunctionType):
+        if mod == "torch.nn.functional" and fn.__name__.startswith("_"):
+            # NOTE: F's private helpers (_canonical_mask, _none_or_dtype, _verify_batch_size,
+            # ...) check and canonicalize arguments, often with no tensor at all: inlined, as
+            # PyTorch's capture does (none of them is among its in-graph functions).
+            return False
         return mod.startswith(_GRAPH_PY_MODULES)
     return True
 
@@ -118,6 +123,11 @@ def _wrap_value(tx, value: Any, source: Optional[Source], guard: bool) -> VT:
         if type(value) is list:
             return ListVT(items, source)
         return TupleVT(items, source, pytype=type(value))
+    if isinstance(value, list) and type(value) is not list and source is not None:
+        from .list_subclass import is_modelled_list_subclass, wrap_list_subclass
+
+        if is_modelled_list_subclass(type(value)):
+            return wrap_list_subclass(tx, value, source, guard)
     if type(value) in _DICT_TYPES and all(_plain_key(k) for k in value):
         return _wrap_dict(tx, value, source, guard)
     special = wrapper_for(value)

@@ -377,6 +377,10 @@ def _get_class_attr(tx, obj: NewObjectVT, name: str, attr: Any) -> VT:
 # ---------------------------------------------------------------- construction
 def construct(tx, cls: type, args: list, kwargs: dict) -> VT:
     """``cls(*args, **kwargs)`` in the region: ``__new__`` then ``__init__``, both inlined."""
+    from .list_subclass import construct_list_subclass, is_modelled_list_subclass
+
+    if is_modelled_list_subclass(cls):
+        return construct_list_subclass(tx, cls, args, kwargs)
     why = build_refusal(cls)
     if why is not None:
         unsupported(f"constructing an instance of {cls.__qualname__}: {why}",
@@ -471,6 +475,12 @@ def _object_init(tx, obj: VT, *args: VT, **kwargs: VT) -> VT:
     return ConstantVT(None)
 
 
+def _list_init(tx, obj: VT, *args: VT, **kwargs: VT) -> VT:
+    from .list_subclass import list_init
+
+    return list_init(tx, obj, *args, **kwargs)
+
+
 # NOTE: object's own slot methods, called explicitly (``object.__setattr__(self, ...)`` in a
 # frozen dataclass, ``object.__new__(cls)`` in a ``__new__``) or through ``super()``.
 OBJECT_METHODS: dict[Any, Callable] = {
@@ -479,6 +489,7 @@ OBJECT_METHODS: dict[Any, Callable] = {
     object.__getattribute__: _object_getattribute,
     object.__delattr__: _object_delattr,
     object.__init__: _object_init,
+    list.__init__: _list_init,  # NOTE: a list subclass built in the region (list_subclass.py)
     delattr: _delattr_builtin,
 }
 
