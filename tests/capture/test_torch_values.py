@@ -161,7 +161,11 @@ def test_numpy_code_is_traced_as_torch_ops():
     got = kiln.compile(f, backend=cc, fullgraph=True)(x, arr)
     ref = f(x, arr)
     assert cc.frame_count == 1
-    assert same(ref[0], got[0]) and ref[1:3] == got[1:3] and ref[5:] == got[5:]
+    # NOTE: NumPy's sin and torch's may differ in the last bit (they do on some machines), so
+    # the traced values are compared with a tolerance, the metadata exactly.
+    assert ref[0].dtype == got[0].dtype
+    torch.testing.assert_close(got[0], ref[0])
+    assert ref[1:3] == got[1:3] and ref[5:] == got[5:]
     assert type(got[3]) is np.ndarray and np.allclose(ref[3], got[3])  # a 0-d array for NumPy's scalar
     assert type(got[4]) is np.ndarray and np.array_equal(ref[4], got[4])
 
