@@ -1,4 +1,5 @@
-"""kiln.codegen.causal_mask: attention masks that are the causal pattern become ``is_causal``.
+"""kiln.codegen.causal_mask: constant attention masks that are the causal pattern become
+``is_causal``; constant masks that hide nothing are dropped.
 
 In:  a torch-level ``fx.GraphModule`` from capture (before AOT), whose
      ``scaled_dot_product_attention`` calls may take an ``attn_mask`` built in the graph.
@@ -7,8 +8,9 @@ Out: the same graph, where such a mask depends on no graph input (it is built fr
      evaluated once here, is exactly the causal pattern -- a bool mask equal to
      ``ones(L, L).tril()``, or an additive float mask that is 0 on and below the diagonal
      and ``-inf`` (or the dtype's most negative value) above it, broadcast over batch and
-     heads -- the call takes ``is_causal=True`` and no mask.  The mask's nodes that
-     nothing else uses are removed.
+     heads -- the call takes ``is_causal=True`` and no mask.  A constant mask that hides
+     nothing (bool all ``True``, additive all ``0``) is dropped: the call takes no mask.
+     The mask's nodes that nothing else uses are removed.
 """
 # NOTE: why.  Libraries build an explicit mask whenever they see a compiler: transformers'
 # ``sdpa_mask`` skips its "no mask, is_causal=True" shortcut when
@@ -18,6 +20,12 @@ Out: the same graph, where such a mask depends on no graph input (it is built fr
 # cannot skip the masked-out blocks, about 10% of a GPT-2-small inference step on the
 # GPU.  With static sizes the mask is a constant, so the question is decidable here.
 # Symbolic sizes make the mask depend on a size input: it is left as it is.
+# NOTE: why masks that hide nothing.  transformers (5.x) builds BERT's padding mask as an
+# all-True bool tensor expanded over the query positions (last-dim stride 0) when it sees a
+# compiler, and passes None in eager.  GPU fused attention kernels require the mask's last
+# dim to have stride 1, so the compiled call fell to math attention (two bmm and a softmax
+# over [B, H, L, L]) where eager runs the memory-efficient kernel.  Dropping a mask that
+# masks nothing is exact.
 from __future__ import annotations
 
 from typing import Any, Optional
@@ -95,15 +103,31 @@ def is_causal_mask(m: torch.Tensor) -> bool:
     return bool((m.masked_fill(~keep, 0) == 0).all()) and bool((m.masked_fill(keep, low) <= low).all())
 
 
-def _rewrite(n: fx.Node) -> None:
+def hides_nothing(m: torch.Tensor) -> bool:
+    """Whether ``m`` is a mask that keeps every position: bool all True, additive all 0."""
+    if m.dtype == torch.bool:
+        return bool(m.all())
+    return m.is_floating_point() and bool((m == 0).all())
+
+
+def _classify(m: torch.Tensor) -> Optional[str]:
+    """What a constant mask is: "causal", "none" (hides nothing), or None (keep it)."""
+    if is_causal_mask(m):
+        return "causal"
+    return "none" if hides_nothing(m) else None
+
+
+def _rewrite(n: fx.Node, kind: str) -> None:
+    """Drop the call's mask; a causal one becomes ``is_causal=True``."""
     args, kwargs = list(n.args), dict(n.kwargs)
     if len(args) > 3:
         args[3] = None
     kwargs.pop("attn_mask", None)
-    if len(args) > 5:
-        args[5] = True
-    else:
-        kwargs["is_causal"] = True
+    if kind == "causal":
+        if len(args) > 5:
+            args[5] = True
+        else:
+            kwargs["is_causal"] = True
     if len(args) <= 3:
         kwargs["attn_mask"] = None
     n.args, n.kwargs = tuple(args), kwargs
@@ -126,7 +150,7 @@ def _erase_unused(gm: fx.GraphModule, nodes: set) -> None:
 def causal_masks_to_is_causal(gm: fx.GraphModule) -> fx.GraphModule:
     """The pass (see the module docstring)."""
     global rewritten
-    folded: dict[fx.Node, Any] = {}
+    folded: dict[fx.Node, Any] = {}     # mask node -> (its nodes, "causal" | "none") or None
     changed: list = []
     for n in list(gm.graph.nodes):
         if n.op != "call_function" or n.target not in _SDPA:
@@ -137,16 +161,17 @@ def causal_masks_to_is_causal(gm: fx.GraphModule) -> fx.GraphModule:
         if mask not in folded:
             nodes = _constant_nodes(mask)
             value = None if nodes is None else _evaluate(gm, nodes, mask)
-            folded[mask] = nodes if value is not None and is_causal_mask(value) else None
+            kind = None if value is None else _classify(value)
+            folded[mask] = None if kind is None else (nodes, kind)
         if folded[mask] is not None:
-            _rewrite(n)
+            _rewrite(n, folded[mask][1])
             changed.append(mask)
     for mask in dict.fromkeys(changed):
-        _erase_unused(gm, folded[mask])
+        _erase_unused(gm, folded[mask][0])
     if changed:
         rewritten += len(changed)
         gm.recompile()
     return gm
 
 
-__all__ = ["causal_masks_to_is_causal", "is_causal_mask"]
+__all__ = ["causal_masks_to_is_causal", "hides_nothing", "is_causal_mask"]

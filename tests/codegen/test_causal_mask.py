@@ -61,6 +61,47 @@ def test_constant_causal_masks_become_is_causal(fn):
     torch.testing.assert_close(out, fn(q, k, v))
 
 
+def _bool_everything(q, k, v):
+    """As transformers 5.x builds a padding mask with no padding when it sees a compiler: an
+    all-True bool expanded over batch and query positions (last-dim stride 0)."""
+    L = q.shape[-2]
+    pos = torch.arange(L)
+    keep = (pos[None, None, :, None] >= 0).expand(2, -1, L, L)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=keep)
+
+
+def _float_zeros(q, k, v):
+    L = q.shape[-2]
+    return F.scaled_dot_product_attention(q, k, v, torch.zeros(1, 1, L, L), 0.0, False)
+
+
+@pytest.mark.parametrize("fn", [_bool_everything, _float_zeros])
+def test_constant_masks_that_hide_nothing_are_dropped(fn):
+    q, k, v = _qkv()
+    before = cm.rewritten
+    nodes = []
+
+    def backend(gm, example_inputs):
+        gm = cm.causal_masks_to_is_causal(gm)
+        nodes.extend(n for n in gm.graph.nodes if n.target in cm._SDPA)
+        return gm.forward
+
+    out = kiln.compile(fn, backend=backend)(q, k, v)
+    assert cm.rewritten == before + 1 and len(nodes) == 1
+    mask, causal = cm._mask_arg(nodes[0])
+    assert mask is None and not causal
+    assert "arange" not in nodes[0].graph.python_code("self").src  # the mask's nodes are gone
+    torch.testing.assert_close(out, fn(q, k, v))
+
+
+def test_hides_nothing_tells_masks_apart():
+    assert cm.hides_nothing(torch.ones(3, 3, dtype=torch.bool).expand(2, 3, 3))
+    assert cm.hides_nothing(torch.zeros(4, 4))
+    assert not cm.hides_nothing(torch.ones(3, 3, dtype=torch.bool).tril())
+    assert not cm.hides_nothing(torch.full((2, 2), -1e-30))
+    assert not cm.hides_nothing(torch.zeros(2, 2, dtype=torch.int64))
+
+
 def _window(q, k, v):
     L = q.shape[-2]
     pos = torch.arange(L)
