@@ -18,7 +18,7 @@ Invariants:
   ``Tensor.register_hook`` on inputs) are replayed after the graph runs.
 - Every captured value has a source (sources.py): a small tree (local, global,
   closure cell, attribute, item, module table entry, ...) that prints PyTorch's
-  name (``L['self'].weight``) and writes the code that reads it
+  name (``L['self']._parameters['weight']``) and writes the code that reads it
   (``self._parameters['weight']``).  Guards are records (guards.Guard: a kind,
   a source, checks with their reasons), rendered into the entry's guard
   function with repeated access chains bound once (guard_cse.py).

@@ -109,7 +109,7 @@ class BasicHandlers:
         if isinstance(v, NullVT):
             self.locals.pop(name, None)
         else:
-            _name_hint(v, name)
+            name_hint(v, name)
             self.locals[name] = v
 
     @handles("DELETE_FAST")
@@ -438,11 +438,14 @@ class _CellObj:
         self.source = source
 
 
-def _name_hint(v, name: str) -> None:
+def name_hint(v, name: str) -> None:
     """A graph tensor first stored to a local is named after it (``x = a + 1`` is node ``x``,
     a later ``x = x * 2`` node ``x_1``), as in PyTorch's capture; inputs keep their names."""
     node = getattr(v, "node", None)
     if isinstance(v, TensorVT) and node is not None and node.op in ("call_function", "call_method", "call_module") \
             and not node.meta.get("kiln_named") and name.isidentifier():
+        # NOTE: ``source_fn_stack`` keeps the name the node was made with (``y = x.sum()``:
+        # node ``y``, stack ``[('sum_1', 'sum')]``), as PyTorch records it when it creates a node.
+        node.meta.setdefault("source_fn_stack", [(node.name, node.target)])
         node._rename(name)
         node.meta["kiln_named"] = True

@@ -5,7 +5,7 @@ object embedded by identity) and access steps over it (attribute, item, module
 table entry, method call, ...).  Each node answers two questions:
 
 - ``name()``: the name in PyTorch's guard language (``L['x']``,
-  ``L['self'].weight``, ``G['z']``), used in guard failure reasons and graph
+  ``L['self']._parameters['weight']``, ``G['z']``), used in guard failure reasons and graph
   placeholder names;
 - ``code()``: the Python expression that fetches the value inside generated guard
   and entry functions (whose parameters are the frame's arguments).
@@ -227,8 +227,8 @@ def key_source(table: "ObjectTable", of: Source, key: Any) -> Source:
 
 @dataclass(frozen=True)
 class ModuleTableSource(Source):
-    """A module's ``_parameters`` / ``_buffers`` / ``_modules`` table: part of how an
-    entry is read (so that reading it once serves every entry), not of its name."""
+    """A module's ``_parameters`` / ``_buffers`` / ``_modules`` table (read once, it serves
+    every entry)."""
 
     of: Source
     table: str  # "_parameters" | "_buffers" | "_modules"
@@ -238,7 +238,7 @@ class ModuleTableSource(Source):
         return self.of
 
     def name(self) -> str:
-        return self.of.name()
+        return f"{self.of.name()}.{self.table}"
 
     def render(self, base_code: Optional[str]) -> str:
         return f"{base_code}.{self.table}"
@@ -246,8 +246,9 @@ class ModuleTableSource(Source):
 
 @dataclass(frozen=True)
 class ModuleEntrySource(Source):
-    """A parameter, buffer or submodule: named ``m.key`` as PyTorch names it, read as
-    ``m._parameters['key']``.
+    """A parameter, buffer or submodule reached as ``m.key``: named and read as
+    ``m._parameters['key']``, as PyTorch names it (``L['self']._modules['fc']._parameters['weight']``,
+    placeholder ``L_self_modules_fc_parameters_weight_``): ``nn.Module.__getattr__`` reads it there.
 
     NOTE: ``m.key`` would run ``nn.Module.__getattr__``, a Python call per read, on
     every guard check of every call.
@@ -262,7 +263,7 @@ class ModuleEntrySource(Source):
         return ModuleTableSource(self.of, self.table)
 
     def name(self) -> str:
-        return f"{self.of.name()}.{self.key}"
+        return f"{self.of.name()}.{self.table}[{self.key!r}]"
 
     def render(self, base_code: Optional[str]) -> str:
         return f"{base_code}[{self.key!r}]"

@@ -24,7 +24,7 @@ def test_names_and_code():
         (ClosureSource("___c2", "k"), "L['k']", "___c2.cell_contents"),
         (self_.attr("cfg").attr("eps"), "L['self'].cfg.eps", "self.cfg.eps"),
         (LocalSource("xs").item(0).item("a"), "L['xs'][0]['a']", "xs[0]['a']"),
-        (w, "L['self'].blocks.weight", "self._modules['blocks']._parameters['weight']"),
+        (w, "L['self']._modules['blocks']._parameters['weight']", "self._modules['blocks']._parameters['weight']"),
         (DictItemSource(LocalSource("reg"), "k"), "L['reg']['k']", "dict.__getitem__(reg, 'k')"),
         (GlobalSource("os").attr("environ").method_call("get", "HOME"),
          "G['os'].environ.get('HOME')", "___G['os'].environ.get('HOME')"),

@@ -184,14 +184,51 @@ class _Captured:
         self.nodes: dict = {}                # graph -> get_attr node of the body
 
 
-def capture_body(tx, kind: str, fn: VT, args: list, kwargs: dict, body_args: Optional[list] = None) -> _Captured:
+def capture_body(tx, kind: str, fn: VT, args: list, kwargs: dict, body_args: Optional[list] = None,
+                 has_aux: bool = False) -> _Captured:
     """Trace ``fn`` as the body of a ``kind`` transform (``body_args``: what it sees)."""
     body_args = args if body_args is None else body_args
-    sub = speculate(tx, fn, body_args, kwargs, f"torch.func.{kind}")
+    sub = speculate(tx, fn, body_args, kwargs, f"torch.func.{kind}",
+                    name_outputs=_output_namer(_OUTPUT_NAMES.get(kind), has_aux))
     call_tmpl = (tuple(template(a) for a in args), {k: template(v) for k, v in kwargs.items()})
     leaves = tree_leaves(TupleVT(list(args) + list(kwargs.values())))
     fakes = [v.fake if isinstance(v, TensorVT) else v.sym for v in leaves]
     return _Captured(sub, call_tmpl, template(sub.out_tree), fakes)
+
+
+# NOTE: the local that functorch's Python stores the body's result to (``output = func(*args)``
+# in grad, ``primals_out`` in vjp / jacrev, ``result_duals`` in jvp / jacfwd, ``batched_outputs``
+# in vmap; with has_aux, ``output, aux = output``): PyTorch's capture inlines that code, so a
+# body result not yet stored to a local of the user's is named after it.
+_OUTPUT_NAMES = {
+    "vmap": "batched_outputs",
+    "grad": "output",
+    "grad_and_value": "output",
+    "vjp": "primals_out",
+    "jacrev": "primals_out",
+    "hessian": "primals_out",  # jacfwd(jacrev(f)): f runs inside jacrev
+    "jvp": "result_duals",
+    "jacfwd": "result_duals",
+}
+
+
+def _output_namer(name: Optional[str], has_aux: bool) -> Optional[Callable]:
+    """Names the body's result nodes as functorch's locals (``_OUTPUT_NAMES``)."""
+    if name is None:
+        return None
+
+    def namer(tree: Any, outputs: list) -> None:
+        from ..handlers_basic import name_hint
+
+        named = [(tree, name)]
+        if has_aux:
+            items = tree.items if isinstance(tree, TupleVT) and len(tree.items) == 2 else None
+            named = [(items[0], name), (items[1], "aux")] if items is not None else []
+        for leaf, n in named:
+            if type(leaf) is int and outputs[leaf] is not None:
+                name_hint(outputs[leaf], n)
+
+    return namer
 
 
 def emit(tx, kind: str, body: _Captured, opts: dict, extra: Optional[VT] = None) -> VT:
@@ -281,7 +318,7 @@ class FuncTransformVT(_FunctionVT):
     def call(self, tx, args: list, kwargs: dict) -> VT:
         args, kwargs = self.resolved(tx, args, kwargs)
         body_args = _slice_for_vmap(tx, args, self.opts["in_dims"]) if self.kind == "vmap" else args
-        body = capture_body(tx, self.kind, self.fn, args, kwargs, body_args)
+        body = capture_body(tx, self.kind, self.fn, args, kwargs, body_args, bool(self.opts.get("has_aux")))
         return emit(tx, self.kind, body, self.opts)
 
     def getattr(self, tx, name: str) -> VT:
@@ -366,7 +403,7 @@ def _vjp(tx, fn: Any, args: list, kwargs: dict) -> VT:
     bound = _bind(torch.func.vjp, args, kwargs, "torch.func.vjp")
     has_aux = bool(_opt(bound["has_aux"], "vjp's has_aux"))
     primals = list(bound["primals"])
-    body = capture_body(tx, "vjp", bound["func"], primals, {})
+    body = capture_body(tx, "vjp", bound["func"], primals, {}, has_aux=has_aux)
     out = emit(tx, "vjp_out", body, {"has_aux": has_aux})
     vjp_fn = DeferredFnVT("vjp_apply", body, primals, {"has_aux": has_aux})
     if has_aux:
@@ -381,7 +418,7 @@ def _jvp(tx, fn: Any, args: list, kwargs: dict) -> VT:
         unsupported("torch.func.jvp: primals and tangents must be tuples", why="jvp raises in eager")
     opts = {"strict": bool(_opt(bound["strict"], "jvp's strict")), "has_aux": bool(_opt(bound["has_aux"],
                                                                                         "jvp's has_aux"))}
-    body = capture_body(tx, "jvp", bound["func"], list(primals.items), {})
+    body = capture_body(tx, "jvp", bound["func"], list(primals.items), {}, has_aux=opts["has_aux"])
     return emit(tx, "jvp", body, opts, tangents)
 
 

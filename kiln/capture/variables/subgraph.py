@@ -166,8 +166,10 @@ def _written_tensor(node: fx.Node) -> Optional[fx.Node]:
 
 
 def speculate(tx, fn: VT, args: list, kwargs: dict, what: str, *, prune: bool = False,
-              prefix_names: str = "") -> Subgraph:
-    """Trace ``fn(*args, **kwargs)`` as a subgraph (see module docstring)."""
+              prefix_names: str = "", name_outputs: Optional[Callable] = None) -> Subgraph:
+    """Trace ``fn(*args, **kwargs)`` as a subgraph (see module docstring); ``name_outputs(out_tree,
+    outputs)`` may rename the body's result nodes (None: a value from outside the body) before
+    the graph's output node takes its name."""
     out = tx.output
     parent = out.graph
     sub = fx.Graph()
@@ -257,6 +259,8 @@ def speculate(tx, fn: VT, args: list, kwargs: dict, what: str, *, prune: bool = 
 
     out_tree = tree_map(ret, out_leaf) if ret is not None else ConstantVT(None)
     _check_outputs(ret, what)
+    if name_outputs is not None:
+        name_outputs(out_tree, [o if o.node.graph is sub else None for o in outputs])
     nodes = [o.node if o.node.graph is sub else lift(o.node) for o in outputs]
     sub.output(tuple(nodes))
     if prune:
