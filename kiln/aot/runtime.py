@@ -246,6 +246,8 @@ def _make_autograd_function(art: CompiledArtifact) -> type:
     non_diff_idx = [i for i, r in enumerate(rg) if not r]
     mutated_idx = list(meta.mutated_inputs)
     fakes = list(meta.fw_out_fakes)
+    # NOTE: the backward graph was made (and its kernels chosen) under this mode.
+    compiled_deterministic = torch.are_deterministic_algorithms_enabled()
     # NOTE: positions of non-tensor saved values (symints); fixed by the graph,
     # found at the first call.
     saved_layout: list = []
@@ -280,6 +282,7 @@ def _make_autograd_function(art: CompiledArtifact) -> type:
         @staticmethod
         def backward(ctx, *grads):
             _refuse_in_functorch()
+            _check_deterministic(compiled_deterministic)
             tangents = []
             for i, (g, r) in enumerate(zip(grads, rg)):
                 if not r:
@@ -318,6 +321,19 @@ def _refuse_in_functorch() -> None:
     # wrapped gradients the compiled graph cannot see through; PyTorch refuses it the same way.
     if torch._C._functorch.peek_interpreter_stack() is not None:
         raise RuntimeError(FUNCTORCH_BACKWARD_ERROR)
+
+
+DETERMINISTIC_BACKWARD_ERROR = (
+    "This compiled backward function is being run with torch.use_deterministic_algorithms(True), but it "
+    "was previously generated during the forward function while torch.use_deterministic_algorithms(False) "
+    "was set.")
+
+
+def _check_deterministic(compiled_deterministic: bool) -> None:
+    # NOTE: a backward compiled while nondeterministic algorithms were allowed may use them;
+    # run under deterministic mode it would break the user's request silently (PyTorch refuses).
+    if not compiled_deterministic and torch.are_deterministic_algorithms_enabled():
+        raise RuntimeError(DETERMINISTIC_BACKWARD_ERROR)
 
 
 def _merge_saved(ctx) -> list:

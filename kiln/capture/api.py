@@ -38,6 +38,10 @@ class OptimizedModule(torch.nn.Module):
         # NOTE: a plain attribute too, so the per-call path skips Module.__getattr__.
         self.__dict__["_kiln_mod"] = mod
         self.__dict__["_kiln_ctx"] = ctx
+        # NOTE: PyTorch's name for how it was compiled: applied to another function or method
+        # (``model.training_step = compiled.dynamo_ctx(model.training_step)``), it compiles it
+        # the same way, sharing this module's compiled entries.
+        self.__dict__["dynamo_ctx"] = _Optimizer(ctx)
         fwd = mod.__dict__.get("forward")
         if isinstance(fwd, types.MethodType):
             self.__dict__["_kiln_fwd"] = functools.partial(ctx.wrapper_for(fwd.__func__), fwd.__self__)

@@ -244,6 +244,7 @@ def make_wrapper(cache: FunctionCache) -> Callable:
     entries = cache.entries
     miss = cache.miss
     is_jit_tracing = torch._C._is_tracing
+    fx_symbolic = torch.fx._symbolic_trace
     cl = cache.closure
     _MISS = MISS
 
@@ -253,6 +254,8 @@ def make_wrapper(cache: FunctionCache) -> Callable:
             # compiled code does (guards, generated Python), not the function.
             raise RuntimeError("kiln: a compiled function cannot be traced by torch.jit.trace; "
                                "trace the original function instead")
+        if fx_symbolic._is_fx_tracing_flag and fx_symbolic.is_fx_symbolic_tracing():
+            return _under_fx_trace(cache.fn, args, kwargs)
         try:
             if transforms_active():
                 # NOTE: inside an eager torch.func transform (functorch_entry.py).
@@ -277,6 +280,16 @@ def make_wrapper(cache: FunctionCache) -> Callable:
     kiln_compiled._torchdynamo_orig_callable = cache.fn
     kiln_compiled._torchdynamo_wrapper_id = id(kiln_compiled)
     return kiln_compiled
+
+
+def _under_fx_trace(fn: types.FunctionType, args: tuple, kwargs: dict) -> Any:
+    """A compiled function called while ``torch.fx.symbolic_trace`` traces its caller: an
+    error, as PyTorch's (its proxies are no inputs capture can guard), or, with
+    ``config.error_on_nested_fx_trace`` False, the original function, traced by FX."""
+    if config.error_on_nested_fx_trace:
+        raise RuntimeError("Detected that you are using FX to symbolically trace a dynamo-optimized "
+                           "function. This is not supported at the moment.")
+    return fn(*args, **kwargs)
 
 
 class CompileContext:

@@ -37,6 +37,10 @@ optimize_ddp: bool = True
 # capture_scalar_outputs).  ``Tensor.tolist()`` of an integer tensor is captured either way.
 capture_scalar_outputs: bool = False
 
+# A compiled function called while ``torch.fx.symbolic_trace`` traces: True, a RuntimeError
+# (PyTorch's error_on_nested_fx_trace); False, the original function runs, traced by FX.
+error_on_nested_fx_trace: bool = True
+
 
 def get_config_copy() -> dict:
     """The current value of every option."""

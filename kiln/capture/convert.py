@@ -8,6 +8,7 @@ continues in a resume function (compiled on its first call).
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 import types
 from typing import Any, Callable, Optional
@@ -476,7 +477,8 @@ def compile_frame(ctx, fn: types.FunctionType, args: tuple, kwargs: dict):
         prev_grad = torch.is_grad_enabled()
         tx = RootTranslator(ctx, fn, bound, break_step, break_error)
         try:
-            tx.run()
+            with _tracing_context(tx.output):
+                tx.run()
         except Done:
             return _finish(ctx, fn, tx)
         except Restart as r:
@@ -487,6 +489,16 @@ def compile_frame(ctx, fn: types.FunctionType, args: tuple, kwargs: dict):
             torch._C._set_grad_enabled(prev_grad)
             unwind_autocast(tx.output)
     raise break_error
+
+
+@contextlib.contextmanager
+def _tracing_context(output: OutputGraph):
+    """torch's TracingContext of the frame's fake mode while its bytecode is traced (PyTorch's
+    capture keeps one): inlined calls push their caller's frame on it (``calling_frame``)."""
+    from torch._guards import TracingContext, tracing
+
+    with tracing(TracingContext(output.fake_mode)), TracingContext.current_frame(None):
+        yield
 
 
 _VERSION_WARNED = False

@@ -13,6 +13,7 @@ method per convention, e.g. ``CALL`` and ``CALL_313``); the handlers live in the
 from __future__ import annotations
 
 import builtins
+import contextlib
 import inspect
 import sys
 import traceback
@@ -268,7 +269,18 @@ class Translator(BasicHandlers, CallHandlers, ControlHandlers):
             it = IteratorVT(sub.generator_values)
             it.return_value = ret  # what `yield from` evaluates to
             return it
-        return sub.run()
+        with self.calling_frame():
+            return sub.run()
+
+    def calling_frame(self):
+        """The caller's frame (this one, at its call) pushed on torch's TracingContext while a
+        call is inlined, as PyTorch's capture does: ShapeEnv guards and errors raised inside
+        name the user's stack (``TracingContext.extract_stack``)."""
+        from torch._guards import TracingContext
+
+        if TracingContext.try_get() is None:
+            return contextlib.nullcontext()
+        return TracingContext.current_frame(self.frame_summary())
 
     # ------------------------------------------------------------ names
     def load_global(self, name: str) -> VT:

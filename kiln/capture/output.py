@@ -499,7 +499,11 @@ class OutputGraph:
         torch._C._set_grad_enabled(self.initial_grad)
         try:
             if not self.has_symbols():
-                return self.ctx.run_backend(gm, example)
+                # NOTE: not capture's TracingContext (its frames, its fake mode's other inputs).
+                from torch._guards import tracing
+
+                with tracing(None):
+                    return self.ctx.run_backend(gm, example)
             # NOTE: symbolic shapes: the backend runs in a TracingContext as under PyTorch's
             # capture; for views of one storage, torch's AOT autograd then decides which
             # overlap under one StorageOverlap guard, not a shape guard per pair of views.

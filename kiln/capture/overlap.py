@@ -86,7 +86,10 @@ def backend_tracing_context(gm: torch.fx.GraphModule, fake_mode, sources: dict) 
     got: list = []
     placeholders = list(gm.graph.find_nodes(op="placeholder"))
     if any(True for _ in gm.parameters()) or any(True for _ in gm.buffers()):
-        yield got
+        # NOTE: no context of its own: the backend must not see capture's (kept for the frame's
+        # user stack), whose inputs are not this graph's.
+        with tracing(None):
+            yield got
         return
     by_torch: dict = {}
     for i, node in enumerate(placeholders):

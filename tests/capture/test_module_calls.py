@@ -182,3 +182,27 @@ def test_functional_private_helpers_are_inlined_not_graph_calls():
     assert "multi_head_attention_forward" in names
     assert not [n for n in names if n in ("_canonical_mask", "_none_or_dtype")], names
     assert sum(n.op == "call_function" for n in graphs[0].graph.nodes) == 2  # the call and its [0]
+
+
+class _Stepper(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.lin(x).relu()
+
+    def training_step(self, x):
+        return self(x).sum()
+
+
+def test_dynamo_ctx_of_a_compiled_module_compiles_other_methods_the_same_way():
+    model = _Stepper()
+    cc = CompileCounter()
+    compiled = kiln.compile(model, backend=cc)
+    model.forward = compiled.dynamo_ctx(model.forward)
+    model.training_step = compiled.dynamo_ctx(model.training_step)
+    x = torch.randn(3, 4)
+    got = model.training_step(x)
+    torch.testing.assert_close(got, _Stepper.forward(model, x).sum())
+    assert cc.frame_count == 1 and cc.op_count == 3  # linear, relu, sum: one frame, forward inlined
