@@ -56,6 +56,24 @@ class Base:
         self.external = external
 
 
+def _refuse_as_strided_in_chain(chain: tuple) -> None:
+    """A write through a view chain with an ``as_strided`` after its first step is refused.
+
+    NOTE: ``as_strided`` addresses the storage, not its input: its inverse scatter into the
+    previous view of the chain is not the same write (it is non-compositional). PyTorch's
+    functionalization refuses it with the same words; as the first step (on the base) it is
+    exact."""
+    for i, step in enumerate(chain[1:], 1):
+        if step.op is aten.as_strided.default:
+            raise exc.BannedInCompile(
+                f"During compilation, encountered a mutation on a view chain of length {len(chain)}, where "
+                f"view {i} was an as_strided() call. as_strided() is non-compositional, and therefore is not "
+                "possible to functionalize properly today, so this behavior is banned in compile",
+                why="as_strided addresses the storage, not the view it is called on; a write through it "
+                    "cannot be replayed on the views before it (PyTorch refuses it too)",
+                hint="remove the mutation, or insert kiln.graph_break() right before it")
+
+
 class Rec:
     """What one handle is: ``replay(base.value, chain)``, cached as ``value``."""
 
@@ -162,6 +180,7 @@ class FunctionalizeMode(TorchDispatchMode):
                 hint="pass the tensor as an argument (or register it as a module buffer)",
             )
         if r.chain:
+            _refuse_as_strided_in_chain(r.chain)
             base.value = scatter_chain(base.value, r.chain, new, self._geometry(r))
         else:
             base.value = new
