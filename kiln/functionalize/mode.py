@@ -62,9 +62,11 @@ def _refuse_as_strided_in_chain(chain: tuple) -> None:
     NOTE: ``as_strided`` addresses the storage, not its input: its inverse scatter into the
     previous view of the chain is not the same write (it is non-compositional). PyTorch's
     functionalization refuses it with the same words; as the first step (on the base) it is
-    exact."""
+    exact, and so it is after identity views only (``alias``, ``detach``: a factory's
+    result); an ``as_strided`` that a decomposition made (of ``diagonal``) is not the user's."""
     for i, step in enumerate(chain[1:], 1):
-        if step.op is aten.as_strided.default:
+        moved = any(s.op not in _IDENTITY_VIEWS for s in chain[:i])
+        if step.op is aten.as_strided.default and moved and not step.decomposed:
             raise exc.BannedInCompile(
                 f"During compilation, encountered a mutation on a view chain of length {len(chain)}, where "
                 f"view {i} was an as_strided() call. as_strided() is non-compositional, and therefore is not "
@@ -113,6 +115,7 @@ class FunctionalizeMode(TorchDispatchMode):
         self.discover_tokens = discover_tokens
         # set when the code reads a tensor that requires grad but is not an input
         self.external_requires_grad = False
+        self.decomposing = 0  # depth of decompositions running (their view steps are marked)
 
     # ------------------------------------------------------------------ records
     def register_input(self, t: torch.Tensor, index: int) -> None:
@@ -215,8 +218,12 @@ class FunctionalizeMode(TorchDispatchMode):
             if is_effectful(func):
                 return self._effect(with_effects, func, args, kwargs)
         if func in self.decompositions:
-            with self:
-                out = self.decompositions[func](*args, **kwargs)
+            self.decomposing += 1
+            try:
+                with self:
+                    out = self.decompositions[func](*args, **kwargs)
+            finally:
+                self.decomposing -= 1
             if out is not NotImplemented and (is_mutating(func)
                                               or _matches_op_meta(func, args, kwargs, out)):
                 return out
@@ -245,11 +252,12 @@ class FunctionalizeMode(TorchDispatchMode):
         value = self.current(parent)
         rest = tuple(args[1:])
         out = func(value, *rest, **kwargs)
+        inner = self.decomposing > 0
         if isinstance(out, (list, tuple)):
             return type(out)(
-                self._new_view(parent, ViewStep(func, rest, dict(kwargs), i), o) for i, o in enumerate(out)
+                self._new_view(parent, ViewStep(func, rest, dict(kwargs), i, inner), o) for i, o in enumerate(out)
             )
-        return self._new_view(parent, ViewStep(func, rest, dict(kwargs)), out)
+        return self._new_view(parent, ViewStep(func, rest, dict(kwargs), decomposed=inner), out)
 
     def _inplace_view(self, func, args, kwargs):
         h = args[0]
