@@ -123,6 +123,12 @@ class FunctionalizationError(KilnError):
     """A mutation or view pattern could not be made functional."""
 
 
+class BannedInCompile(FunctionalizationError, RuntimeError):
+    """The program does what compilation refuses by design, as PyTorch's does (a mutation
+    through an ``as_strided`` view of a view). Raised to the user even where other backend
+    failures fall back to eager: the message carries the workaround."""
+
+
 class BackendCompilerFailed(KilnError, RuntimeError):
     """A backend raised while compiling a graph (a RuntimeError, as in PyTorch)."""
 

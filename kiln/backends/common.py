@@ -16,7 +16,7 @@ import torch.utils._pytree as pytree
 
 from kiln import aot
 from kiln.aot.options import check_option_names
-from kiln.exc import BackendCompilerFailed, InvalidBackend, user_location
+from kiln.exc import BackendCompilerFailed, BannedInCompile, InvalidBackend, user_location
 from kiln.fallbacks import record_fallback
 from kiln.tracing.symbolic import size_hint
 
@@ -42,7 +42,8 @@ def call_backend(
     try:
         compiled = compiler_fn(gm, list(example_inputs))
     except Exception as e:  # NOTE: any backend failure is reported with the backend's name
-        if fallback_to_eager:
+        # NOTE: a program that compilation refuses by design is told so, not run eagerly.
+        if fallback_to_eager and not isinstance(e, BannedInCompile):
             first = str(e).splitlines()[0] if str(e) else ""
             record_fallback("backend", f"a graph of {len(gm.graph.nodes)} nodes",
                             f"backend {label!r} failed ({type(e).__name__}: {first}); running the graph eagerly")

@@ -21,7 +21,7 @@ import types
 from typing import Any, Optional
 
 from kiln import fallbacks
-from kiln.exc import ForbiddenCallError, KilnError, TorchRuntimeError, Unsupported, format_location
+from kiln.exc import BannedInCompile, ForbiddenCallError, KilnError, TorchRuntimeError, Unsupported, format_location
 
 from . import bytecode as bc
 from .handlers_basic import BasicHandlers
@@ -366,8 +366,10 @@ def is_users_error(e: Exception) -> bool:
     """Errors in the program as written (a dim marked dynamic that the code specializes, a
     marking call inside the region, an op invalid for sizes read from tensor data): raised to
     the user, never a graph break or an eager run."""
-    if isinstance(e, (ForbiddenCallError, TorchRuntimeError)):
+    if isinstance(e, (ForbiddenCallError, TorchRuntimeError, BannedInCompile)):
         return True
+    if isinstance(getattr(e, "inner", None), BannedInCompile):
+        return True  # NOTE: a backend's BackendCompilerFailed around a program compile refuses
     # NOTE: not imported here (slow): a ShapeEnv, which raises it, has loaded it already.
     ss = sys.modules.get("torch.fx.experimental.symbolic_shapes")
     return ss is not None and isinstance(e, ss.ConstraintViolationError)

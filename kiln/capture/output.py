@@ -531,10 +531,15 @@ class OutputGraph:
 
     def _drop_unused_sizes(self) -> None:
         """Size reads and size arithmetic whose values were only used in Python (specialised),
-        and the element reads of ``tolist()`` whose values nothing used."""
+        the element reads of ``tolist()`` whose values nothing used, and unused element reads
+        of an op's tuple result (``x.min(0).values`` leaves ``indices`` unread), as PyTorch's
+        capture drops them."""
+        import operator
+
         for n in reversed(list(self.graph.nodes)):
             if n.op in ("call_function", "call_method") and not n.users \
-                    and (isinstance(n.meta.get("example_value"), SYM_TYPES) or n.meta.get("kiln_tolist")):
+                    and (isinstance(n.meta.get("example_value"), SYM_TYPES) or n.meta.get("kiln_tolist")
+                         or n.target is operator.getitem):
                 self.graph.erase_node(n)
 
 

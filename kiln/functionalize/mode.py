@@ -56,6 +56,26 @@ class Base:
         self.external = external
 
 
+def _refuse_as_strided_in_chain(chain: tuple) -> None:
+    """A write through a view chain with an ``as_strided`` after its first step is refused.
+
+    NOTE: ``as_strided`` addresses the storage, not its input: its inverse scatter into the
+    previous view of the chain is not the same write (it is non-compositional). PyTorch's
+    functionalization refuses it with the same words; as the first step (on the base) it is
+    exact, and so it is after identity views only (``alias``, ``detach``: a factory's
+    result); an ``as_strided`` that a decomposition made (of ``diagonal``) is not the user's."""
+    for i, step in enumerate(chain[1:], 1):
+        moved = any(s.op not in _IDENTITY_VIEWS for s in chain[:i])
+        if step.op is aten.as_strided.default and moved and not step.decomposed:
+            raise exc.BannedInCompile(
+                f"During compilation, encountered a mutation on a view chain of length {len(chain)}, where "
+                f"view {i} was an as_strided() call. as_strided() is non-compositional, and therefore is not "
+                "possible to functionalize properly today, so this behavior is banned in compile",
+                why="as_strided addresses the storage, not the view it is called on; a write through it "
+                    "cannot be replayed on the views before it (PyTorch refuses it too)",
+                hint="remove the mutation, or insert kiln.graph_break() right before it")
+
+
 class Rec:
     """What one handle is: ``replay(base.value, chain)``, cached as ``value``."""
 
@@ -95,6 +115,7 @@ class FunctionalizeMode(TorchDispatchMode):
         self.discover_tokens = discover_tokens
         # set when the code reads a tensor that requires grad but is not an input
         self.external_requires_grad = False
+        self.decomposing = 0  # depth of decompositions running (their view steps are marked)
 
     # ------------------------------------------------------------------ records
     def register_input(self, t: torch.Tensor, index: int) -> None:
@@ -162,6 +183,7 @@ class FunctionalizeMode(TorchDispatchMode):
                 hint="pass the tensor as an argument (or register it as a module buffer)",
             )
         if r.chain:
+            _refuse_as_strided_in_chain(r.chain)
             base.value = scatter_chain(base.value, r.chain, new, self._geometry(r))
         else:
             base.value = new
@@ -196,8 +218,12 @@ class FunctionalizeMode(TorchDispatchMode):
             if is_effectful(func):
                 return self._effect(with_effects, func, args, kwargs)
         if func in self.decompositions:
-            with self:
-                out = self.decompositions[func](*args, **kwargs)
+            self.decomposing += 1
+            try:
+                with self:
+                    out = self.decompositions[func](*args, **kwargs)
+            finally:
+                self.decomposing -= 1
             if out is not NotImplemented and (is_mutating(func)
                                               or _matches_op_meta(func, args, kwargs, out)):
                 return out
@@ -226,11 +252,12 @@ class FunctionalizeMode(TorchDispatchMode):
         value = self.current(parent)
         rest = tuple(args[1:])
         out = func(value, *rest, **kwargs)
+        inner = self.decomposing > 0
         if isinstance(out, (list, tuple)):
             return type(out)(
-                self._new_view(parent, ViewStep(func, rest, dict(kwargs), i), o) for i, o in enumerate(out)
+                self._new_view(parent, ViewStep(func, rest, dict(kwargs), i, inner), o) for i, o in enumerate(out)
             )
-        return self._new_view(parent, ViewStep(func, rest, dict(kwargs)), out)
+        return self._new_view(parent, ViewStep(func, rest, dict(kwargs), decomposed=inner), out)
 
     def _inplace_view(self, func, args, kwargs):
         h = args[0]

@@ -27,6 +27,9 @@ class ViewStep:
     args: tuple
     kwargs: dict
     index: Optional[int] = None
+    # NOTE: made by a decomposition of another view op (``diagonal`` as ``as_strided``), whose
+    # arguments it computed from its input's own geometry.
+    decomposed: bool = False
 
     def apply(self, t: torch.Tensor) -> torch.Tensor:
         out = self.op(t, *self.args, **self.kwargs)

@@ -52,6 +52,14 @@ def test_return_types_keep_their_class_and_fields():
     assert type(out[6]) is torch.return_types.min and same(out[6].values, X.min(0).values)
 
 
+def test_unread_fields_of_return_types_leave_no_node():
+    # NOTE: as PyTorch's capture, the graph has no read of ``indices``: min, getitem, add.
+    def f(x):
+        return x.min(dim=0).values + 1
+
+    full(f, X, ops=3)
+
+
 def test_return_types_built_in_region():
     def f(x):
         r = torch.return_types.max((x, x.long()))

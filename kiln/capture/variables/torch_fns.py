@@ -91,6 +91,19 @@ def _array_to_tensor(fn: Any) -> Callable:
     return run
 
 
+def _rng_state_functions() -> dict:
+    """RNG state getters and setters: graph breaks, as in PyTorch's capture.
+    NOTE: they are not ATen operations, so AOT tracing would drop them from its graph and the
+    random ops around them would draw from the wrong state."""
+    named = {"torch.get_rng_state": torch.get_rng_state, "torch.set_rng_state": torch.set_rng_state,
+             "torch.cuda.get_rng_state": torch.cuda.get_rng_state,
+             "torch.cuda.set_rng_state": torch.cuda.set_rng_state,
+             "torch.cuda.manual_seed": torch.cuda.manual_seed,
+             "torch.cuda.manual_seed_all": torch.cuda.manual_seed_all}
+    why = "RNG state getters and setters are not captured (they are not ATen operations)"
+    return {fn: _break(f"call to {name}", why) for name, fn in named.items()}
+
+
 def _special() -> dict:
     from kiln.capture.api import graph_break
 
@@ -125,6 +138,7 @@ def _special() -> dict:
         torch.from_numpy: _array_to_tensor(torch.from_numpy),
         torch.as_tensor: _array_to_tensor(torch.as_tensor),
     }
+    table.update(_rng_state_functions())
     from .saved_hooks import saved_hooks_functions
 
     table.update(saved_hooks_functions())
