@@ -287,16 +287,11 @@ class OutputGraph:
         an entry with a float symbol guards ``not math.isnan``."""
         if math.isnan(value) or math.isinf(value):
             return None
-        name = source.name()
-        known = self.int_inputs.get(name)
-        if known is not None:
-            return known
-        if not self._scalar_may_be_dynamic(value, source):
-            return None
-        sym = symbolic_float(self.fake_mode.shape_env, value, name)
-        self.symbols.add(sym.node.expr, source.code(), name)
-        self.guards.type_of(source, value)
-        real = torch.tensor(value, dtype=torch.float64)
+        return self._add_scalar_input(value, source, symbolic_float, self._float_tensor_input)
+
+    def _float_tensor_input(self, name: str, sym: Any, source: Source) -> VT:
+        """The graph input of a float symbol: a 0-d float64 tensor read back with item()."""
+        real = torch.tensor(sym.node.hint, dtype=torch.float64)
         fake = self.fake_mode.from_tensor(real, static_shapes=True)
         # NOTE: the fake's item() is the input's own symbol (as PyTorch's FloatTensorSource),
         # not a new unbacked one: backends tracing the graph see the same SymFloat.
@@ -310,7 +305,6 @@ class OutputGraph:
         item.meta["example_value"] = sym
         vt = SymNodeVT(item, sym)
         self.size_nodes[sym.node.expr] = item
-        self.int_inputs[name] = vt
         return vt
 
     def _scalar_may_be_dynamic(self, value, source: Source) -> bool:
@@ -331,7 +325,11 @@ class OutputGraph:
             ph_name = f"{name}_{i}"
         return ph_name
 
-    def _add_scalar_input(self, value, source: Source, make_sym: Callable) -> Optional[VT]:
+    def _add_scalar_input(self, value, source: Source, make_sym: Callable,
+                          make_input: Optional[Callable] = None) -> Optional[VT]:
+        """The int/float at ``source`` as a graph input (a new symbol), the VT it already is,
+        or None (a constant). ``make_input(name, sym, source)`` builds the input's nodes
+        (default: the symbol itself is the placeholder)."""
         name = source.name()
         known = self.int_inputs.get(name)
         if known is not None:
@@ -341,13 +339,18 @@ class OutputGraph:
         sym = make_sym(self.fake_mode.shape_env, value, name)
         self.symbols.add(sym.node.expr, source.code(), name)
         self.guards.type_of(source, value)
+        vt = (make_input or self._symbol_input)(name, sym, source)
+        self.int_inputs[name] = vt
+        return vt
+
+    def _symbol_input(self, name: str, sym: Any, source: Source) -> VT:
+        """The graph input of an int symbol: the placeholder is the SymInt."""
         node = self._make_placeholder(self._unique_placeholder(name))
         node.meta["example_value"] = node.meta["val"] = sym
         node.meta["source"] = name
         vt = SymNodeVT(node, sym)
         self.size_nodes[sym.node.expr] = node
         self.inputs.append((source, sym, vt, True))
-        self.int_inputs[name] = vt
         return vt
 
     def sym_vt(self, value: Any, make_node: Callable) -> VT:
