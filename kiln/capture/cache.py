@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import itertools
 import os
 import sysconfig
 import types
@@ -439,6 +440,9 @@ def _disabled_frame_only(fn: Any):
 
 
 _FRAME_IDS: "weakref.WeakKeyDictionary[types.CodeType, list]" = weakref.WeakKeyDictionary()
+# NOTE: a counter, not len(_FRAME_IDS): entries of collected code objects leave the dict,
+# and a reused length would give two live frames one id.
+_NEXT_FRAME_ID = itertools.count()
 
 
 def _compile_context(code: types.CodeType):
@@ -450,7 +454,7 @@ def _compile_context(code: types.CodeType):
 
     ids = _FRAME_IDS.get(code)
     if ids is None:
-        ids = _FRAME_IDS[code] = [len(_FRAME_IDS), 0]
+        ids = _FRAME_IDS[code] = [next(_NEXT_FRAME_ID), 0]
     else:
         ids[1] += 1
     return compile_context(CompileContext(CompileId(frame_id=ids[0], frame_compile_id=ids[1])))
