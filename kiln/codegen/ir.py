@@ -101,6 +101,38 @@ def modindex(a, b) -> sympy.Expr:
 _var_cache: dict = {}
 
 
+def _max_value(e: sympy.Expr, sizes: dict) -> Optional[sympy.Expr]:
+    """The largest value of ``e`` (a sum of non-negative multiples of loop vars and
+    constants) when each var ``v`` runs over ``range(sizes[v])``; None otherwise."""
+    total = sympy.Integer(0)
+    for t in sympy.Add.make_args(sympy.expand(e)):
+        coeff, rest = t.as_coeff_Mul()
+        if rest == 1:
+            total += coeff
+        elif rest in sizes and coeff >= 0:
+            total += coeff * (sizes[rest] - 1)
+        else:
+            return None
+    return total
+
+
+def simplify_in_ranges(e: sympy.Expr, sizes: dict) -> sympy.Expr:
+    """``e`` with ``a // b`` -> 0 and ``a % b`` -> ``a`` wherever ``a`` stays below
+    ``b`` while each loop var ``v`` runs over ``range(sizes[v])`` (integer sizes)."""
+    def fold(f):
+        a, b = f.args
+        top = _max_value(a, sizes)
+        if top is None or not b.is_Integer or not top.is_Integer or top >= b:
+            return f
+        return sympy.Integer(0) if isinstance(f, FloorDiv) else a
+
+    prev = None
+    while prev != e:
+        prev = e
+        e = sympy.expand(e.replace(lambda f: isinstance(f, (FloorDiv, ModIndex)), fold))
+    return e
+
+
 def var(prefix: str, i: int) -> sympy.Symbol:
     """Loop variable ``x3`` / ``r1`` / ``y0`` (non-negative integer symbols)."""
     key = (prefix, i)

@@ -203,6 +203,94 @@ def _same(a, b) -> bool:
     return len(a) == len(b) and all(sympy.expand(x - y) == 0 for x, y in zip(a, b))
 
 
+def _cumprod(sizes: list) -> list:
+    out, acc = [], sympy.Integer(1)
+    for s in sizes:
+        acc = acc * s
+        out.append(acc)
+    return out
+
+
+def common_refinement(a: list, b: list) -> Optional[list]:
+    """The coarsest sizes ``F`` of which both ``a`` and ``b`` are regroupings (each of
+    their dims a run of adjacent ``F`` dims multiplied together): ``[2, 17]`` and
+    ``[34]`` give ``[2, 17]``; ``[2, 3]`` and ``[3, 2]`` give None (one walks the
+    other's index with division and modulo), as do symbolic sizes."""
+    if not a or not b or not all(getattr(sympy.sympify(s), "is_Integer", False) for s in [*a, *b]):
+        return None
+    ca, cb = _cumprod(a), _cumprod(b)
+    if ca[-1] != cb[-1]:
+        return None
+    out, prev = [], sympy.Integer(1)
+    for bound in sorted(set(ca) | set(cb)):
+        if bound % prev:
+            return None
+        out.append(bound // prev)
+        prev = bound
+    return out
+
+
+def _split_outer(node: Node, k: int, fine: list) -> Node:
+    """``node`` with its first ``k`` x dims (whose sizes ``fine`` refines) replaced by
+    ``fine``'s dims: each old var becomes the flat index of the new vars it covers
+    (linear, no division), later x vars shift up.  A copy; ``node`` is unchanged."""
+    bounds = _cumprod(fine)
+    mapping, t = {}, 0
+    for i, acc in enumerate(_cumprod(node.ranges[:k])):
+        start = t
+        while bounds[t] != acc:
+            t += 1
+        t += 1
+        flat, stride = sympy.Integer(0), sympy.Integer(1)
+        for j in reversed(range(start, t)):
+            flat += ir.var("x", j) * stride
+            stride *= fine[j]
+        mapping[ir.var("x", i)] = flat
+    for i in range(k, len(node.ranges)):
+        mapping[ir.var("x", i)] = ir.var("x", i - k + len(fine))
+    ranges = list(fine) + node.ranges[k:]
+    sizes = {ir.var("x", i): s for i, s in enumerate(ranges)}
+    sizes.update((ir.var("r", i), s) for i, s in enumerate(node.rranges))
+    # NOTE: a view's index (``17 * (y // 17) + y % 17``) over the new vars becomes plain
+    # again (``17 * x0 + x1``) once ``x1 < 17`` is used.
+
+    def remap(ix: sympy.Expr) -> sympy.Expr:
+        return ir.simplify_in_ranges(ix.xreplace(mapping), sizes) if ix.free_symbols & mapping.keys() else ix
+
+    return dataclasses.replace(node, ranges=ranges, expr=ir.map_index(node.expr, remap),
+                               store=remap(node.store))
+
+
+def _prefix_len(ranges: list, total) -> Optional[int]:
+    """The number of leading ``ranges`` whose product is ``total`` (None if none)."""
+    for i, acc in enumerate(_cumprod(ranges)):
+        if sympy.expand(acc - total) == 0:
+            return i + 1
+    return None
+
+
+def regrouped(k: Kernel, n: Node) -> Optional[tuple[list, list, Node]]:
+    """``(outer, nodes, node)``: kernel ``k``'s outer ranges and nodes, and ``n``, all
+    over the common refinement of ``k.outer`` and ``n``'s leading dims; None when
+    there is none or nothing changes.
+
+    NOTE: a layer norm's statistics (a reduction over rows ``[2, 17]``) and the
+    normalised output, flattened to ``[34, 64]`` for the matmul that reads it, walk the
+    same rows: over ``[2, 17, 64]`` the output joins the statistics' kernel (one row
+    kernel, as the unflattened norm at the end of a model already is)."""
+    if n.is_reduction:
+        j = len(n.ranges)
+    else:
+        j = _prefix_len(n.ranges, ir.product(k.outer))
+    if j is None:
+        return None
+    fine = common_refinement(k.outer, n.ranges[:j])
+    if fine is None or (_same(fine, k.outer) and _same(fine, n.ranges[:j])):
+        return None
+    nodes = [_split_outer(m, len(k.outer), fine) for m in k.nodes]
+    return fine, nodes, _split_outer(n, j, fine)
+
+
 class Scheduler:
     def __init__(self, lowered):
         self.lowered = lowered
@@ -272,6 +360,8 @@ class Scheduler:
             for step in reversed(steps):
                 if isinstance(step, Kernel):
                     reason = self.why_not(step, node, writers)
+                    if reason is not None and (alt := self._try_regrouped(step, node, writers)) is not None:
+                        node, reason = alt, None
                     if reason is None:
                         target = step
                         break
@@ -301,6 +391,24 @@ class Scheduler:
             print("===== [kiln schedule] =====", file=sys.stderr)
             print("\n".join(self.log), file=sys.stderr)
         return Plan(steps, needed, self.log)
+
+    def _try_regrouped(self, k: Kernel, n: Node, writers: dict) -> Optional[Node]:
+        """When ``n`` joins ``k`` over the common refinement of their ranges (see
+        :func:`regrouped`): rewrites ``k`` (and ``writers``) to it and returns ``n``
+        rewritten; else None, ``k`` unchanged."""
+        alt = regrouped(k, n)
+        if alt is None:
+            return None
+        outer, nodes, node = alt
+        trial = Kernel(k.name, outer, nodes)
+        trial_writers = dict(writers)
+        trial_writers.update((m.buf.name, m) for m in nodes)
+        if self.why_not(trial, node, trial_writers) is not None:
+            return None
+        k.outer, k.nodes = outer, nodes
+        writers.update((m.buf.name, m) for m in nodes)
+        self.log.append(f"{k.name}: outer ranges regrouped to {list(outer)} for {n.buf.name}")
+        return node
 
     def _extern_outputs(self, ext: Buffer) -> set:
         out = self._ext_out.get(ext.name)
@@ -344,7 +452,7 @@ class Scheduler:
     def _finish(self, steps: list, needed: set) -> None:
         """Decide locals / stores / memory reads of each kernel; merge loops."""
         for s in steps:
-            if isinstance(s, Kernel) and not s.has_reduction and not s.is_scatter:
+            if isinstance(s, Kernel) and not s.is_scatter:
                 merge_loops(s)
         outside: dict[str, int] = {}
         lw = self.lowered
@@ -405,9 +513,11 @@ def _index_exprs(k: Kernel) -> list:
 
 
 def merge_loops(k: Kernel) -> None:
-    """Merge adjacent loops of a pointwise kernel where every index is affine in both
+    """Merge adjacent outer loops of a kernel where every index is affine in both
     with ``stride(i) == stride(i+1) * size(i+1)`` (so a contiguous tensor of any rank is
-    one flat, vectorizable loop).  Rewrites the nodes' expressions in place."""
+    one flat, vectorizable loop; a row kernel walks its rows with no division).
+    Rewrites the nodes' expressions in place; a pointwise node's inner loops (those of
+    a kernel with a reduction) keep their order, renumbered."""
     i = len(k.outer) - 2
     while i >= 0:
         xi, xj = ir.var("x", i), ir.var("x", i + 1)
@@ -424,8 +534,8 @@ def merge_loops(k: Kernel) -> None:
                 break
         if ok:
             mapping = {xi: sympy.Integer(0)}
-            n_old = len(k.outer)
-            # x_{i+1} becomes the merged var x_i; later vars shift down by one
+            n_old = max(len(n.ranges) for n in k.nodes)
+            # x_{i+1} becomes the merged var x_i; later vars (inner ones too) shift down by one
             mapping[xj] = xi
             for j in range(i + 2, n_old):
                 mapping[ir.var("x", j)] = ir.var("x", j - 1)

@@ -97,6 +97,30 @@ def test_layer_norm_forward_one_kernel():
     assert rec.kernels == 1
 
 
+def _ln_then_matmul(x, r, w, b, m):
+    # NOTE: nn.Linear on a 3-D input: the norm's output is flattened to 2-D for the matmul.
+    h = F.layer_norm(x + r, (x.shape[-1],), w, b)
+    return h.reshape(-1, x.shape[-1]) @ m
+
+
+def test_layer_norm_flattened_for_a_matmul_is_one_row_kernel():
+    x, r, w, b, m = torch.randn(2, 17, 64), torch.randn(2, 17, 64), torch.randn(64), torch.randn(64), torch.randn(64, 32)
+    rec = check(_ln_then_matmul, x, r, w, b, m)
+    assert rec.kernels == 1   # the statistics and the normalised rows: one kernel (the mm is an extern)
+    assert "/ 17" not in rec.source and "% 17" not in rec.source   # rows walked as one flat loop
+    xs = [t.requires_grad_() for t in (x, r, w, b, m)]
+    check(_ln_then_matmul, *xs, grad=True)
+
+
+def test_common_refinement_of_ranges():
+    from kiln.codegen.schedule import common_refinement
+
+    assert common_refinement([2, 17], [34]) == [2, 17]
+    assert common_refinement([6, 4], [2, 12]) == [2, 3, 4]
+    assert common_refinement([2, 3], [3, 2]) is None       # one walks the other with // and %
+    assert common_refinement([2, 3], [5]) is None
+
+
 def test_layer_norm_backward():
     w, b = torch.randn(32, requires_grad=True), torch.randn(32, requires_grad=True)
     check(lambda x, w, b: F.layer_norm(x, (32,), w, b), torch.randn(10, 32, requires_grad=True), w, b,

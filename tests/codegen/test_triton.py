@@ -97,6 +97,14 @@ def test_softmax_layer_norm_one_kernel_per_row():
     assert rec.kernels == 1
 
 
+def test_layer_norm_flattened_for_a_matmul_is_one_row_kernel():
+    from test_kernels import _ln_then_matmul
+
+    x, r, w, b, m = torch.randn(2, 17, 64), torch.randn(2, 17, 64), torch.randn(64), torch.randn(64), torch.randn(64, 32)
+    rec = check(_ln_then_matmul, x, r, w, b, m)
+    assert rec.kernels == 1 and "// 17" not in rec.source
+
+
 def test_looped_rows_softmax_layer_norm(monkeypatch):
     monkeypatch.setattr(heuristics, "PERSISTENT_MAX", 64)
     x = torch.randn(3, 200)
