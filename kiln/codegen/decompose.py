@@ -2,9 +2,10 @@
 
 Out: :func:`decomposition_table` -> ``{OpOverload: Callable}``, kiln's selection from
 ``torch._decomp``: PyTorch's core-ATen set plus the composite ops the lowerings would
-otherwise call as externs (softmax, log_softmax, layer/group/batch norm, gelu, addmm's
-bias, activations, and their backward ops).  What remains (mm, convolution, sdpa,
-random ops, ...) runs as extern ATen calls.
+otherwise call as externs (softmax, log_softmax, layer/group/batch norm, gelu,
+activations, and their backward ops).  What remains (mm, addmm, convolution, sdpa,
+random ops, ...) runs as extern ATen calls; :mod:`kiln.codegen.addmm_bias` splits an
+addmm whose bias add a following kernel can take.
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ aten = torch.ops.aten
 _EXTRA = [
     aten._softmax, aten._log_softmax, aten.native_layer_norm, aten.native_group_norm,
     aten.native_batch_norm, aten._native_batch_norm_legit_functional,
-    aten._native_batch_norm_legit_no_training, aten.gelu, aten.addmm, aten.hardtanh,
+    aten._native_batch_norm_legit_no_training, aten.gelu, aten.hardtanh,
     aten.leaky_relu, aten.elu, aten.index_select, aten.linalg_vector_norm, aten.flip,
     aten.repeat, aten.diagonal, aten.cumsum,
 ]

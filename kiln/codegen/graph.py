@@ -24,7 +24,9 @@ from kiln import exc
 from kiln.codegen import ir
 from kiln.codegen.ir import (Buffer, BufRef, Extern, InputBuffer, Pointwise, TensorValue,
                              contiguous_strides, make_vars, op_count, sympify_size)
+from kiln.codegen.addmm_bias import unfuse_addmm_bias
 from kiln.codegen.lowering import NotLowered, lowering_for
+from kiln.passes import run_pipeline
 
 aten = torch.ops.aten
 
@@ -350,6 +352,12 @@ def _check_tensor(val: torch.Tensor, where: str) -> None:
         raise exc.CodegenError(f"no codegen for quantized tensors (node {where})")
 
 
+# NOTE: passes over the functional ATen graph before lowering (KILN_LOGS=codegen.<name>)
+ATEN_PASSES = [
+    unfuse_addmm_bias,
+]
+
+
 def compile_aten_graph(gm: fx.GraphModule, example_inputs: list) -> Callable:
     """Compile a functional ATen graph to generated kernels + a Python wrapper.
 
@@ -362,6 +370,7 @@ def compile_aten_graph(gm: fx.GraphModule, example_inputs: list) -> Callable:
 
     from kiln.codegen import graph_cache
 
+    gm = run_pipeline("codegen", gm, ATEN_PASSES)
     key = graph_cache.key_for(gm, list(example_inputs))
     hit = graph_cache.lookup(key, gm)
     if hit is not None:

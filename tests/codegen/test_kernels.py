@@ -194,6 +194,23 @@ def test_externs_mm_bias_gelu():
     assert "aten.mm" in rec.wrapper
 
 
+def test_linear_bias_goes_to_the_next_kernel_or_stays_in_the_gemm():
+    w, b = torch.randn(24, 16), torch.randn(24)
+    # NOTE: a bias the GELU's kernel can add: mm + (add, gelu) in one kernel
+    rec = check(lambda x: F.gelu(F.linear(x, w, b)), torch.randn(2, 5, 16))
+    assert rec.kernels == 1 and "aten.mm.default" in rec.wrapper and "aten.addmm" not in rec.wrapper
+
+    # NOTE: a result only viewed for another extern (attention's q, k, v): addmm, no kernel
+    def qkv_attention(x):
+        q, k, v = F.linear(x, w, b).view(2, 5, 3, 2, 4).permute(2, 0, 3, 1, 4).unbind(0)
+        return F.scaled_dot_product_attention(q, k, v)
+
+    rec = check(qkv_attention, torch.randn(2, 5, 16))
+    assert "aten.addmm.default" in rec.wrapper and rec.kernels == 0
+    x = torch.randn(2, 5, 16, requires_grad=True)
+    check(qkv_attention, x, grad=True)
+
+
 def test_mlp_training():
     torch.manual_seed(0)
     w1, b1 = torch.randn(16, 32, requires_grad=True), torch.randn(32, requires_grad=True)
