@@ -481,11 +481,12 @@ class Scheduler:
                 continue
             kk = len(s.outer)
             mine = {n.buf.name for n in s.nodes}
+            in_registers = _one_register_row(s)
             for n in s.nodes:
                 inner, _ = _inner_of(n, kk)
                 s.inner.append([] if n.is_reduction else inner)
                 name = n.buf.name
-                outer_only = n.is_reduction or not inner
+                outer_only = n.is_reduction or not inner or in_registers
                 if outer_only and name not in outside and not isinstance(n.buf.body, ir.Scatter):
                     s.locals.add(name)
                 elif name not in outside and (row := _row_of(s, n, kk, inner)) is not None:
@@ -498,6 +499,27 @@ class Scheduler:
                     if (r not in mine or r in s.stores) and r not in reads and r not in s.locals:
                         reads.append(r)
             s.reads = [r for r in reads if r not in mine]
+
+
+def _one_register_row(k: Kernel) -> bool:
+    """Whether a Triton kernel holds each row of every node in registers: a reduction
+    kernel whose nodes all walk the same inner ranges, of a static size a persistent
+    reduction takes (the printer's rule).  Values only this kernel reads need no store.
+
+    NOTE: softmax followed by layer norm stored the softmax output (the norm's input) to
+    memory although the norm read it from registers: one more write of the whole tensor."""
+    from kiln.codegen import wrapper
+    from kiln.codegen.triton import heuristics
+
+    if not k.has_reduction or k.is_scatter or wrapper.device_target(k.nodes[0].buf.device) != "triton":
+        return False
+    kk = len(k.outer)
+    inner = [n.rranges if n.is_reduction else n.ranges[kk:] for n in k.nodes]
+    first = next((r for r in inner if r), None)
+    if first is None or not all(not r or _same(r, first) for r in inner):
+        return False
+    size = ir.product(first)
+    return bool(size.is_Integer) and int(size) <= heuristics.PERSISTENT_MAX
 
 
 def _index_exprs(k: Kernel) -> list:

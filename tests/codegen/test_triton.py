@@ -105,6 +105,13 @@ def test_layer_norm_flattened_for_a_matmul_is_one_row_kernel():
     assert rec.kernels == 1 and "// 17" not in rec.source
 
 
+def test_row_kernel_keeps_its_intermediate_rows_in_registers():
+    w, b = torch.randn(32), torch.randn(32)
+    # NOTE: the softmax's output is the norm's input: read from registers, never stored
+    rec = check(lambda x: F.layer_norm(torch.softmax(x * 0.5, -1) * 32 + x, (32,), w, b), torch.randn(6, 32))
+    assert rec.kernels == 1 and rec.source.count("tl.store(") == 1
+
+
 def test_looped_rows_softmax_layer_norm(monkeypatch):
     monkeypatch.setattr(heuristics, "PERSISTENT_MAX", 64)
     x = torch.randn(3, 200)

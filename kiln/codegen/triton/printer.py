@@ -450,7 +450,8 @@ class KernelPrinter:
         xr = frozenset("xr")
         if not n.is_reduction:
             v = sc.expr(n.expr if expr is None else expr)
-            self.store(sc, name, n.store if store is None else store, v, xr)
+            if name not in self.k.locals:   # NOTE: a row held in registers needs no store
+                self.store(sc, name, n.store if store is None else store, v, xr)
             sc.regs[name] = v
             if not looped:
                 top.regs[name] = v
