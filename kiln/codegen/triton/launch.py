@@ -75,12 +75,28 @@ def direct(fn: Any, grid: tuple, call_args: tuple, ints: list, kw: dict) -> Opti
     function, meta = kernel.function, kernel.packed_metadata
     tail = tuple(ints) + tuple(kw[n] for n in names[n_pos:])
     g0, g1, g2 = (tuple(grid) + (1, 1))[:3]
-    get_device, get_stream = driver.active.get_current_device, driver.active.get_current_stream
+    stream = _stream_getter(driver)
 
     def launch(args: tuple) -> None:
-        run(g0, g1, g2, get_stream(get_device()), function, meta, None, None, None, *args, *tail)
+        run(g0, g1, g2, stream(), function, meta, None, None, None, *args, *tail)
 
     return launch
+
+
+def _stream_getter(driver: Any) -> Callable[[], int]:
+    """The current CUDA stream of the current device, as the launcher takes it.
+
+    NOTE: torch's two C entry points (what inductor's wrapper calls) skip the Python
+    layers of ``torch.cuda.current_device()`` (a lazy-init check per call): a few
+    microseconds of every launch, and a training step of a small MLP launches ~20."""
+    import torch
+
+    raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+    dev = getattr(torch._C, "_cuda_getDevice", None)
+    if raw is not None and dev is not None and driver.active.get_current_stream is raw:
+        return lambda: raw(dev())
+    get_device, get_stream = driver.active.get_current_device, driver.active.get_current_stream
+    return lambda: get_stream(get_device())
 
 
 def alignment_key(tensors: tuple) -> int:
