@@ -220,7 +220,9 @@ class FunctionCache:
             matched = getattr(e, "__kiln_id_matched__", None) or {}
             if matched and bound is None:
                 try:
-                    bound = inspect.signature(self.fn, follow_wrapped=False).bind(*args, **kwargs).arguments
+                    from .entry_source import frame_signature
+
+                    bound = frame_signature(self.fn).bind(*args, **kwargs).arguments
                 except TypeError:
                     bound = {}
             if all(bound.get(name, _ABSENT) is obj for name, obj in matched.items()):

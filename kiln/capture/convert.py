@@ -20,7 +20,7 @@ from kiln.fallbacks import record_fallback
 
 from . import bytecode as bc
 from . import stats
-from .entry_source import EntryWriter, base_namespace, build_entry
+from .entry_source import EntryWriter, base_namespace, build_entry, frame_signature
 from .interpreter import LazyLocal, Translator, internal_error, is_users_error
 from .marked_dims import check_constraints, has_marks
 from .handlers_control import COND_JUMPS
@@ -470,7 +470,7 @@ def compile_frame(ctx, fn: types.FunctionType, args: tuple, kwargs: dict):
     check_python_version()
     if fn.__code__.co_flags & bc.UNSUPPORTED_FLAGS:
         unsupported(f"generator or coroutine function {fn.__qualname__}")
-    bound = inspect.signature(fn, follow_wrapped=False).bind(*args, **kwargs)
+    bound = frame_signature(fn).bind(*args, **kwargs)
     bound.apply_defaults()
     break_step, break_error = None, None
     for _ in range(MAX_RESTARTS):

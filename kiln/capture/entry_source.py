@@ -112,10 +112,45 @@ class EntryWriter:
         self.lines.append(s)
 
 
+def frame_signature(fn: Callable) -> inspect.Signature:
+    """The parameters of ``fn``'s own code object (a bound method's, less ``self``).
+
+    NOTE: not ``inspect.signature``: it returns a function's ``__signature__`` when one is
+    set, and decorators set it to the wrapped function's (transformers'
+    ``deprecate_kwarg`` gives its ``wrapped_func(*args, **kwargs)`` the signature of
+    ``create_causal_mask``): the frame's locals were then bound by the wrong names and the
+    resume function lost ``kwargs``."""
+    func = getattr(fn, "__func__", fn)
+    code = getattr(func, "__code__", None)
+    if code is None:
+        return inspect.signature(fn, follow_wrapped=False)
+    P = inspect.Parameter
+    names = code.co_varnames
+    n_pos, n_kw = code.co_argcount, code.co_kwonlyargcount
+    defaults = func.__defaults__ or ()
+    kwdefaults = func.__kwdefaults__ or {}
+    params = []
+    for i, name in enumerate(names[:n_pos]):
+        kind = P.POSITIONAL_ONLY if i < code.co_posonlyargcount else P.POSITIONAL_OR_KEYWORD
+        j = i - (n_pos - len(defaults))
+        params.append(P(name, kind, default=defaults[j] if j >= 0 else P.empty))
+    k = n_pos + n_kw
+    if code.co_flags & inspect.CO_VARARGS:
+        params.append(P(names[k], P.VAR_POSITIONAL))
+        k += 1
+    for name in names[n_pos:n_pos + n_kw]:
+        params.append(P(name, P.KEYWORD_ONLY, default=kwdefaults.get(name, P.empty)))
+    if code.co_flags & inspect.CO_VARKEYWORDS:
+        params.append(P(names[k], P.VAR_KEYWORD))
+    if func is not fn and params and params[0].kind in (P.POSITIONAL_ONLY, P.POSITIONAL_OR_KEYWORD):
+        params = params[1:]   # NOTE: a bound method: its first parameter is bound already
+    return inspect.Signature(params)
+
+
 def signature_params(fn: Callable, ns: dict) -> str:
     """The parameter list of ``fn`` as source; defaults go into ``ns``."""
     parts = []
-    sig = inspect.signature(fn, follow_wrapped=False)
+    sig = frame_signature(fn)
     saw_kwonly = False
     pos_only_done = True
     for p in sig.parameters.values():

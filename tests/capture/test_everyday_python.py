@@ -356,3 +356,53 @@ def test_generator_context_manager_with_graph_break_runs_eagerly():
     x = torch.ones(2, requires_grad=True)
     out = kiln.compile(fn, backend=CompileCounter())(x)
     assert torch.equal(out, (x + 1) * 2) and not out.requires_grad and torch.is_grad_enabled()
+
+
+# ---------------------------------------------------------------- decorators that set __signature__
+def _keeps_signature(func):
+    """A decorator as transformers' deprecate_kwarg writes it: a ``(*args, **kwargs)``
+    wrapper whose ``__signature__`` is the wrapped function's."""
+    import functools
+    import inspect
+
+    @functools.wraps(func)
+    def wrapped(*args, **kwargs):
+        if "old" in kwargs:
+            kwargs["new"] = kwargs.pop("old")
+        print("not traceable: a graph break")   # noqa: T201
+        return func(*args, **kwargs)
+
+    wrapped.__signature__ = inspect.signature(func)
+    return wrapped
+
+
+@_keeps_signature
+def _scaled(x, new=1.0):
+    return x * new
+
+
+def test_frame_of_a_wrapper_with_a_signature_binds_its_own_parameters(capsys):
+    x = torch.randn(3)
+    cnt = CompileCounter()
+    fn = kiln.compile(lambda t: _scaled(t + 1, old=2.0) - 1, backend=cnt)
+    torch.testing.assert_close(fn(x), (x + 1) * 2.0 - 1)
+    assert cnt.frame_count >= 2   # NOTE: the wrapper's frame compiled on both sides of its break
+
+
+# ---------------------------------------------------------------- bound-method attributes
+class _Scale(torch.nn.Module):
+    def forward(self, x):
+        return x * 3
+
+
+def test_bound_method_func_and_self():
+    m = _Scale()
+
+    def f(x):
+        fn, obj = m.forward.__func__, m.forward.__self__
+        return fn(obj, x) + (1 if obj is m else 0)
+
+    x = torch.randn(4)
+    cnt = CompileCounter()
+    torch.testing.assert_close(kiln.compile(f, backend=cnt, fullgraph=True)(x), f(x))
+    assert cnt.frame_count == 1

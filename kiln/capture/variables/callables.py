@@ -111,6 +111,17 @@ class UserMethodVT(VT):
             return special(tx, self.obj, *args, **kwargs)
         return tx.inline_function(self.fn, [self.obj] + list(args), kwargs)
 
+    def getattr(self, tx, name: str) -> VT:
+        # NOTE: ``m.__func__`` / ``m.__self__``, as bound methods give them (the kernels
+        # library that transformers uses reads ``module.forward.__func__`` in forward)
+        if name == "__func__":
+            return UserFunctionVT(self.fn)
+        if name == "__self__":
+            return self.obj
+        if name in ("__name__", "__qualname__", "__module__", "__doc__"):
+            return ConstantVT(getattr(self.fn, name))
+        return super().getattr(tx, name)
+
     def reconstruct(self, cg) -> str:
         return f"{cg.obj(types.MethodType)}({cg.obj(self.fn)}, {cg.expr(self.obj)})"
 
