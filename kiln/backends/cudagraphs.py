@@ -148,14 +148,18 @@ def cudagraphify(fn: Callable, example_inputs: Sequence[Any], static_input_indic
                         "shape; it runs without CUDA graphs (compile with dynamic=False to record one "
                         "graph per shape)")
         return fn
-    static = frozenset(static_input_indices)
+    given = frozenset(static_input_indices)
     mutated = frozenset(mutated_input_indices)
     recorded = _Recordings()
     pool: list = []
+    found: list = []   # [frozenset]: the inputs static at the first CUDA call
 
     def run(*args: Any) -> Any:
         if device_from_inputs(args).type != "cuda":
             return fn(*args)
+        if not found:
+            found.append(given | _parameters(args))
+        static = found[0]
         key = _signature(args, static)
         entry = recorded.get(key, False)
         if entry is False:
@@ -173,6 +177,17 @@ def cudagraphify(fn: Callable, example_inputs: Sequence[Any], static_input_indic
     run.recordings = recorded  # type: ignore[attr-defined]  # NOTE: for tests and explain
     _all.add(recorded)
     return run
+
+
+def _parameters(args: Sequence[Any]) -> frozenset:
+    """Positions of ``args`` that are ``nn.Parameter``s: static inputs too.
+
+    NOTE: capture passes a module's parameters to its graph as inputs, and a backend
+    below kiln.aot's ``aot_autograd`` (``num_params_buffers=0``) is not told which they
+    are: each replay then copied every weight into the recording's own buffer (a ViT-B/16
+    or BERT inference step: hundreds of copies, slower than no CUDA graph at all).  A
+    parameter that moves gets a recording of its own (its address is in the signature)."""
+    return frozenset(i for i, a in enumerate(args) if isinstance(a, torch.nn.Parameter))
 
 
 class _Recordings(dict):

@@ -149,3 +149,21 @@ def test_cpu_inputs_run_without_cuda_graphs_and_say_why():
     x = torch.randn(8)
     torch.testing.assert_close(c(x), x.sin() * 2)
     assert any("CUDA graphs need CUDA tensors" in r.why for r in fallbacks.recorded())
+
+
+@cuda
+def test_parameters_passed_as_graph_inputs_are_not_copied_per_replay():
+    """A backend under aot_autograd is not told which inputs are parameters: the
+    recording finds them (nn.Parameter) and keeps them in place."""
+    from kiln.backends.cudagraphs import cudagraphify
+
+    w = torch.nn.Parameter(torch.randn(8, 8, device="cuda"))
+    x = torch.randn(4, 8, device="cuda")
+    run = cudagraphify(lambda w, x: (x @ w).relu(), [w, x])
+    with torch.no_grad():
+        for _ in range(2):
+            torch.testing.assert_close(run(w, x), (x @ w).relu())
+        (entry,) = run.recordings.values()
+        assert entry.copied == [1] and entry.static_inputs[0] is w
+        w.mul_(2)   # an in-place update is what the replay reads
+        torch.testing.assert_close(run(w, x), (x @ w).relu())
