@@ -31,9 +31,6 @@ _VIEWS = frozenset({
     aten.unsqueeze.default, aten.slice.Tensor, aten.select.int, aten.alias.default,
 })
 
-rewritten = 0   # addmm calls turned into mm + add (a counter for tests)
-
-
 def _pointwise_use(n: fx.Node) -> bool:
     if n.op != "call_function":
         return False
@@ -67,15 +64,13 @@ def _unfuse(g: fx.Graph, n: fx.Node) -> None:
 @graph_pass("addmm_bias")
 def unfuse_addmm_bias(gm: fx.GraphModule) -> fx.GraphModule:
     """The pass (see the module docstring)."""
-    global rewritten
     g = gm.graph
     todo = [n for n in g.nodes if n.op == "call_function" and n.target is aten.addmm.default
-            and isinstance(n.args[0], fx.Node) and "val" in n.args[0].meta
+            and all(isinstance(a, fx.Node) and "val" in a.meta for a in n.args[:3])
             and n.users and all(_pointwise_use(u) for u in n.users)]
     for n in todo:
         _unfuse(g, n)
     if todo:
-        rewritten += len(todo)
         g.lint()
         gm.recompile()
     return gm
