@@ -31,6 +31,7 @@ FOREIGN: dict = {
     "cond": "cond",
     "while_loop": "while_loop",
     "map_impl": "map_impl",
+    "autograd_function_apply": "autograd_function_apply",
 }
 
 
