@@ -371,3 +371,47 @@ def test_fallback_after_a_half_traced_forward_starts_capture_again():
     # NOTE: once on fake tensors while capturing the opaque call, once compiled, once eagerly:
     # nothing of the abandoned attempt (its recorded side effect) is replayed.
     assert len(calls) == 3
+
+
+def _is_transposed(x):
+    return not x.is_contiguous() and x.stride()[0] == 1 and x.stride()[1] == x.size()[0]
+
+
+class LayoutBackward(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, lhs, rhs):
+        ctx.save_for_backward(lhs, rhs)
+        return torch.full_like(lhs, 1.0)
+
+    @staticmethod
+    def backward(ctx, dy):
+        lhs, rhs = ctx.saved_tensors[:2]
+        dlhs = torch.full_like(lhs, 1.0 if _is_transposed(lhs) else 2.0) if ctx.needs_input_grad[0] else None
+        drhs = torch.full_like(rhs, 1.0 if _is_transposed(rhs) else 2.0) if ctx.needs_input_grad[1] else None
+        return dlhs, drhs, None, None  # NOTE: extra None gradients, which autograd drops
+
+
+class GradLayoutBackward(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x * 2
+
+    @staticmethod
+    def backward(ctx, dy):
+        return dy * (3 if dy.is_contiguous() else 2)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_backward_reads_the_layout_of_saved_tensors(backend):
+    x = torch.randn(8, 8, requires_grad=True)
+    y = torch.randn(8, 8).transpose(0, 1).requires_grad_(True)
+    cnt = check(lambda a, b: LayoutBackward.apply(a, b), [x, y], backend)
+    assert len(_hop_nodes(cnt.graphs[0])) == 1
+
+
+@pytest.mark.expect_fallback("of a gradient in a captured autograd.Function backward")
+def test_fallback_backward_reads_the_layout_of_its_gradient():
+    x = torch.randn(4, 4, requires_grad=True)
+    # NOTE: the gradient of a transposed output arrives transposed in eager
+    cnt = check(lambda a: GradLayoutBackward.apply(a).t(), [x], "eager")
+    assert not _hop_nodes(cnt.graphs[0]) and len(_opaque_nodes(cnt.graphs[0], GradLayoutBackward)) == 1

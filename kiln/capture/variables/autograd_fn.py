@@ -323,6 +323,8 @@ def _grad_inputs(tx, cls: type, fwd, outs: list) -> list:
                 continue
             fake = outs[it].fake
             g = torch.empty_strided(fake.shape, fake.stride(), dtype=fake.dtype, device=fake.device)
+            # NOTE: autograd may hand the backward a gradient of any layout: its strides are unknown.
+            tx.output.__dict__.setdefault("layout_unknown", {})[id(g)] = g
             label = names[k] if k < len(names) else f"grad_out_{k}"
             res.append(TensorVT(_NameOnly(label), g))
     return res
@@ -393,8 +395,8 @@ def _grads_per_operand(bwd, args: list, name: str, n_operands: int) -> list:
     leaves = list(out_node.args[0])
     tree = bwd.out_tree
     items = list(tree.items) if isinstance(tree, (TupleVT, ListVT)) else [tree]
-    if len(items) == len(args) + 1 and isinstance(items[-1], ConstantVT) and items[-1].value is None:
-        items = items[:-1]  # NOTE: autograd ignores extra trailing Nones
+    while len(items) > len(args) and isinstance(items[-1], ConstantVT) and items[-1].value is None:
+        items = items[:-1]  # NOTE: autograd drops extra gradients when they are all None
     if len(items) != len(args):
         unsupported(f"{name}.backward returns {len(items)} gradients for {len(args)} inputs",
                     why="autograd raises for this; the Function runs eagerly so that it does")
