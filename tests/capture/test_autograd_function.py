@@ -415,3 +415,14 @@ def test_fallback_backward_reads_the_layout_of_its_gradient():
     # NOTE: the gradient of a transposed output arrives transposed in eager
     cnt = check(lambda a: GradLayoutBackward.apply(a).t(), [x], "eager")
     assert not _hop_nodes(cnt.graphs[0]) and len(_opaque_nodes(cnt.graphs[0], GradLayoutBackward)) == 1
+
+
+@pytest.mark.expect_fallback("GradLayoutBackward.apply (runs as one opaque call)")
+def test_fallback_is_counted_as_a_graph_break():
+    from kiln.capture import counters
+
+    kiln.reset()
+    x = torch.randn(4, 4, requires_grad=True)
+    kiln.compile(lambda a: GradLayoutBackward.apply(a) + 1, backend="eager")(x)
+    assert list(counters["graph_break"].values()) == [1]
+    assert "of a gradient in a captured autograd.Function backward" in next(iter(counters["graph_break"]))

@@ -107,7 +107,11 @@ def _opaque_classes(tx) -> dict:
 def _record(cls: type, why: str) -> None:
     from kiln.fallbacks import record_fallback
 
+    from .. import stats
+
     record_fallback("capture", f"{cls.__qualname__}.apply (runs as one opaque call)", why)
+    # NOTE: counted as a graph break, as PyTorch's capture counts a Function it falls back on.
+    stats.graph_break(why)
 
 
 def _training(tx, args: list) -> bool:
