@@ -426,3 +426,27 @@ def test_fallback_is_counted_as_a_graph_break():
     kiln.compile(lambda a: GradLayoutBackward.apply(a) + 1, backend="eager")(x)
     assert list(counters["graph_break"].values()) == [1]
     assert "of a gradient in a captured autograd.Function backward" in next(iter(counters["graph_break"]))
+
+
+class MatmulFolding(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, a, b):
+        ctx.save_for_backward(b)
+        ctx.shape = a.size()
+        return torch.matmul(a, b)
+
+    @staticmethod
+    def backward(ctx, g):
+        (b,) = ctx.saved_tensors
+        return torch.mm(g.squeeze(), b.t()).view(ctx.shape), None
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_output_written_in_place_after_the_call(backend):
+    def fn(a, b):
+        res = MatmulFolding.apply(a, b)
+        res.add_(1.0)  # NOTE: the op's outputs are non-leaf tensors, as a Function's are
+        return res.sum()
+
+    cnt = check(fn, [torch.randn(4, 1, 2, requires_grad=True), torch.randn(2, 4)], backend)
+    assert cnt.frame_count == 1 and len(_hop_nodes(cnt.graphs[0])) == 1

@@ -36,7 +36,6 @@ from kiln.exc import KilnError, Unsupported
 from .base import VT, ConstantVT, unsupported
 from .containers import ListVT, TupleVT
 from .subgraph import attach, speculate, tree_leaves
-from .symbolic import SymNodeVT
 from .tensor import TensorVT
 
 
@@ -119,9 +118,9 @@ def _training(tx, args: list) -> bool:
 
 
 def _overrides(cls: type, name: str) -> bool:
-    base = getattr(torch.autograd.Function, name, None)
-    return getattr(cls, name, None) is not base and getattr(getattr(cls, name, None), "__func__", None) \
-        is not getattr(base, "__func__", base)
+    """``cls`` (or a class between it and torch.autograd.Function) defines ``name``."""
+    bases = set(torch.autograd.Function.__mro__)
+    return any(name in vars(k) for k in cls.__mro__ if k not in bases)
 
 
 def _refusal(cls: type, kwargs: dict) -> Optional[str]:
@@ -271,7 +270,8 @@ def capture_apply(tx, cls: type, args: list) -> VT:
                         f"{name}.backward")
     n_grads = sum(isinstance(g, TensorVT) for g in grads)
     saved = _wire_saved(fwd, bwd, n_grads)
-    _view_returned_inputs(fwd)
+    # NOTE: an input returned as it is needs nothing here: the op's autograd.Function
+    # returns it as a view, by the same rule as the user's Function in eager.
     _set_output(fwd.graph, (tuple(o.node for o in outs), tuple(saved)))
     _set_output(bwd.graph, tuple(_grads_per_operand(bwd, args, name, len(fwd.args))))
     fwd.gm.recompile()
@@ -281,9 +281,7 @@ def capture_apply(tx, cls: type, args: list) -> VT:
     nb = attach(out, graph, bwd.gm, "bwd_body")
     node = graph.create_node("call_function", _kiln_op(), (nf, nb, *fwd.args),
                              {"non_differentiable_idx": non_diff})
-    with out.fake_mode:
-        fakes = tuple(_fresh(o.fake, i not in non_diff) for i, o in enumerate(outs))
-    vt = out._wrap_result(fakes, node)
+    vt = out._wrap_result(_example_outputs(out, fwd, bwd, non_diff), node)
     items = list(vt.items) if isinstance(vt, TupleVT) else [vt]
     return _rebuild(fwd.out_tree, items)
 
@@ -372,21 +370,6 @@ def _append_placeholder(g: fx.Graph, name: str, example: Any) -> fx.Node:
     return ph
 
 
-def _view_returned_inputs(fwd) -> None:
-    """An input returned as it is comes out as ``view_as`` of itself (autograd's rule for a
-    Function's forward returning an input)."""
-    out_node = next(n for n in reversed(fwd.graph.nodes) if n.op == "output")
-    outs = list(out_node.args[0])
-    for i, o in enumerate(outs):
-        if isinstance(o, fx.Node) and o.op == "placeholder":
-            with fwd.graph.inserting_before(out_node):
-                v = fwd.graph.call_method("view_as", (o, o))
-            v.meta["example_value"] = o.meta.get("example_value")
-            outs[i] = v
-    out_node.args = (tuple(outs),)
-    fwd.outputs[:] = [TensorVT(n, o.fake) for n, o in zip(outs, fwd.outputs)]
-
-
 def _set_output(g: fx.Graph, value: Any) -> None:
     out_node = next(n for n in reversed(g.nodes) if n.op == "output")
     out_node.args = (value,)
@@ -417,11 +400,16 @@ def _grads_per_operand(bwd, args: list, name: str, n_operands: int) -> list:
     return res + [None] * (n_operands - len(res))
 
 
-def _fresh(fake: torch.Tensor, differentiable: bool) -> torch.Tensor:
-    out = torch.empty_strided(fake.shape, fake.stride(), dtype=fake.dtype, device=fake.device)
-    if differentiable and (fake.dtype.is_floating_point or fake.dtype.is_complex):
-        out.requires_grad_(True)
-    return out
+def _example_outputs(out, fwd, bwd, non_diff: list) -> tuple:
+    """The op run on the operands' fake values: outputs with the metadata autograd gives a
+    Function's outputs (non-leaf, requires_grad unless marked, views of returned inputs)."""
+    vals = []
+    for a in fwd.args:
+        if not isinstance(a, fx.Node) or "example_value" not in a.meta:
+            unsupported(f"an operand of the captured Function has no fake value ({a})")
+        vals.append(a.meta["example_value"])
+    with out.fake_mode:
+        return tuple(_kiln_op()(fwd.gm, bwd.gm, *vals, non_differentiable_idx=non_diff))
 
 
 def _rebuild(tree: Any, items: list) -> VT:
