@@ -6,8 +6,7 @@ returning ``(outputs, saved)``: a tuple of the Function's traced outputs and a t
 values its backward reads (what it saved, stashed on ``ctx``, or any intermediate);
 ``bwd``, a callable of ``(*grad_outputs, *saved)`` (one grad per tensor output of ``fwd``)
 returning one gradient (or None) per operand; ``non_differentiable_idx``: positions of the
-outputs the Function marked non-differentiable (PyTorch's op of the same name has this
-calling convention; its graphs are read as kiln's through kiln.ops.foreign).  Out: ``outputs`` (a tuple).
+outputs the Function marked non-differentiable.  Out: ``outputs`` (a tuple).
 
 Rules:
   autograd   grad mode on and an operand requires grad: a ``torch.autograd.Function`` runs
@@ -35,14 +34,12 @@ class AutogradFunctionApply(HigherOrderOperator):
     def check_args(self, fwd: Any = None, bwd: Any = None, *operands: Any, **kwargs: Any) -> None:
         if not callable(fwd) or not callable(bwd):
             raise TypeError("autograd_function_apply takes two callables: (fwd, bwd, *operands)")
-        extra = set(kwargs) - {"non_differentiable_idx", "saved_for_backward_idx"}
+        extra = set(kwargs) - {"non_differentiable_idx"}
         if extra:
             raise TypeError(f"autograd_function_apply got unexpected keyword arguments {sorted(extra)}")
 
     def __call__(self, fwd: Callable, bwd: Callable, *operands: Any,
-                 non_differentiable_idx: Sequence[int] = (), saved_for_backward_idx: Any = None) -> tuple:
-        # NOTE: saved_for_backward_idx (PyTorch's graphs carry it: which saved values went
-        # through save_for_backward) changes nothing here: every saved tensor is saved.
+                 non_differentiable_idx: Sequence[int] = ()) -> tuple:
         self.check_args(fwd, bwd, *operands)
         if _needs_grad(operands):
             return _ApplyFunction.apply(fwd, bwd, tuple(non_differentiable_idx), *operands)

@@ -31,7 +31,6 @@ FOREIGN: dict = {
     "cond": "cond",
     "while_loop": "while_loop",
     "map_impl": "map_impl",
-    "autograd_function_apply": "autograd_function_apply",
 }
 
 
