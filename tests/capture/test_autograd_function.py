@@ -287,23 +287,6 @@ def test_without_grad_it_stays_one_opaque_call():
     assert not _hop_nodes(cnt.graphs[0]) and len(_opaque_nodes(cnt.graphs[0], Stash)) == 1
 
 
-def test_hop_runs_eagerly_with_autograd():
-    def fwd(x, y):
-        return (x * y,), (x, y)
-
-    def bwd(g, x, y):
-        return g * y * 10, g * x
-
-    x, y = torch.randn(3, requires_grad=True), torch.randn(3, requires_grad=True)
-    (out,) = kiln.ops.autograd_function_apply(fwd, bwd, x, y, non_differentiable_idx=[])
-    out.sum().backward()
-    torch.testing.assert_close(x.grad, y.detach() * 10)
-    torch.testing.assert_close(y.grad, x.detach())
-    with torch.no_grad():
-        (plain,) = kiln.ops.autograd_function_apply(fwd, bwd, x, y)
-    assert not plain.requires_grad
-
-
 # --------------------------------------------------------------------------- fallbacks
 calls = []
 
