@@ -433,3 +433,31 @@ def test_output_written_in_place_after_the_call(backend):
 
     cnt = check(fn, [torch.randn(4, 1, 2, requires_grad=True), torch.randn(2, 4)], backend)
     assert cnt.frame_count == 1 and len(_hop_nodes(cnt.graphs[0])) == 1
+
+
+class SetupContextLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(x, w, bias):
+        out = x.mm(w.t())
+        return out + bias if bias is not None else out
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, w, bias = inputs
+        ctx.save_for_backward(x, w)
+        ctx.has_bias = bias is not None
+
+    @staticmethod
+    def backward(ctx, g):
+        x, w = ctx.saved_tensors
+        return g.mm(w), g.t().mm(x), g.sum(0) if ctx.has_bias else None
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_function_with_setup_context(backend):
+    x, w = torch.randn(2, 3, requires_grad=True), torch.randn(4, 3, requires_grad=True)
+    cnt = check(lambda a, b, c: SetupContextLinear.apply(a, b, c), [x, w, torch.randn(4, requires_grad=True)],
+                backend)
+    assert len(_hop_nodes(cnt.graphs[0])) == 1
+    cnt = check(lambda a, b: SetupContextLinear.apply(a, b, None), [x, w], backend)
+    assert len(_hop_nodes(cnt.graphs[0])) == 1

@@ -16,7 +16,7 @@ values of the forward that the backward reads, whatever way they reached it; the
 takes ``(*grad_outputs, *saved)`` and returns one gradient per operand.
 
 Without gradients, or when the capture cannot do it (a graph break or data-dependent
-Python in either body, ``ctx.mark_dirty``, ``set_materialize_grads``, ``setup_context``,
+Python in either body, ``ctx.mark_dirty``, ``set_materialize_grads(False)``,
 side effects in a body...), the call stays one opaque node calling ``cls.apply``, which
 runs the Function eagerly; the reason is recorded (``kiln.fallbacks``).  A failed attempt
 may have left state behind it (inputs, guards, side effects of the half-traced body), so
@@ -129,9 +129,8 @@ def _refusal(cls: type, kwargs: dict) -> Optional[str]:
         return "keyword arguments to apply are not captured"
     if not _overrides(cls, "forward") or not _overrides(cls, "backward"):
         return "the Function does not define both forward and backward"
-    if _overrides(cls, "setup_context"):
-        return "a Function with setup_context (forward without ctx) is not captured"
-    for name in ("forward", "backward"):
+    names = ("forward", "backward", "setup_context") if _overrides(cls, "setup_context") else ("forward", "backward")
+    for name in names:
         if not isinstance(inspect.getattr_static(cls, name), staticmethod):
             return f"{name} is not a staticmethod"
     return None
@@ -260,8 +259,9 @@ def capture_apply(tx, cls: type, args: list) -> VT:
     needs = tuple(isinstance(a, TensorVT) and a.fake.requires_grad for a in args)
     ctx = AutogradCtxVT(needs)
     name = cls.__name__
+    body = _SetupContextForwardVT(cls) if _overrides(cls, "setup_context") else tx.wrap_static(cls.forward)
     with _grad_mode(out, False):
-        fwd = speculate(tx, tx.wrap_static(cls.forward), [ctx] + list(args), {}, f"{name}.forward")
+        fwd = speculate(tx, body, [ctx] + list(args), {}, f"{name}.forward")
     outs = _forward_outputs(fwd, name)
     non_diff = [i for i, o in enumerate(outs) if any(o.node is m.node for m in ctx.non_differentiable)]
     grads = _grad_inputs(tx, cls, fwd, outs)
@@ -284,6 +284,20 @@ def capture_apply(tx, cls: type, args: list) -> VT:
     vt = out._wrap_result(_example_outputs(out, fwd, bwd, non_diff), node)
     items = list(vt.items) if isinstance(vt, TupleVT) else [vt]
     return _rebuild(fwd.out_tree, items)
+
+
+class _SetupContextForwardVT(VT):
+    """``(ctx, *args) -> forward(*args)``, then ``setup_context(ctx, args, output)``: a Function
+    written with setup_context, as one body (autograd runs both under the forward's grad mode)."""
+
+    def __init__(self, cls: type):
+        self.cls = cls
+
+    def call(self, tx, args: list, kwargs: dict) -> VT:
+        ctx, rest = args[0], list(args[1:])
+        output = tx.wrap_static(self.cls.forward).call(tx, rest, kwargs)
+        tx.wrap_static(self.cls.setup_context).call(tx, [ctx, TupleVT(rest), output], {})
+        return output
 
 
 def _kiln_op() -> Any:
