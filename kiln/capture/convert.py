@@ -35,7 +35,7 @@ from .variables.callables import CellVT, RealCellVT
 from .variables.tensor import TensorVT
 
 MAX_RESTARTS = 4
-MAX_RECAPTURES = 4
+MAX_RECAPTURES = 8
 
 
 class Restart(Exception):
@@ -488,11 +488,13 @@ def compile_frame(ctx, fn: types.FunctionType, args: tuple, kwargs: dict):
             if break_step is not None:
                 raise r.error
             break_step, break_error = r.step, r.error
-        except RecaptureFrame:
+        except RecaptureFrame as e:
             # NOTE: an autograd.Function whose capture failed half-way is now marked opaque
             # (variables/autograd_fn.py); the frame is captured again from its start.
             if recaptures == 0:
-                raise
+                raise Unsupported(f"{e.what}, and so do too many others in this frame",
+                                  why=f"the frame was captured again {MAX_RECAPTURES} times",
+                                  hint="the frame runs eagerly") from None
             recaptures -= 1
             continue
         finally:

@@ -461,3 +461,35 @@ def test_function_with_setup_context(backend):
     assert len(_hop_nodes(cnt.graphs[0])) == 1
     cnt = check(lambda a, b: SetupContextLinear.apply(a, b, None), [x, w], backend)
     assert len(_hop_nodes(cnt.graphs[0])) == 1
+
+
+def _side_effect_function(i):
+    class F(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            calls.append(i)
+            return x * 2
+
+        @staticmethod
+        def backward(ctx, g):
+            return g * 2
+
+    F.__name__ = F.__qualname__ = f"SideEffect{i}"
+    return F
+
+
+@pytest.mark.expect_fallback("runs as one opaque call)")
+@pytest.mark.expect_fallback("and so do too many others in this frame")
+def test_too_many_recaptures_run_the_frame_eagerly():
+    functions = [_side_effect_function(i) for i in range(10)]
+
+    def fn(x):
+        for f in functions:
+            x = f.apply(x)
+        return x
+
+    calls.clear()
+    cnt = check(fn, [torch.randn(3, requires_grad=True)], "eager", fullgraph=False)
+    assert cnt.frame_count == 0
+    # NOTE: the call (run eagerly) and the reference; opaque calls also ran on fakes while capturing
+    assert calls[-20:] == list(range(10)) * 2

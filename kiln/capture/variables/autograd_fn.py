@@ -67,7 +67,8 @@ class AutogradApplyVT(VT):
                 opaque[self.cls] = why
                 _record(self.cls, why)
                 raise RecaptureFrame(f"{self.cls.__name__}.apply runs as one opaque call")
-            opaque[self.cls] = why
+            if not kwargs:  # NOTE: keyword arguments refuse this call, not the class
+                opaque[self.cls] = why
             _record(self.cls, why)
         return _opaque_call(tx, self.cls, args, kwargs)
 
