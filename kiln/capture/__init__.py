@@ -56,7 +56,8 @@ reads/writes, calls with positional/keyword/*args/**kwargs, inlined user
 functions, methods, nested functions and closures, properties, nn.Modules
 (inlined forward, Sequential/ModuleList/ModuleDict, parameters and buffers as
 graph inputs), torch functions / Tensor methods / torch.ops / operator /
-math, autograd.Function.apply, builtins (len, isinstance, getattr, range,
+math, autograd.Function.apply (forward and backward as the subgraphs of
+``kiln.ops.autograd_function_apply`` under grad, else one call), builtins (len, isinstance, getattr, range,
 enumerate, zip, min/max on constants, ...), for loops over known sequences,
 if/else on Python values, ``with torch.no_grad()/enable_grad()/
 set_grad_enabled()``, ``with contextlib.nullcontext()`` and

@@ -29,11 +29,13 @@ from .routed_calls import maybe_has_backedge
 from .sources import LocalSource
 from .variables.autocast import replay_after_graph as replay_autocast, unwind as unwind_autocast
 from .variables.saved_hooks import replay_after_graph as replay_saved_hooks
+from .variables.autograd_fn import RecaptureFrame
 from .variables.base import NullVT, unsupported
 from .variables.callables import CellVT, RealCellVT
 from .variables.tensor import TensorVT
 
 MAX_RESTARTS = 4
+MAX_RECAPTURES = 8
 
 
 class Restart(Exception):
@@ -473,7 +475,8 @@ def compile_frame(ctx, fn: types.FunctionType, args: tuple, kwargs: dict):
     bound = frame_signature(fn).bind(*args, **kwargs)
     bound.apply_defaults()
     break_step, break_error = None, None
-    for _ in range(MAX_RESTARTS):
+    recaptures = MAX_RECAPTURES
+    for _ in range(MAX_RESTARTS + MAX_RECAPTURES):
         prev_grad = torch.is_grad_enabled()
         tx = RootTranslator(ctx, fn, bound, break_step, break_error)
         try:
@@ -485,6 +488,15 @@ def compile_frame(ctx, fn: types.FunctionType, args: tuple, kwargs: dict):
             if break_step is not None:
                 raise r.error
             break_step, break_error = r.step, r.error
+        except RecaptureFrame as e:
+            # NOTE: an autograd.Function whose capture failed half-way is now marked opaque
+            # (variables/autograd_fn.py); the frame is captured again from its start.
+            if recaptures == 0:
+                raise Unsupported(f"{e.what}, and so do too many others in this frame",
+                                  why=f"the frame was captured again {MAX_RECAPTURES} times",
+                                  hint="the frame runs eagerly") from None
+            recaptures -= 1
+            continue
         finally:
             torch._C._set_grad_enabled(prev_grad)
             unwind_autocast(tx.output)

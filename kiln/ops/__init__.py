@@ -6,8 +6,10 @@ Out: results as eager PyTorch computes them; under kiln's tracer, one graph
      ``strict_mode`` with its body as a subgraph attribute; ``cond`` with both branches
      as subgraphs; ``wrap`` and ``checkpoint`` inlined, checkpointed nodes tagged
      for recomputation; ``while_loop`` with its cond and body as subgraphs; ``map``
-     recorded as ``map_impl`` with its body as a subgraph).
+     recorded as ``map_impl`` with its body as a subgraph; ``autograd_function_apply``, a
+     captured autograd.Function, inlined: its forward, and under autograd its backward).
 """
+from kiln.ops.autograd_function import autograd_function_apply
 from kiln.ops.base import HigherOrderOperator
 from kiln.ops.cond import cond
 from kiln.ops.effects import (
@@ -34,5 +36,5 @@ __all__ = [
     "HigherOrderOperator", "EffectType", "get_effect", "has_aliasing", "is_effectful",
     "new_token", "register_effectful_op", "unregister_effectful_op", "with_effects",
     "strict_mode", "trace_wrapped", "cond", "wrap", "checkpoint",
-    "while_loop", "map", "map_impl",
+    "while_loop", "map", "map_impl", "autograd_function_apply",
 ]

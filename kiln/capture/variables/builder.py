@@ -246,6 +246,10 @@ def _wrap_object(tx, value: Any, source: Source) -> VT:
         vt = UserFunctionVT(value, source)
         vt.by_code = source is not None and _guarded_by_code(value)
         return vt
+    from .autograd_fn import AutogradApplyVT, is_function_apply
+
+    if is_function_apply(value):
+        return AutogradApplyVT(value.__self__)
     if isinstance(value, types.MethodType) and isinstance(value.__func__, types.FunctionType):
         return UserMethodVT(value.__func__, wrap(tx, value.__self__, source.attr("__self__"), guard=False))
     if isinstance(value, functools.partial):

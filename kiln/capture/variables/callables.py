@@ -364,7 +364,9 @@ class ClassVT(VT):
         if pending and name in pending:
             return pending[name]
         if name == "apply" and issubclass(self.cls, torch.autograd.Function):
-            return TorchFnVT(autograd_apply(self.cls))
+            from .autograd_fn import AutogradApplyVT
+
+            return AutogradApplyVT(self.cls)
         value = getattr(self.cls, name)
         if isinstance(value, types.FunctionType):
             return tx.wrap_static(value)

@@ -32,6 +32,9 @@ _BREAKING_METHODS = {
     "retain_grad": "retain_grad on a tensor",
 }
 _GRAPH_ATTRS = {"T", "mT", "H", "mH", "real", "imag"}
+# NOTE: layout queries refused on a tensor whose fake's id is in ``output.layout_unknown``
+# (the gradients a captured autograd.Function backward receives: variables/autograd_fn.py).
+_LAYOUT_METHODS = {"stride", "is_contiguous", "storage_offset"}
 
 
 class TensorVT(VT):
@@ -114,6 +117,9 @@ class TensorVT(VT):
         lower_version_count_by_1(self.fake)
 
     def call_method(self, tx, name: str, args: list, kwargs: dict) -> VT:
+        if name in _LAYOUT_METHODS and id(self.fake) in tx.output.__dict__.get("layout_unknown", ()):
+            unsupported(f"Tensor.{name}() of a gradient in a captured autograd.Function backward",
+                        why="the layout of the gradient autograd hands to a backward is known only when it runs")
         if name in _META_METHODS:
             fa = [a.const() for a in args]
             fk = {k: v.const() for k, v in kwargs.items()}
