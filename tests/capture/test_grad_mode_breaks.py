@@ -166,3 +166,30 @@ def test_a_resume_function_run_eagerly_enters_the_block_itself():
     got = kiln.compile(f, backend=cc)(x, arr)
     _same(got, f(x, arr))
     assert cc.frame_count == 1 and torch.is_grad_enabled()
+
+
+@pytest.mark.parametrize("raises", [False, True])
+def test_a_no_grad_block_inside_an_autocast_region(raises):
+    """Only the grad-mode block is left and entered again; the autocast region around it
+    goes on as before (entered again after the graph), and an exception leaves both."""
+    def boom(flag):
+        if flag:
+            raise ValueError("boom")
+
+    def f(x, flag):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            with torch.no_grad():
+                y = x @ x
+                boom(flag)
+                z = x @ x
+            w = x @ x
+        return y, z, w, torch.is_grad_enabled(), torch.is_autocast_enabled("cpu")
+
+    x = torch.randn(3, 3, requires_grad=True)
+    cf = kiln.compile(f, backend="eager")
+    if raises:
+        with pytest.raises(ValueError, match="boom"):
+            cf(x, True)
+        assert torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu")
+        return
+    _same(cf(x, False), f(x, False))
