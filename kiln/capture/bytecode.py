@@ -295,6 +295,10 @@ class ResumeSpec:
     dead: tuple  # varnames to delete before jumping (unbound/dead at the break)
     cell_only: tuple  # cellvars not in co_varnames, passed as an argument of their own
     name: str
+    # NOTE: stack slots of with-blocks the resume function enters again: the argument is a
+    # context manager, and the prologue runs BEFORE_WITH on it (its __exit__ lands in the
+    # slot), as PyTorch's resume functions re-enter grad-mode blocks (ReenterWith).
+    reentered: tuple = ()
 
     @property
     def prefix(self) -> str:
@@ -350,6 +354,8 @@ def make_resume_code(spec: ResumeSpec) -> types.CodeType:
         pre += _emit("DELETE_FAST", varnames.index(name))
     for i, is_null in enumerate(spec.stack_nulls):
         pre += _emit("PUSH_NULL") if is_null else _emit("LOAD_FAST", varnames.index(next(stack_args)))
+        if i in spec.reentered:
+            pre += _emit("BEFORE_WITH") + _emit("POP_TOP")  # NOTE: ctx -> ctx.__exit__ (entered)
     jump = _emit("JUMP_FORWARD", spec.target // 2)
     pre += jump
     plen = len(pre)  # bytes

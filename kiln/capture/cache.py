@@ -384,7 +384,7 @@ class CompileContext:
         frame's globals and closure (PyTorch's resume functions get the frame's cells)."""
         # NOTE: keyed by the closure tuple's id; the cached value keeps that tuple alive
         # (so the id cannot be reused) and is checked by identity.
-        code_key = (spec.code, spec.target, spec.stack_nulls, spec.dead, spec.cell_only)
+        code_key = (spec.code, spec.target, spec.stack_nulls, spec.dead, spec.cell_only, spec.reentered)
         key = code_key + (compiled, id(closure), id(fn_globals))
         hit = self._resumes.get(key)
         if hit is not None and hit[0] is closure and hit[1] is fn_globals:

@@ -201,6 +201,33 @@ class RootTranslator(Translator):
             self.cg.line(f"    {e}(None, None, None)")
         self.cg.line("    raise")
 
+    def _leave_grad_blocks(self, stack: list, names: list) -> tuple:
+        """(stack names, reentered slots) for the resume call at a break inside grad-mode
+        with-blocks (``self.with_exits``): emits the code that leaves them once the break's
+        instruction ran (their ``__exit__``, innermost first) and puts in their stack slots
+        GradReentry objects that the resume function's prologue enters again.
+
+        NOTE: as in PyTorch, the resume function starts in the mode outside the blocks and its
+        graph sets each block's mode itself (``_set_grad_enabled`` nodes at its start), so the
+        grad mode of the rest of the block is the graph's own; the innermost block goes on in the
+        mode of the moment (the instruction may have changed it), an outer one in the mode its
+        inner block was entered in."""
+        from .variables.objects import GradExitVT, GradReentry
+
+        slots = sorted(i for i in getattr(self, "with_exits", None) or [] if isinstance(stack[i], GradExitVT)
+                       and names[i] is not None)
+        if not slots:
+            return names, ()
+        cg = self.cg
+        cg.line(f"___grad_now = {cg.obj(torch.is_grad_enabled)}()")
+        for i in reversed(slots):
+            cg.line(f"{names[i]}(None, None, None)")
+        names = list(names)
+        modes = [str(bool(stack[j].prev)) for j in slots[1:]] + ["___grad_now"]
+        for i, mode in zip(slots, modes):
+            names[i] = f"{cg.obj(GradReentry)}({mode})"
+        return names, tuple(slots)
+
     def _live_locals(self, offset: int) -> dict:
         live = bc.loads_after(self.insts, offset)
         if live is not None and "__class__" in self.code.co_freevars and self.code.co_varnames:
@@ -250,11 +277,11 @@ class RootTranslator(Translator):
         return stack_names, local_names, cell_names
 
     def _resume_call(self, offset: int, stack_names: list, local_names: dict, cell_names: dict,
-                     compiled: bool) -> str:
+                     compiled: bool, reentered: tuple = ()) -> str:
         dead = tuple(n for n in self.code.co_varnames if n not in local_names and n not in self.code.co_cellvars)
         spec = bc.ResumeSpec(self.code, offset, tuple(s is None for s in stack_names), dead,
                              tuple(c for c in cell_names if c not in self.code.co_varnames),
-                             f"__resume_at_{offset}")
+                             f"__resume_at_{offset}", reentered)
         if self.fn.__closure__:
             # NOTE: the entry serves every closure of this code: the resume function is made
             # over the closure the entry was called with.
@@ -284,8 +311,9 @@ class RootTranslator(Translator):
         stack_names, local_names, cell_names = self._prepare(stack, nxt, [], reason)
         call_slots = stack_names[len(stack) - n:]
         self._guarded(f"___r = {self._call_expr(inst, call_slots, kw)}", stack_names)
-        new_stack = stack_names[: len(stack) - n] + ["___r"]
-        self.cg.line("return " + self._resume_call(nxt, new_stack, local_names, cell_names, True))
+        new_stack, reentered = self._leave_grad_blocks(stack, stack_names[: len(stack) - n])
+        self.cg.line("return " + self._resume_call(nxt, new_stack + ["___r"], local_names, cell_names, True,
+                                                   reentered))
         self.body = self.cg.lines
 
     def _call_expr(self, inst, slots: list, kw: tuple) -> str:
@@ -311,9 +339,9 @@ class RootTranslator(Translator):
         nxt = self.insts[inst.index + 1].offset
         stack_names, local_names, cell_names = self._prepare(stack, min(nxt, inst.argval), [], reason)
         cond = stack_names[-1]
-        rest = stack_names[:-1]
-        taken = self._resume_call(inst.argval, rest, local_names, cell_names, True)
-        fall = self._resume_call(nxt, rest, local_names, cell_names, True)
+        rest, reentered = self._leave_grad_blocks(stack, stack_names[:-1])
+        taken = self._resume_call(inst.argval, rest, local_names, cell_names, True, reentered)
+        fall = self._resume_call(nxt, rest, local_names, cell_names, True, reentered)
         test = cond if inst.opname.endswith("IF_TRUE") else f"not {cond}"
         self.cg.line(f"if {test}:")
         self.cg.line(f"    return {taken}")
@@ -333,7 +361,9 @@ class RootTranslator(Translator):
             if bc.LAYOUT.jump_wants_bool and inst.opname in _TRUTH_JUMPS and stack_names and stack_names[-1]:
                 # NOTE: 3.13's jump reads an exact bool (its TO_BOOL was a no-op in capture).
                 self.cg.line(f"{stack_names[-1]} = bool({stack_names[-1]})")
-            self.cg.line("return " + self._resume_call(inst.offset, stack_names, local_names, cell_names, False))
+            stack_names, reentered = self._leave_grad_blocks(stack, stack_names)
+            self.cg.line("return " + self._resume_call(inst.offset, stack_names, local_names, cell_names, False,
+                                                       reentered))
         else:
             # NOTE: a simple instruction runs here in Python; the rest resumes compiled.
             npop, code, push = simple
@@ -341,8 +371,9 @@ class RootTranslator(Translator):
             if None in args:
                 raise Unsupported("NULL operand at a graph break", where=self.where())
             self._guarded(code.format(*args), stack_names)
-            new_stack = stack_names[: len(stack) - npop] + push
-            self.cg.line("return " + self._resume_call(offset, new_stack, local_names, cell_names, True))
+            kept, reentered = self._leave_grad_blocks(stack, stack_names[: len(stack) - npop])
+            self.cg.line("return " + self._resume_call(offset, kept + push, local_names, cell_names, True,
+                                                       reentered))
         self.body = self.cg.lines
 
 
@@ -356,19 +387,30 @@ def _data_condition(v) -> bool:
 
 def _grad_with_exits(code, insts: list, idx: dict, offset: int, stack: list):
     """Stack slots of the replayable ``__exit__`` callables (grad mode, no-op contexts) of
-    the with-blocks around ``offset`` (innermost first); None when any enclosing handler
-    is something else."""
+    every with-block around ``offset`` (innermost first); None when any enclosing handler is
+    something else (a try block).
+
+    NOTE: the exception table names only the innermost handler of an instruction; an outer
+    with-block is found through the inner one's cleanup (``COPY 3; POP_EXCEPT; RERAISE 1``,
+    where the handler's own region leads), whose handler is the next one out."""
     from .variables.objects import ReplayableExitVT
 
-    covering = [e for e in bc.parse_exception_table(code.co_exceptiontable) if e.start <= offset <= e.end]
-    slots = []
-    for e in sorted(covering, key=lambda e: -e.depth):
+    table = bc.parse_exception_table(code.co_exceptiontable)
+
+    def covering(off: int):
+        return next((e for e in table if e.start <= off <= e.end), None)
+
+    slots: list = []
+    e = covering(offset)
+    while e is not None and len(slots) <= len(table):
         i = idx.get(e.target)
         ok = i is not None and i + 1 < len(insts) and insts[i].opname == "PUSH_EXC_INFO" \
             and insts[i + 1].opname == "WITH_EXCEPT_START"
         if not ok or e.depth < 1 or e.depth > len(stack) or not isinstance(stack[e.depth - 1], ReplayableExitVT):
             return None
         slots.append(e.depth - 1)
+        cleanup = covering(e.target)
+        e = covering(cleanup.target) if cleanup is not None else None
     return slots
 
 

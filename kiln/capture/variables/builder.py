@@ -173,12 +173,15 @@ def _plain_key(k: Any) -> bool:
 
 
 def _wrap_dict(tx, value: dict, source: Source, guard: bool) -> VT:
-    """A dict / OrderedDict / defaultdict: keys guarded (in order), values read as ``src[k]``."""
+    """A dict / OrderedDict / defaultdict: keys guarded (in order), values read as ``src[k]``
+    on first use (lazy_dict.py: what the code reads first names a graph input)."""
     from ..sources import DictKeySource, key_source
+    from .lazy_dict import LazyValues, Pending
 
     if guard:
         tx.output.guards.dict_keys(source, value)
     d = DictVT({}, source, pytype=type(value))
+    d.items = LazyValues()
     for i, (k, v) in enumerate(value.items()):
         if is_const_value(k):
             kvt = ConstantVT(k)
@@ -187,7 +190,7 @@ def _wrap_dict(tx, value: dict, source: Source, guard: bool) -> VT:
             kvt = wrap(tx, k, DictKeySource(source, i), guard)
         else:
             kvt = wrap(tx, k, None, guard=False)
-        d.put(kvt, wrap(tx, v, key_source(tx.output.objects, source, k), guard))
+        d.put(kvt, Pending(tx, v, key_source(tx.output.objects, source, k), guard))
     if type(value) is collections.defaultdict:
         d.default_factory = wrap(tx, value.default_factory, source.attr("default_factory"), guard)
     return d

@@ -439,6 +439,8 @@ def _functional_call(tx, fn: Any, args: list, kwargs: dict) -> VT:
     tie, strict = bool(_opt(b["tie_weights"], "tie_weights")), bool(_opt(b["strict"], "strict"))
     if not isinstance(module, NNModuleVT):
         unsupported(f"torch.func.functional_call of {module}", why="the module must be an nn.Module of the caller")
+    if tie:
+        _read_given_module_tensors(tx, module, dicts)
     repl = _replacements(module.mod, _given_tensors(dicts), tie, strict)
     out = tx.output
     # NOTE: while the module's call is inlined, reading one of its parameters / buffers gives
@@ -450,6 +452,33 @@ def _functional_call(tx, fn: Any, args: list, kwargs: dict) -> VT:
         return module.call(tx, _as_args(b["args"]), _as_kwargs(b["kwargs"]))
     finally:
         out.tensor_overrides = saved
+
+
+def _read_given_module_tensors(tx, module: VT, dicts: VT) -> None:
+    """Read, through the module's tables, each of its parameters and buffers that the one given
+    dict holds itself (``params = dict(model.named_parameters())``), before the dicts' values.
+
+    NOTE: eager functional_call reads the module's tensors first (``_untie_named_tensors_map``),
+    so in PyTorch's capture they name the graph inputs (``L['model']._parameters['weight']``);
+    it prunes the inputs nothing used, so a module tensor the dicts replace by another one is
+    no input there and is not read here."""
+    from .lazy_dict import LazyValues
+
+    # NOTE: a sequence of dicts is merged into one first (``{k: v for d in dicts ...}``): its
+    # values are read before the module's tensors.
+    if not isinstance(dicts, DictVT) or not isinstance(dicts.items, LazyValues) or module.source is None:
+        return
+    given = dicts.items
+    mod = module.mod
+    for table, named in (("_parameters", mod.named_parameters), ("_buffers", mod.named_buffers)):
+        for name, t in named(remove_duplicate=False):
+            if given.peek(name) is not t:
+                continue
+            *path, leaf = name.split(".")
+            src = module.source
+            for p in path:
+                src = src.module_entry("_modules", p)
+            tx.wrap(t, src.module_entry(table, leaf))
 
 
 def _given_tensors(dicts: VT) -> dict:

@@ -454,6 +454,35 @@ def _grad_exit(prev: bool):
 _GRAD_EXITS = {False: _grad_exit(False), True: _grad_exit(True)}
 
 
+class GradReentry:
+    """A grad-mode with-block a resume function enters again (its prologue's BEFORE_WITH):
+    ``__enter__`` switches to ``mode``, ``__exit__`` back to the mode it found."""
+
+    __slots__ = ("mode", "prev")
+
+    def __init__(self, mode: bool):
+        self.mode = bool(mode)
+        self.prev: Optional[bool] = None
+
+    def __enter__(self) -> None:
+        self.prev = torch.is_grad_enabled()
+        torch._C._set_grad_enabled(self.mode)
+
+    def __exit__(self, *exc) -> None:
+        torch._C._set_grad_enabled(self.prev)
+
+
+def wrap_grad_reentry(tx, value: GradReentry, source, guard: bool) -> VT:
+    """A GradReentry a resume function receives: a grad-mode context not entered yet
+    (guarded by its mode: the graph sets it)."""
+    if value.prev is not None:
+        unsupported("a grad-mode re-entry object that was already entered")
+    if guard:
+        tx.output.guards.type_of(source, value)
+        tx.output.guards.const(source.attr("mode"), value.mode)
+    return GradModeVT(value.mode)
+
+
 class ReplayableExitVT(VT):
     """The ``__exit__`` of a with-block kiln can replay from generated code: a graph break
     inside such a block keeps compiling the rest of the frame (see convert.break_at)."""
@@ -497,7 +526,7 @@ class HandleVT(VT):
 
 
 __all__ = ["NNModuleVT", "UserObjectVT", "GradModeVT", "GradExitVT", "NullContextVT", "NullExitVT",
-           "ReplayableExitVT", "HandleVT", "UserFunctionVT"]
+           "ReplayableExitVT", "HandleVT", "UserFunctionVT", "GradReentry", "wrap_grad_reentry"]
 
 
 _DICT_READS = ("keys", "values", "items", "get", "__contains__", "__getitem__")

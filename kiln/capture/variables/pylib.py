@@ -46,6 +46,9 @@ def _load() -> None:
         collections.deque: collections_vt.wrap_deque,
         functools._lru_cache_wrapper: lambda tx, v, src, guard: functools_vt.wrap_lru_cache(tx, v, src),
     })
+    from .objects import GradReentry, wrap_grad_reentry
+
+    _WRAPPERS[GradReentry] = wrap_grad_reentry
     from .autocast import autocast_wrappers
 
     _WRAPPERS.update(autocast_wrappers())
