@@ -8,8 +8,7 @@ from torch.autograd.function import once_differentiable
 
 import kiln
 import kiln.ops
-from kiln.backends import aot_autograd
-from kiln.testing import CompileCounterWithBackend
+from kiln.testing import AotEagerAndRecordGraphs, CompileCounterWithBackend
 
 BACKENDS = ["aot_eager", "inductor"]
 
@@ -106,25 +105,17 @@ class WrongGrad(torch.autograd.Function):
 
 
 def test_the_users_backward_is_compiled_by_aot():
-    graphs = {}
-
-    def keep(kind):
-        def compiler(gm, example_inputs):
-            graphs[kind] = gm
-            return gm
-
-        return compiler
-
     kiln.reset()
+    rec = AotEagerAndRecordGraphs()
     x = torch.randn(3, requires_grad=True)
-    f = kiln.compile(lambda t: WrongGrad.apply(t * 2), backend=aot_autograd(fw_compiler=keep("fw"),
-                                                                           bw_compiler=keep("bw")))
+    f = kiln.compile(lambda t: WrongGrad.apply(t * 2), backend=rec)
     f(x).sum().backward()
     torch.testing.assert_close(x.grad, torch.full((3,), 10.0))
-    bw_ops = {n.target for n in graphs["bw"].graph.nodes if n.op == "call_function"}
+    (fw,), (bw,) = rec.fw_graphs, rec.bw_graphs
+    bw_ops = {n.target for n in bw.graph.nodes if n.op == "call_function"}
     assert torch.ops.aten.cos.default not in bw_ops
     assert any("mul" in str(t) for t in bw_ops)
-    assert torch.ops.aten.sin.default in {n.target for n in graphs["fw"].graph.nodes}
+    assert torch.ops.aten.sin.default in {n.target for n in fw.graph.nodes}
 
 
 class MulAdd(torch.autograd.Function):
