@@ -216,6 +216,11 @@ class RecompileLimitExceeded(KilnError):
     """A code object was recompiled more often than the cache limit allows."""
 
 
+class RecompileError(KilnError):
+    """A compiled function would compile again while ``kiln.capture.config.error_on_recompile``
+    is set (PyTorch's RecompileError): its guards failed on new inputs."""
+
+
 def user_traceback(tb: Optional[types.TracebackType]) -> Optional[types.TracebackType]:
     """``tb`` without kiln's and torch's frames (and generated code): what a user is shown
     for a kiln error raised out of a compiled call (their frames stay, in order)."""
@@ -245,6 +250,7 @@ __all__ = [
     "GraphInvariantError",
     "Unsupported",
     "RecompileLimitExceeded",
+    "RecompileError",
     "ExportError",
     "ConstraintViolationError",
     "ExportInputError",

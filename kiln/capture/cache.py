@@ -27,7 +27,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from kiln import fallbacks
-from kiln.exc import KilnError, Unsupported, user_traceback
+from kiln.exc import KilnError, RecompileError, Unsupported, user_traceback
 
 from .interpreter import is_users_error
 from . import bytecode as bc
@@ -155,6 +155,11 @@ class FunctionCache:
         reason = self.whys[0](cl, *args, **kwargs) if self.whys else None
         if reason is not None and self.ctx.guard_fail_fn is not None:
             self.ctx.guard_fail_fn(GuardFail(reason, fn.__code__))
+        if config.error_on_recompile and self.entries:
+            raise RecompileError(f"recompiling {_frame_name(fn)}",
+                                 why=f"the guards of its {len(self.entries)} compiled entries failed: {reason}",
+                                 hint="kiln.capture.config.error_on_recompile is set; unset it to let "
+                                      "the function compile again")
         limit = self._over_limit(args, kwargs)
         if limit is not None:
             if not line.warned:

@@ -37,6 +37,11 @@ optimize_ddp: bool = True
 # capture_scalar_outputs).  ``Tensor.tolist()`` of an integer tensor is captured either way.
 capture_scalar_outputs: bool = False
 
+# A compiled function whose entries' guards all fail on new inputs: False, compile another
+# entry; True, raise kiln.exc.RecompileError naming the failed guard (PyTorch's
+# error_on_recompile: a test that one compile serves every call).
+error_on_recompile: bool = False
+
 # A compiled function called while ``torch.fx.symbolic_trace`` traces: True, a RuntimeError
 # (PyTorch's error_on_nested_fx_trace); False, the original function runs, traced by FX.
 error_on_nested_fx_trace: bool = True

@@ -387,6 +387,30 @@ class OutputGraph:
         with self.graph.inserting_after(last):
             return self.graph.placeholder(name)
 
+    def read_inputs_first(self, vts: list) -> None:
+        """Move the graph inputs of ``vts`` before every input that no node has used yet.
+
+        NOTE: PyTorch's capture makes an argument a graph input when it is first used, not
+        when it is loaded: ``functional_call(model, params, (x,))`` reads the given tensors
+        (swapping them into the module) before ``x`` reaches an op, so they come first in
+        its graph's signature.  kiln makes an input at the load; a caller that knows it reads
+        ``vts`` now (before the inputs loaded earlier are used) moves them up here.  Only
+        for graphs without size symbols (their placeholders stay beside their tensors)."""
+        if self.has_symbols() or any(not isinstance(e[2], TensorVT) for e in self.inputs):
+            return
+        moving = {vt.node for vt in vts if isinstance(vt, TensorVT) and vt.node.op == "placeholder"}
+        placeholders = [n for n in self.graph.nodes if n.op == "placeholder"]
+        if {e[2].node for e in self.inputs} != set(placeholders):
+            return  # a subgraph's tracer (a transform's body): its placeholders are its arguments
+        anchor = next((p for p in placeholders if not p.users and p not in moving), None)
+        if anchor is None:
+            return
+        for p in placeholders[placeholders.index(anchor) + 1:]:
+            if p in moving:
+                anchor.prepend(p)
+        order = {n: i for i, n in enumerate(n for n in self.graph.nodes if n.op == "placeholder")}
+        self.inputs.sort(key=lambda e: order[e[2].node])
+
     # ------------------------------------------------------------ grad mode
     def set_grad_enabled(self, mode: bool) -> None:
         if mode == self.grad_enabled:

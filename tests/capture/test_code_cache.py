@@ -157,6 +157,21 @@ def test_many_instances_compiled_one_by_one_stay_compiled():
     assert cnt.frame_count == len(blocks)
 
 
+@config.patch(error_on_recompile=True, automatic_dynamic_shapes=False)
+def test_error_on_recompile_raises_with_the_failed_guard_instead_of_compiling_again():
+    cnt = CompileCounter()
+    opt = kiln.compile(lambda x: x.sin() + 1, backend=cnt)
+    opt(X)
+    opt(torch.randn(3, 4))  # same guards: no recompile, no error
+    with pytest.raises(kiln.exc.RecompileError, match="size mismatch") as info:
+        opt(torch.randn(5, 4))
+    assert "error_on_recompile" in str(info.value)
+    assert cnt.frame_count == 1
+    with config.patch(error_on_recompile=False):
+        torch.testing.assert_close(opt(torch.randn(5, 4)).shape, torch.Size([5, 4]))
+    assert cnt.frame_count == 2
+
+
 # ---------------------------------------------------------------- cells across a graph break
 def test_a_closure_made_before_a_break_writes_the_cell_the_rest_of_the_frame_reads():
     def fn(x):

@@ -82,6 +82,41 @@ def test_functional_call_reads_the_modules_own_tensors_first():
     assert not any("model" in n for n in _placeholders(rec.graphs[-1]))
 
 
+def test_functional_call_inputs_come_in_the_order_they_are_read():
+    """functional_call reads the given tensors (swapping them in) before its arguments reach an
+    op, so they come first in the graph's signature, as in PyTorch's capture; the order of the
+    loads in the caller's code does not decide it."""
+    class M(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.l1 = torch.nn.Linear(1, 1)
+            self.register_buffer("buffer", torch.ones(1))
+
+        def forward(self, x):
+            return self.l1(x) + self.buffer
+
+    model = M()
+    params, buffers = dict(model.named_parameters()), dict(model.named_buffers())
+    x, targets = torch.randn(4, 1), torch.randn(4, 1)
+
+    def loss(model, params, x, targets):
+        return torch.nn.functional.mse_loss(torch.func.functional_call(model, params, (x,)), targets)
+
+    def two(model, params, buffers, x):
+        return torch.func.functional_call(model, (params, buffers), x)
+
+    rec = EagerAndRecordGraphs()
+    torch.testing.assert_close(kiln.compile(loss, backend=rec)(model, params, x, targets),
+                               loss(model, params, x, targets))
+    names = _placeholders(rec.graphs[-1])
+    assert names[:2] == ["l_model_modules_l1_parameters_weight_", "l_model_modules_l1_parameters_bias_"]
+    assert names.index("l_x_") < names.index("l_targets_")
+    kiln.reset()
+    rec = EagerAndRecordGraphs()
+    torch.testing.assert_close(kiln.compile(two, backend=rec)(model, params, buffers, x), model(x))
+    assert _placeholders(rec.graphs[-1]) == ["l_params_l1_weight_", "l_params_l1_bias_", "l_buffers_buffer_", "l_x_"]
+
+
 def test_copies_and_views_read_every_value():
     def f(x, d):
         a = dict(d)

@@ -441,8 +441,10 @@ def _functional_call(tx, fn: Any, args: list, kwargs: dict) -> VT:
         unsupported(f"torch.func.functional_call of {module}", why="the module must be an nn.Module of the caller")
     if tie:
         _read_given_module_tensors(tx, module, dicts)
-    repl = _replacements(module.mod, _given_tensors(dicts), tie, strict)
+    given = _given_tensors(dicts)
+    repl = _replacements(module.mod, given, tie, strict)
     out = tx.output
+    out.read_inputs_first(list(given.values()))
     # NOTE: while the module's call is inlined, reading one of its parameters / buffers gives
     # the tensor the caller passed (OutputGraph.add_tensor_input consults ``tensor_overrides``),
     # as functional_call swaps them on the module in eager.
