@@ -170,6 +170,8 @@ class RootTranslator(Translator):
             raise loop_break(self.code, err)
         if _generic_with_exits(self.code, inst.offset, stack):
             raise generic_ctx_break(self.code, err)
+        if self.current_exc is not None:
+            raise except_block_break(self.code, err)
         reason = GraphCompileReason(err.what, getattr(err, "user_stack", []) or self.user_stack())
         self.ctx.record_break(reason)
         # NOTE: as in PyTorch, a jump on a tensor is not counted as a graph break.
@@ -450,6 +452,17 @@ def generic_ctx_break(code: types.CodeType, err: Unsupported) -> Unsupported:
 _CALL_OPS = ("CALL", "CALL_KW", "CALL_FUNCTION_EX")
 # NOTE: the other instructions PyTorch resumes after (its break_graph_if_unsupported ones).
 _RESUMABLE_OPS = ("STORE_ATTR", "STORE_SUBSCR", "COMPARE_OP")
+
+
+def except_block_break(code: types.CodeType, err: Unsupported) -> Unsupported:
+    """The error that makes a frame run eagerly: ``err`` broke the graph inside an ``except``
+    block of ``code`` (an exception the region raised and is handling cannot be resumed)."""
+    return _skip_frame_error(
+        "graph break inside an except block", err,
+        f"the except block in {code.co_name} handles an exception raised in the compiled region; it "
+        "cannot be resumed after a graph break, so the frame runs eagerly; the functions it calls "
+        "are compiled as frames of their own",
+        "move the graph break out of the except block")
 
 
 def loop_break(code: types.CodeType, err: Unsupported) -> Unsupported:

@@ -210,6 +210,3 @@ class CallHandlers:
     def LOAD_ASSERTION_ERROR(self, inst):
         self.push(self.wrap_static(AssertionError))
 
-    @handles("RAISE_VARARGS")
-    def RAISE_VARARGS(self, inst):
-        unsupported("raise statement", why="exceptions raised in the compiled region run eagerly")

@@ -215,7 +215,7 @@ class ControlHandlers:
         self.push(self.stack[-1].getattr(self, inst.argval))
 
     @handles("GET_AWAITABLE", "SETUP_ANNOTATIONS",
-             "LOAD_BUILD_CLASS", "PUSH_EXC_INFO", "RERAISE",
+             "LOAD_BUILD_CLASS",
              "DELETE_GLOBAL", "DELETE_DEREF", "SETUP_FINALLY")
     def UNSUPPORTED_OP(self, inst):
         unsupported(f"opcode {inst.opname}", why="this construct is not captured")

@@ -27,13 +27,18 @@ from . import bytecode as bc
 from .handlers_basic import BasicHandlers
 from .handlers_call import CallHandlers
 from .handlers_control import ControlHandlers
+from .handlers_except import ExceptHandlers
 from .sources import ClosureSource, Source, global_source
 from .variables.base import VT, ConstantVT, NullVT, unsupported
 from .variables.builder import wrap
 from .variables.callables import CellVT, NestedFunctionVT, is_library_module
 from .variables.containers import DictVT, IteratorVT, TupleVT
+from .variables.exceptions import ObservedException
 
-MAX_INLINE_DEPTH = 24
+# NOTE: nested calls inlined into one graph (transformers' module stacks with decorators and
+# a generic associative scan's recursion reach 30); Python frames kept free for the rest.
+MAX_INLINE_DEPTH = 64
+STACK_HEADROOM = 250
 MAX_STEPS = 200_000  # instructions per inlined frame (endless generators / loops)
 
 
@@ -60,7 +65,7 @@ class BreakSignal(Exception):
     """Raised by the root translator once it has generated its break code."""
 
 
-class Translator(BasicHandlers, CallHandlers, ControlHandlers):
+class Translator(BasicHandlers, CallHandlers, ControlHandlers, ExceptHandlers):
     def __init__(self, code: types.CodeType, f_globals: dict, output, locals_: dict,
                  cells: dict, parent: Optional["Translator"] = None, fn_label: str = ""):
         self.code = code
@@ -145,6 +150,10 @@ class Translator(BasicHandlers, CallHandlers, ControlHandlers):
             unsupported(f"opcode {inst.opname}", why="this bytecode instruction has no capture handler")
         try:
             getattr(self, name)(inst)
+        except ObservedException as e:
+            # NOTE: an exception eager raises here: its handler in this frame, or on to the caller.
+            if not self.unwind_to_handler(inst, e.exc):
+                raise
         finally:
             graph = getattr(self.output, "graph", None)
             last = graph._root._prev if graph is not None else None
@@ -209,8 +218,7 @@ class Translator(BasicHandlers, CallHandlers, ControlHandlers):
         """A translator for a call of generator function ``fn``, not yet run (see run_to_yield)."""
         if fn.__code__.co_flags & bc.UNSUPPORTED_FLAGS & ~bc.CO_GENERATOR or not fn.__code__.co_flags & bc.CO_GENERATOR:
             unsupported(f"{fn.__qualname__} is not a plain generator function")
-        if self.depth >= MAX_INLINE_DEPTH:
-            unsupported("inlining too deep (recursion)", why=f"more than {MAX_INLINE_DEPTH} nested calls")
+        self.check_inline_depth()
         defaults = [self.wrap_static(d) for d in fn.__defaults__ or ()]
         kwdefaults = {k: self.wrap_static(v) for k, v in (fn.__kwdefaults__ or {}).items()}
         locals_ = bind_args(fn.__code__, fn.__qualname__, args, kwargs, defaults, kwdefaults)
@@ -247,12 +255,24 @@ class Translator(BasicHandlers, CallHandlers, ControlHandlers):
         cells = {n: getattr(c, "cell", c) for n, c in zip(code.co_freevars, nf.closure)}
         return self._inline(code, nf.fn_globals, locals_, cells)
 
+    def check_inline_depth(self) -> None:
+        """A graph break before inlining one call more than kiln can: ``MAX_INLINE_DEPTH`` nested
+        calls, or (each inlined call costs the interpreter a few Python frames) too little of
+        Python's recursion limit left to trace it."""
+        if self.depth >= MAX_INLINE_DEPTH:
+            unsupported("inlining too deep (recursion)", why=f"more than {MAX_INLINE_DEPTH} nested calls")
+        frame, n = sys._getframe(), 0
+        while frame is not None:
+            frame, n = frame.f_back, n + 1
+        if n > sys.getrecursionlimit() - STACK_HEADROOM:
+            unsupported("inlining too deep (recursion)",
+                        why=f"{n} Python frames deep, near the recursion limit ({sys.getrecursionlimit()})")
+
     def _as_vt(self, v: Any) -> VT:
         return self.resolve(v) if isinstance(v, VT) else self.wrap_static(v)
 
     def _inline(self, code, f_globals, locals_, cells, cell_sources: Optional[dict] = None) -> VT:
-        if self.depth >= MAX_INLINE_DEPTH:
-            unsupported("inlining too deep (recursion)", why=f"more than {MAX_INLINE_DEPTH} nested calls")
+        self.check_inline_depth()
         sub = Translator(code, f_globals, self.output, locals_, cells, parent=self)
         sub.cell_sources = cell_sources or {}
         if code.co_flags & bc.CO_GENERATOR:

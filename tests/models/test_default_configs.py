@@ -56,6 +56,18 @@ def t5() -> tuple[torch.nn.Module, tuple]:
     return T5ForConditionalGeneration(cfg).eval(), (ids, mask, torch.randint(1, 128, (2, 5)))
 
 
+def gemma2() -> tuple[torch.nn.Module, tuple]:
+    """Gemma-2 picks its attention function through transformers' registry: ``Mapping.get``
+    catches the KeyError its ``__getitem__`` raises for "eager" (an exception inside the region)."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    torch.manual_seed(0)
+    cfg = Gemma2Config(num_hidden_layers=2, hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
+                       head_dim=8, intermediate_size=64, vocab_size=128, max_position_embeddings=64,
+                       bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    return Gemma2ForCausalLM(cfg).eval(), (torch.randint(1, 128, (2, 7)),)
+
+
 def assert_same_state(ref: Any, out: Any, path: str = "out") -> None:
     """Same classes all the way down, equal tensors, equal instance attributes."""
     assert type(ref) is type(out), path
@@ -139,6 +151,27 @@ def test_llama_default_config_one_graph_and_cache():
 @pytest.mark.slow
 def test_t5_default_config_one_graph_and_cache():
     _check_default_config(t5)
+
+
+def test_gemma2_default_config_one_graph_and_cache():
+    _check_default_config(gemma2, decode=False)
+
+
+def test_mamba_default_config_one_graph():
+    """Mamba under a compiler scans with torch's generic associative scan (vmapped combine,
+    batches of size 0, recursion ~30 calls deep) and probes torch's version through functions
+    transformers marks as constant: one graph, as PyTorch's capture."""
+    from transformers import MambaConfig, MambaForCausalLM
+
+    torch.manual_seed(0)
+    model = MambaForCausalLM(MambaConfig(num_hidden_layers=2, hidden_size=32, state_size=4, vocab_size=128)).eval()
+    ids = torch.randint(1, 128, (2, 8))
+    kiln.reset()
+    explained = kiln.explain(model)(ids)
+    assert explained.graph_count == dynamo_frames(lambda c: c(ids), model) == 1, explained.break_reasons
+    kiln.reset()
+    torch.testing.assert_close(kiln.compile(model, backend="aot_eager")(ids).logits, model(ids).logits,
+                               atol=ATOL, rtol=ATOL)
 
 
 def _generate(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:

@@ -414,6 +414,10 @@ def call_builtin_type(tx, cls: type, args: list, kwargs: dict) -> VT:
 
         return DataclassVT(cls, list(args), dict(kwargs))
     if handler is None:
+        from .exceptions import new_exception, plain_exception_class
+
+        if plain_exception_class(cls):
+            return new_exception(tx, cls, args, kwargs)
         from .new_objects import construct
 
         # NOTE: a user class: __new__ / __init__ inlined, or a graph break saying why not.

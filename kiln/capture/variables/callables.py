@@ -61,6 +61,9 @@ class UserFunctionVT(VT):
         if getattr(self.fn, "_torchdynamo_disable", False):
             # NOTE: torch.compiler.disable / torch._dynamo.disable marks the function the same way.
             unsupported(f"call to {self.fn.__qualname__}, disabled by torch.compiler.disable")
+        if getattr(self.fn, "_dynamo_marked_constant", False) and all(
+                a.is_const() for a in list(args) + list(kwargs.values())):
+            return _constant_result(self.fn, args, kwargs)
         from .pylib import library_function
 
         special = _py_special().get(self.fn) or library_function(self.fn)
@@ -335,6 +338,20 @@ def is_library_module(mod: types.ModuleType) -> bool:
 
 _LIBRARY_ROOTS = {"torch", "math", "operator", "kiln", "functools", "itertools", "builtins",
                   "collections", "typing", "numbers", "warnings", "inspect", "functorch"}
+
+
+def _constant_result(fn: Any, args: list, kwargs: dict) -> VT:
+    """A call of a function marked as returning a constant (``torch._dynamo.assume_constant_result``
+    sets ``_dynamo_marked_constant``; transformers marks its install and version probes so):
+    run now on the constant arguments, its result a constant of the graph (not guarded, as in
+    PyTorch: the mark says it never changes)."""
+    from .base import const_vt, is_const_value
+
+    out = fn(*[a.const() for a in args], **{k: v.const() for k, v in kwargs.items()})
+    if not (is_const_value(out) or isinstance(out, tuple) and all(is_const_value(o) for o in out)):
+        unsupported(f"{fn.__qualname__}, marked as returning a constant, returned a {type(out).__name__}",
+                    why="only Python constants can be assumed constant")
+    return const_vt(out)
 
 
 class ClassVT(VT):

@@ -73,7 +73,9 @@ class DictVT(VT):
             value = self.default_factory.call(tx, [], {})
             self.setitem(tx, key, value)
             return value
-        unsupported(f"KeyError {key} on a dict", why="the lookup raises KeyError in eager")
+        from .exceptions import raise_new
+
+        raise_new(KeyError, key)  # NOTE: as eager: an except block in the region may catch it
 
     def setitem(self, tx, key: VT, value: VT) -> None:
         self._mutated(tx)

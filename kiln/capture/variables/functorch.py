@@ -147,9 +147,13 @@ def _slice_for_vmap(tx, args: list, in_dims: Any) -> list:
         if not isinstance(d, int) or not -nd <= d < max(nd, 1) or nd == 0:
             unsupported(f"torch.func.vmap: in_dim={d} is out of range for a tensor of {nd} dims",
                         why="vmap rejects it in eager too")
+        d %= nd
+        # NOTE: the sizes and strides without the batch dim (not ``select(d, 0)``: a batch of
+        # size 0 is valid for vmap, and generic associative scans make such batches).
+        shape = [s for i, s in enumerate(v.fake.shape) if i != d]
+        stride = [s for i, s in enumerate(v.fake.stride()) if i != d]
         with tx.output.fake_mode:
-            view = v.fake.select(d, 0)
-            fake = torch.empty_strided(view.shape, view.stride(), dtype=view.dtype, device=view.device)
+            fake = torch.empty_strided(shape, stride, dtype=v.fake.dtype, device=v.fake.device)
             if v.fake.requires_grad:
                 fake.requires_grad_(True)
         return TensorVT(v.node, fake, None, v.pytype)
