@@ -96,8 +96,8 @@ Graph breaks (the rest runs eagerly, then capture resumes): a data-dependent
 ``if`` on a tensor or on a value read from one (both branches become resume functions),
 ``print``, ``.item()`` (unless ``config.capture_scalar_outputs``), ``.tolist()`` of a
 non-integer tensor, ``kiln.graph_break()``, calls that fail on fake
-tensors, unknown C functions, construction of non-dataclass objects,
-``raise``.  A call, attribute read, subscript or operator that breaks is run by
+tensors, unknown C functions, construction of objects whose classes kiln cannot build,
+an exception that no ``except`` in the region catches.  A call, attribute read, subscript or operator that breaks is run by
 the generated code, then a compiled resume function continues.  A call or
 tensor-dependent jump that breaks inside a loop body (a jump back follows it
 before any return: PyTorch's heuristic) makes the whole frame run eagerly
@@ -106,6 +106,15 @@ and runs the rest of the frame eagerly.  Inside a
 ``try``/``with`` region the rest of that frame runs eagerly instead (so the
 frame's own exception handling stays in charge), but a breaking call's
 callee is still compiled as a frame of its own.
+
+Exceptions (handlers_except.py, variables/exceptions.py): ``raise`` of an exception built in
+the region (builtin classes and subclasses without their own ``__init__``), and a lookup eager
+fails for certain (a missing dict key), raise it in the trace; the frame's exception table
+(CPython 3.11+) finds the handler, as CPython unwinds: ``try`` / ``except`` / ``finally``,
+``raise from`` and bare ``raise`` stay in the graph.  One nothing catches is a graph break at
+the instruction that raised it, so eager raises it for real.  An exception inside a
+``with`` block of the region is a graph break too (``__exit__`` is not called with it), and a
+graph break inside an ``except`` block makes the frame run eagerly.
 
 Dynamic shapes (capture/dynamic.py): ``dynamic=None`` (default) compiles static
 first and, when a recompile is caused by a changed size, makes the dims that
