@@ -39,6 +39,7 @@ from .variables.exceptions import ObservedException
 # a generic associative scan's recursion reach 30); Python frames kept free for the rest.
 MAX_INLINE_DEPTH = 64
 STACK_HEADROOM = 250
+CHEAP_DEPTH = 16
 MAX_STEPS = 200_000  # instructions per inlined frame (endless generators / loops)
 
 
@@ -261,6 +262,8 @@ class Translator(BasicHandlers, CallHandlers, ControlHandlers, ExceptHandlers):
         Python's recursion limit left to trace it."""
         if self.depth >= MAX_INLINE_DEPTH:
             unsupported("inlining too deep (recursion)", why=f"more than {MAX_INLINE_DEPTH} nested calls")
+        if self.depth < CHEAP_DEPTH:
+            return  # NOTE: trace-time cost: the frame walk only once calls nest this deep
         frame, n = sys._getframe(), 0
         while frame is not None:
             frame, n = frame.f_back, n + 1

@@ -341,7 +341,7 @@ _LIBRARY_ROOTS = {"torch", "math", "operator", "kiln", "functools", "itertools",
 
 
 def _constant_result(fn: Any, args: list, kwargs: dict) -> VT:
-    """A call of a function marked as returning a constant (``torch._dynamo.assume_constant_result``
+    """A call of a function marked as returning a constant (PyTorch's ``assume_constant_result``
     sets ``_dynamo_marked_constant``; transformers marks its install and version probes so):
     run now on the constant arguments, its result a constant of the graph (not guarded, as in
     PyTorch: the mark says it never changes)."""
